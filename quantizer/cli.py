@@ -1,0 +1,114 @@
+"""`ptq4dm` subcommands that belong to the quantizer: generate, train, train-classifier, eval-fd."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+from pathlib import Path
+
+from quantizer.sampling import SAMPLERS
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from tqdm.auto import tqdm
+
+    from quantizer.images import grid, png_bytes, to_uint8
+    from quantizer.models import load_model
+    from quantizer.sampling import sample, validate_request
+
+    model = load_model(args.model)
+    validate_request(args.sampler, args.steps, args.eta, args.n, model.num_train_timesteps)
+    seed = args.seed if args.seed is not None else random.randrange(2**31)
+    seeds = [seed + k for k in range(args.n)]
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    total = -(-args.n // args.batch_size) * args.steps
+    with tqdm(total=total, desc=f"{args.sampler}-{args.steps}", unit="step") as bar:
+        samples = sample(model.unet, model.scheduler_config, seeds, sampler=args.sampler, steps=args.steps,
+                         eta=args.eta, batch_size=args.batch_size, callback=lambda *_: bar.update(1))
+    images = to_uint8(samples)
+    for k, (s, img) in enumerate(zip(seeds, images, strict=True)):
+        (out / f"{k:04d}_seed{s}.png").write_bytes(png_bytes(img))
+    if args.grid:
+        nrow = args.nrow or max(1, int(len(images) ** 0.5))
+        (out / "grid.png").write_bytes(png_bytes(grid(images, nrow)))
+    print(json.dumps({"out": str(out), "n": args.n, "seeds": [seeds[0], seeds[-1]], "grid": args.grid}))
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from quantizer.train import TrainConfig, train
+
+    cfg = TrainConfig(output_dir=args.out, checkpoint_dir=args.checkpoint_dir, steps=args.steps,
+                      batch_size=args.batch_size, lr=args.lr, seed=args.seed, max_minutes=args.max_minutes)
+    print(f"exported to {train(cfg)}")
+    return 0
+
+
+def cmd_train_classifier(args: argparse.Namespace) -> int:
+    from quantizer.classifier import ClassifierTrainConfig, train_classifier
+
+    _, acc = train_classifier(ClassifierTrainConfig(epochs=args.epochs, seed=args.seed, output=args.out))
+    print(json.dumps({"test_accuracy": round(acc, 4), "out": args.out}))
+    return 0
+
+
+def cmd_eval_fd(args: argparse.Namespace) -> int:
+    from quantizer.evaluate import evaluate_fd
+
+    result = evaluate_fd(args.model, sampler=args.sampler, steps=args.steps, n=args.n, seed=args.seed,
+                         batch_size=args.batch_size, classifier=args.classifier)
+    print(json.dumps(result))
+    return 0
+
+
+def add_quantizer_commands(sub: argparse._SubParsersAction) -> None:
+    from quantizer.classifier import BUILTIN_CLASSIFIER
+    from quantizer.models import BUILTIN_MODEL_NAME
+
+    g = sub.add_parser("generate", help="sample PNGs from a model")
+    g.add_argument("--model", default=BUILTIN_MODEL_NAME, help="built-in name, local diffusers dir, or hub id")
+    g.add_argument("--sampler", choices=SAMPLERS, default="ddim")
+    g.add_argument("--steps", type=int, default=100)
+    g.add_argument("--eta", type=float, default=0.0, help="DDIM eta (0 = deterministic)")
+    g.add_argument("--n", type=int, default=16)
+    g.add_argument("--seed", type=int, default=None, help="seed of image 0; image k uses seed+k")
+    g.add_argument("--batch-size", type=_positive_int, default=64)
+    g.add_argument("--out", default="out")
+    g.add_argument("--grid", action="store_true", help="also write grid.png")
+    g.add_argument("--nrow", type=int, default=None)
+    g.set_defaults(func=cmd_generate)
+
+    t = sub.add_parser("train", help="train the built-in Fashion-MNIST DDPM (resumable)")
+    t.add_argument("--out", default="models/fashion-mnist-ddpm")
+    t.add_argument("--checkpoint-dir", default="runs/fashion-mnist-ddpm")
+    t.add_argument("--steps", type=_positive_int, default=12000)
+    t.add_argument("--batch-size", type=_positive_int, default=64)
+    t.add_argument("--lr", type=float, default=5e-4)
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--max-minutes", type=float, default=None, help="stop (checkpoint + export) after this long")
+    t.set_defaults(func=cmd_train)
+
+    c = sub.add_parser("train-classifier", help="train the FD feature extractor")
+    c.add_argument("--out", default=str(BUILTIN_CLASSIFIER))
+    c.add_argument("--epochs", type=_positive_int, default=6)
+    c.add_argument("--seed", type=int, default=0)
+    c.set_defaults(func=cmd_train_classifier)
+
+    e = sub.add_parser("eval-fd", help="FD of generated samples vs the Fashion-MNIST test set")
+    e.add_argument("--model", default=BUILTIN_MODEL_NAME)
+    e.add_argument("--sampler", choices=SAMPLERS, default="ddim")
+    e.add_argument("--steps", type=int, default=100)
+    e.add_argument("--n", type=_positive_int, default=2000)
+    e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--batch-size", type=_positive_int, default=250)
+    e.add_argument("--classifier", default=str(BUILTIN_CLASSIFIER))
+    e.set_defaults(func=cmd_eval_fd)

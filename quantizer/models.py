@@ -1,0 +1,62 @@
+"""Load a diffusers UNet2DModel and its scheduler config from a local directory or a hub id."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from diffusers import DDPMScheduler, UNet2DModel
+
+BUILTIN_MODEL_DIR = Path(__file__).resolve().parents[1] / "models" / "fashion-mnist-ddpm"
+BUILTIN_MODEL_NAME = "fashion-mnist-ddpm"
+
+
+@dataclass
+class DiffusionModel:
+    """A UNet plus the scheduler config it was trained with; schedulers are built per call from it."""
+
+    name: str
+    unet: UNet2DModel
+    scheduler_config: dict
+
+    @property
+    def num_train_timesteps(self) -> int:
+        return int(self.scheduler_config["num_train_timesteps"])
+
+    @property
+    def sample_shape(self) -> tuple[int, int, int]:
+        size = self.unet.config.sample_size
+        h, w = (size, size) if isinstance(size, int) else tuple(size)
+        return (self.unet.config.in_channels, h, w)
+
+
+def resolve_model_path(name_or_path: str | Path | None) -> str:
+    """The built-in name (or None) maps to the committed directory; anything else is passed through."""
+    if name_or_path is None or str(name_or_path) == BUILTIN_MODEL_NAME:
+        return str(BUILTIN_MODEL_DIR)
+    return str(name_or_path)
+
+
+def load_model(name_or_path: str | Path | None = None, device: str | torch.device = "cpu") -> DiffusionModel:
+    """Accept the diffusers pipeline layout (unet/, scheduler/) or a bare UNet folder with scheduler_config.json.
+
+    Hub ids work when the network does; the built-in model never needs it.
+    """
+    source = resolve_model_path(name_or_path)
+    local = Path(source)
+    if local.exists():
+        sub = "unet" if (local / "unet" / "config.json").exists() else None
+        sched_sub = "scheduler" if (local / "scheduler" / "scheduler_config.json").exists() else None
+        if sub is None and not (local / "config.json").exists():
+            raise ValueError(f"model: {source} has neither unet/config.json nor config.json")
+    else:
+        sub, sched_sub = "unet", "scheduler"
+    unet = UNet2DModel.from_pretrained(source, subfolder=sub)
+    try:
+        scheduler_config = dict(DDPMScheduler.load_config(source, subfolder=sched_sub))
+    except (OSError, EnvironmentError):
+        scheduler_config = dict(DDPMScheduler.load_config(source))
+    unet.eval().requires_grad_(False).to(device)
+    name = BUILTIN_MODEL_NAME if source == str(BUILTIN_MODEL_DIR) else str(name_or_path)
+    return DiffusionModel(name=name, unet=unet, scheduler_config=scheduler_config)

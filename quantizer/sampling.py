@@ -1,0 +1,91 @@
+"""DDPM/DDIM sampling with diffusers schedulers: a fresh scheduler per call, one seed per image."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Literal
+
+import torch
+from diffusers import DDIMScheduler, DDPMScheduler, UNet2DModel
+
+Sampler = Literal["ddpm", "ddim"]
+SAMPLERS: tuple[str, ...] = ("ddpm", "ddim")
+# Called before each UNet evaluation with (step index from 0, total steps, timestep, x_t).
+# Raising from it stops the generation between two denoising steps (cancellation).
+StepCallback = Callable[[int, int, int, torch.Tensor], None]
+
+
+def validate_request(sampler: str, steps: int, eta: float, n: int, num_train_timesteps: int) -> None:
+    """Raise ValueError naming the offending argument."""
+    if sampler not in SAMPLERS:
+        raise ValueError(f"sampler must be one of {', '.join(SAMPLERS)}, got {sampler!r}")
+    if not isinstance(steps, int) or isinstance(steps, bool) or not 1 <= steps <= num_train_timesteps:
+        raise ValueError(f"steps must be an integer in 1..{num_train_timesteps}, got {steps!r}")
+    if not 0.0 <= float(eta) <= 1.0:
+        raise ValueError(f"eta must be in [0, 1], got {eta!r}")
+    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+        raise ValueError(f"n must be an integer >= 1, got {n!r}")
+
+
+def make_scheduler(sampler: str, scheduler_config: dict, steps: int) -> DDPMScheduler | DDIMScheduler:
+    """Schedulers hold per-run state (timesteps, DDPM's variance bookkeeping): never share one."""
+    cls = DDPMScheduler if sampler == "ddpm" else DDIMScheduler
+    scheduler = cls.from_config(scheduler_config)
+    scheduler.set_timesteps(steps)
+    return scheduler
+
+
+def initial_noise(seeds: Sequence[int], shape: tuple[int, int, int]) -> torch.Tensor:
+    """x_T for each image drawn from its own CPU generator, so it is independent of batching and device."""
+    return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(int(s))) for s in seeds])
+
+
+@torch.no_grad()
+def sample(
+    unet: UNet2DModel,
+    scheduler_config: dict,
+    seeds: Sequence[int],
+    sampler: str = "ddim",
+    steps: int = 100,
+    eta: float = 0.0,
+    batch_size: int | None = None,
+    callback: StepCallback | None = None,
+) -> torch.Tensor:
+    """Generate len(seeds) images in model space ([-1, 1], N x C x H x W, float32 on CPU).
+
+    Image k depends only on seeds[k]: its initial noise and every stochastic step (DDPM, DDIM eta>0)
+    draw from a generator seeded by it, whatever the batch it lands in.
+    """
+    num_train = int(scheduler_config["num_train_timesteps"])
+    validate_request(sampler, steps, eta, len(seeds), num_train)
+    size = unet.config.sample_size
+    h, w = (size, size) if isinstance(size, int) else tuple(size)
+    shape = (unet.config.in_channels, h, w)
+    batch_size = len(seeds) if batch_size is None else batch_size
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    param = next(unet.parameters())
+    outputs = []
+    for start in range(0, len(seeds), batch_size):
+        chunk = list(seeds[start: start + batch_size])
+        outputs.append(_sample_batch(unet, scheduler_config, chunk, shape, sampler, steps, eta,
+                                     param.device, param.dtype, callback))
+    return torch.cat(outputs)
+
+
+def _sample_batch(unet: UNet2DModel, scheduler_config: dict, seeds: list[int], shape: tuple[int, int, int],
+                  sampler: str, steps: int, eta: float, device: torch.device, dtype: torch.dtype,
+                  callback: StepCallback | None) -> torch.Tensor:
+    scheduler = make_scheduler(sampler, scheduler_config, steps)
+    # Offset the step-noise stream from the x_T stream so the two never coincide.
+    generators = [torch.Generator().manual_seed(int(s) + 1_000_003) for s in seeds]
+    x = initial_noise(seeds, shape)
+    timesteps = scheduler.timesteps
+    for i, t in enumerate(timesteps):
+        if callback is not None:
+            callback(i, len(timesteps), int(t), x)
+        model_in = x.to(device=device, dtype=dtype)
+        eps = unet(model_in, t.to(device)).sample.float().cpu()
+        kwargs = {"eta": eta} if sampler == "ddim" else {}
+        x = scheduler.step(eps, t, x, generator=generators, **kwargs).prev_sample
+    return x

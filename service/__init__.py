@@ -1,0 +1,1 @@
+"""The ptq4dm inference service (API, queue, workers). Imports `quantizer`; never the other way round."""

@@ -1,0 +1,42 @@
+"""Shared fixtures: a tiny random-weight UNet (fast) and the committed built-in model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from diffusers import UNet2DModel
+
+from quantizer.models import BUILTIN_MODEL_DIR
+from quantizer.train import DEFAULT_SCHEDULER_CONFIG
+
+TINY_UNET_CONFIG = {
+    "sample_size": 16,
+    "in_channels": 1,
+    "out_channels": 1,
+    "block_out_channels": (8, 16),
+    "layers_per_block": 1,
+    "down_block_types": ("DownBlock2D", "AttnDownBlock2D"),
+    "up_block_types": ("AttnUpBlock2D", "UpBlock2D"),
+    "norm_num_groups": 4,
+    "attention_head_dim": 8,
+}
+
+
+@pytest.fixture(scope="session")
+def tiny_unet() -> UNet2DModel:
+    torch.manual_seed(0)
+    return UNet2DModel(**TINY_UNET_CONFIG).eval().requires_grad_(False)
+
+
+@pytest.fixture(scope="session")
+def scheduler_config() -> dict:
+    return dict(DEFAULT_SCHEDULER_CONFIG)
+
+
+@pytest.fixture(scope="session")
+def builtin_model_dir() -> Path:
+    if not (BUILTIN_MODEL_DIR / "unet" / "config.json").exists():
+        pytest.fail(f"built-in model missing at {BUILTIN_MODEL_DIR}")
+    return BUILTIN_MODEL_DIR

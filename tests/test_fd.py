@@ -1,0 +1,41 @@
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from quantizer.classifier import BUILTIN_CLASSIFIER, accuracy, load_classifier
+from quantizer.data import FASHION_MNIST_DIR, fashion_mnist_tensor
+from quantizer.fd import fd_between, frechet_distance
+
+needs_data = pytest.mark.skipif(not FASHION_MNIST_DIR.exists(), reason="Debian dataset-fashion-mnist not installed")
+
+
+def test_frechet_distance_of_known_gaussians():
+    rng = np.random.default_rng(0)
+    d = 6
+    a = rng.normal(size=(d, d))
+    sigma = a @ a.T + np.eye(d)
+    assert frechet_distance(np.zeros(d), sigma, np.zeros(d), sigma) == pytest.approx(0.0, abs=1e-6)
+    shift = np.full(d, 0.5)
+    assert frechet_distance(np.zeros(d), sigma, shift, sigma) == pytest.approx(float(shift @ shift), rel=1e-6)
+    # Isotropic: Tr(S1 + S2 - 2 sqrt(S1 S2)) = d (s1 - s2)^2 for S = s^2 I.
+    assert frechet_distance(np.zeros(d), 4 * np.eye(d), np.zeros(d), np.eye(d)) == pytest.approx(d * 1.0)
+
+
+@needs_data
+def test_committed_classifier_accuracy_at_least_90_percent():
+    assert BUILTIN_CLASSIFIER.exists()
+    x, y = fashion_mnist_tensor("test")
+    assert accuracy(load_classifier(), x, y) >= 0.90
+
+
+@needs_data
+def test_fd_separates_real_from_corrupted_images():
+    clf = load_classifier()
+    x, _ = fashion_mnist_tensor("test")
+    real_a, real_b = x[:1000], x[1000:2000]
+    noisy = (real_b + 0.5 * torch.randn(real_b.shape, generator=torch.Generator().manual_seed(0))).clamp(-1, 1)
+    same = fd_between(clf, real_a, real_b)
+    corrupted = fd_between(clf, real_a, noisy)
+    assert corrupted > 5 * same
