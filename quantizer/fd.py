@@ -13,7 +13,8 @@ from quantizer.classifier import FashionClassifier
 def extract_features(model: FashionClassifier, x: torch.Tensor, batch_size: int = 500) -> np.ndarray:
     """x in model space ([-1, 1], N x 1 x 32 x 32) -> N x FEATURE_DIM float64."""
     model.eval()
-    return torch.cat([model.features(x[i:i + batch_size].float()) for i in range(0, len(x), batch_size)]).double().numpy()
+    chunks = [model.features(x[i:i + batch_size].float()) for i in range(0, len(x), batch_size)]
+    return torch.cat(chunks).double().numpy()
 
 
 def gaussian_stats(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

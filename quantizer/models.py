@@ -55,7 +55,7 @@ def load_model(name_or_path: str | Path | None = None, device: str | torch.devic
     unet = UNet2DModel.from_pretrained(source, subfolder=sub)
     try:
         scheduler_config = dict(DDPMScheduler.load_config(source, subfolder=sched_sub))
-    except (OSError, EnvironmentError):
+    except OSError:
         scheduler_config = dict(DDPMScheduler.load_config(source))
     unet.eval().requires_grad_(False).to(device)
     name = BUILTIN_MODEL_NAME if source == str(BUILTIN_MODEL_DIR) else str(name_or_path)

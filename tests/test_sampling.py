@@ -63,7 +63,10 @@ def test_concurrent_generations_do_not_interfere(tiny_unet, scheduler_config):
 
 def test_callback_sees_every_step_and_can_cancel(tiny_unet, scheduler_config):
     seen: list[tuple[int, int, int]] = []
-    sample(tiny_unet, scheduler_config, [0], sampler="ddim", steps=5, callback=lambda i, n, t, x: seen.append((i, n, t)))
+    def record(i: int, n: int, t: int, x: torch.Tensor) -> None:
+        seen.append((i, n, t))
+
+    sample(tiny_unet, scheduler_config, [0], sampler="ddim", steps=5, callback=record)
     assert [s[0] for s in seen] == list(range(5))
     assert all(n == 5 for _, n, _ in seen)
     assert seen[0][2] > seen[-1][2]  # from the noise end toward x_0
