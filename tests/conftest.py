@@ -11,6 +11,10 @@ from diffusers import UNet2DModel
 from quantizer.models import BUILTIN_MODEL_DIR
 from quantizer.train import DEFAULT_SCHEDULER_CONFIG
 
+# Tiny models gain nothing from intra-op threads, and on a 2-core machine two OpenMP threads stall badly
+# whenever another process (a worker under test, a background job) holds a core.
+torch.set_num_threads(1)
+
 TINY_UNET_CONFIG = {
     "sample_size": 16,
     "in_channels": 1,

@@ -1,0 +1,153 @@
+"""Calibration sets for PTQ4DM: the UNet inputs (x_t, t) whose activations set the quantization ranges.
+
+Step positions follow the sampler's own trajectory: index i counts UNet evaluations from the noise end
+(i = 0 is x_T), exactly like quantizer.sampling's callback. Trajectory methods generate x_t with the
+full-precision model's sampler (quantizer.sampling.sample) from pure noise, so the calibration inputs are the
+inputs the UNet really sees when generating; each sample has its own seed and is recorded at its own step.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+from diffusers import DDPMScheduler, UNet2DModel
+from tqdm.auto import tqdm
+
+from quantizer.config import CalibrationConfig
+from quantizer.sampling import make_scheduler, sample, validate_request
+
+TRAJECTORY_METHODS: tuple[str, ...] = ("ndtc", "ndtc_code", "uniform", "single_step")
+
+
+@dataclass
+class CalibrationSet:
+    """N calibration inputs. xs: N x C x H x W float32 (CPU); ts: N diffusion time-steps fed with them.
+
+    step_indices: the sampler step each x_t was recorded at (0 = noise end), -1 for 'real_noised'.
+    seeds: the seed of each sample's trajectory (quantizer.sampling seeds), -1 for 'real_noised'.
+    """
+
+    xs: torch.Tensor
+    ts: torch.Tensor
+    step_indices: torch.Tensor
+    seeds: torch.Tensor
+    config: CalibrationConfig
+
+    def __len__(self) -> int:
+        return int(self.xs.shape[0])
+
+    def batches(self, batch_size: int | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        size = batch_size or self.config.batch_size
+        for start in range(0, len(self), size):
+            yield self.xs[start: start + size], self.ts[start: start + size]
+
+
+class _Collected(Exception):
+    """Raised from the sampling callback once every sample of a batch is recorded: ends the trajectory early."""
+
+
+def sample_shape(unet: UNet2DModel) -> tuple[int, int, int]:
+    size = unet.config.sample_size
+    h, w = (size, size) if isinstance(size, int) else tuple(size)
+    return (int(unet.config.in_channels), int(h), int(w))
+
+
+def sampler_timesteps(scheduler_config: dict, sampler: str, steps: int) -> torch.Tensor:
+    """The diffusion time-step of every sampler step, noise end first (what sample() feeds the UNet)."""
+    return make_scheduler(sampler, scheduler_config, steps).timesteps.long().clone()
+
+
+def draw_step_indices(config: CalibrationConfig, timesteps: torch.Tensor,
+                      generator: torch.Generator | None = None) -> torch.Tensor:
+    """Sampler step index (0 = noise end) of each calibration sample, for the trajectory methods.
+
+    ndtc: position from the image end ~ round(Normal(mu * steps, sigma * steps)), clipped to the trajectory.
+    ndtc_code: the same position counted from the noise end. Both round to the nearest step (the authors'
+    code truncates; at most one step apart).
+    """
+    n, steps = config.n_samples, len(timesteps)
+    if config.method in ("ndtc", "ndtc_code"):
+        draw = torch.normal(config.mu * steps, config.sigma * steps, (n,), generator=generator,
+                            dtype=torch.float64)
+        position = draw.round().clamp(0, steps - 1).long()
+        return steps - 1 - position if config.method == "ndtc" else position
+    if config.method == "uniform":
+        return torch.linspace(0, steps - 1, n, dtype=torch.float64).round().long()
+    if config.method == "single_step":
+        target = timesteps[steps // 2] if config.single_step_t is None else config.single_step_t
+        index = int((timesteps - target).abs().argmin())
+        return torch.full((n,), index, dtype=torch.long)
+    raise ValueError(f"method {config.method!r} does not sample time-steps along a trajectory")
+
+
+def build_calibration_set(unet: UNet2DModel, scheduler_config: dict, config: CalibrationConfig,
+                          real_images: torch.Tensor | None = None, progress: bool = True) -> CalibrationSet:
+    """Build the calibration set `config` describes with the full-precision `unet`.
+
+    `real_images` (M x C x H x W in model space) is required by 'real_noised' and ignored otherwise.
+    """
+    num_train = int(scheduler_config["num_train_timesteps"])
+    validate_request(config.sampler, config.steps, config.eta, config.n_samples, num_train)
+    generator = torch.Generator().manual_seed(config.seed)
+    shape = sample_shape(unet)
+    if config.method == "real_noised":
+        return _real_noised(scheduler_config, config, shape, real_images, generator)
+    timesteps = sampler_timesteps(scheduler_config, config.sampler, config.steps)
+    step_indices = draw_step_indices(config, timesteps, generator)
+    seeds = torch.randint(0, 2**31 - 1, (config.n_samples,), generator=generator)
+    xs = _record_trajectories(unet, scheduler_config, config, step_indices, seeds, shape, progress)
+    return CalibrationSet(xs=xs, ts=timesteps[step_indices], step_indices=step_indices, seeds=seeds, config=config)
+
+
+def _record_trajectories(unet: UNet2DModel, scheduler_config: dict, config: CalibrationConfig,
+                         step_indices: torch.Tensor, seeds: torch.Tensor, shape: tuple[int, int, int],
+                         progress: bool) -> torch.Tensor:
+    """Run batched FP trajectories, each sample recorded (UNet input) at its own step.
+
+    Samples are batched in order of their step so a batch stops as soon as its deepest sample is recorded,
+    before that step's UNet call; sample() seeds each trajectory individually, so batching changes nothing.
+    """
+    xs = torch.empty(len(seeds), *shape)
+    recorded = torch.zeros(len(seeds), dtype=torch.bool)
+    order = torch.argsort(step_indices, stable=True)
+    chunks = list(order.split(config.batch_size))
+    for idx in tqdm(chunks, desc=f"calibration set ({config.method})", unit="batch", disable=not progress):
+        targets = step_indices[idx]
+        last = int(targets.max())
+
+        def record(i: int, total: int, t: int, x: torch.Tensor, idx: torch.Tensor = idx,
+                   targets: torch.Tensor = targets, last: int = last) -> None:
+            hit = (targets == i).nonzero().flatten()
+            if hit.numel():
+                xs[idx[hit]] = x[hit].float().cpu()
+                recorded[idx[hit]] = True
+            if i == last:
+                raise _Collected
+
+        with contextlib.suppress(_Collected):
+            sample(unet, scheduler_config, seeds[idx].tolist(), sampler=config.sampler, steps=config.steps,
+                   eta=config.eta, callback=record)
+    if not bool(recorded.all()):
+        raise RuntimeError("calibration trajectories ended before every sample was recorded")
+    return xs
+
+
+def _real_noised(scheduler_config: dict, config: CalibrationConfig, shape: tuple[int, int, int],
+                 real_images: torch.Tensor | None, generator: torch.Generator) -> CalibrationSet:
+    """x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps for random real x_0 and t uniform over the training steps."""
+    if real_images is None:
+        raise ValueError("real_images must be given for calibration method 'real_noised'")
+    if real_images.ndim != 4 or tuple(real_images.shape[1:]) != shape:
+        raise ValueError(f"real_images must be N x {' x '.join(map(str, shape))}, got {tuple(real_images.shape)}")
+    n = config.n_samples
+    num_train = int(scheduler_config["num_train_timesteps"])
+    picks = torch.randint(0, real_images.shape[0], (n,), generator=generator)
+    ts = torch.randint(0, num_train, (n,), generator=generator)
+    noise = torch.randn((n, *shape), generator=generator)
+    scheduler = DDPMScheduler.from_config(scheduler_config)
+    xs = scheduler.add_noise(real_images[picks].float().cpu(), noise, ts)
+    missing = torch.full((n,), -1, dtype=torch.long)
+    return CalibrationSet(xs=xs, ts=ts, step_indices=missing, seeds=missing.clone(), config=config)

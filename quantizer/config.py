@@ -1,0 +1,189 @@
+"""Configuration of a PTQ4DM run: what to quantize and how (QuantConfig), what to calibrate on (CalibrationConfig).
+
+Both are frozen and validated on construction (ValueError naming the field); `PTQ4DMConfig.stable_hash()` is
+a deterministic digest of every field, used in the calibration-cache key.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from quantizer.fake_quant import ACT_BITS, WEIGHT_BITS, check_bits
+from quantizer.sampling import SAMPLERS
+from quantizer.scale_search import METRICS, SEARCH_METHODS
+
+CALIBRATION_METHODS: tuple[str, ...] = ("ndtc", "ndtc_code", "uniform", "single_step", "real_noised")
+PRECISION_PRESETS: tuple[str, ...] = ("fp32", "w8a8", "w4a8", "w8a6", "w8a16")
+_PRECISION_RE = re.compile(r"^w(\d+)a(\d+)$")
+
+
+def _check_int(value: object, name: str, minimum: int) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+
+
+def _check_choice(value: object, name: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(choices)}, got {value!r}")
+
+
+def _digest(data: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(data, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    """What gets quantized and how its ranges are chosen.
+
+    weight_bits / act_bits: per-channel symmetric weights (4..8) and per-tensor asymmetric layer inputs (6, 8, 16).
+    search / metric / p / n_candidates: 'grid' tries n_candidates clipping ranges and keeps the one minimising
+        `metric` (default the paper's L_p, p = 2.4); 'minmax' takes the full observed range.
+    act_samples: activation values kept per quantizer for the search (a uniform subsample; min/max stay exact).
+    keep_first_last_fp: leave the first and last layers (conv_in / conv_out in a diffusers UNet) unquantized.
+    first_last_bits: otherwise they use at least this many bits for weights and inputs (PTQ4DM's code, after
+        QDrop, keeps the stem and head at 8 bits); None gives them the same bits as every other layer.
+    quantize_attention_matmuls: also quantize the operands of q.k^T and attn.v (off by default, like the
+        authors' code, which only quantizes conv/linear layers).
+    skip: fnmatch patterns of module names left in full precision, e.g. ("time_embedding.*",).
+    """
+
+    weight_bits: int = 8
+    act_bits: int = 8
+    search: str = "grid"
+    metric: str = "lp"
+    p: float = 2.4
+    n_candidates: int = 100
+    act_samples: int = 2**18
+    keep_first_last_fp: bool = False
+    first_last_bits: int | None = 8
+    quantize_attention_matmuls: bool = False
+    skip: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        check_bits(self.weight_bits, WEIGHT_BITS, "weight_bits")
+        check_bits(self.act_bits, ACT_BITS, "act_bits")
+        _check_choice(self.search, "search", SEARCH_METHODS)
+        _check_choice(self.metric, "metric", METRICS)
+        if isinstance(self.p, bool) or not isinstance(self.p, (int, float)) or not self.p > 0:
+            raise ValueError(f"p must be a positive number, got {self.p!r}")
+        _check_int(self.n_candidates, "n_candidates", 1)
+        _check_int(self.act_samples, "act_samples", 1)
+        for name in ("keep_first_last_fp", "quantize_attention_matmuls"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
+        if self.first_last_bits is not None:  # must be valid for both weights and activations
+            check_bits(self.first_last_bits, tuple(b for b in WEIGHT_BITS if b in ACT_BITS), "first_last_bits")
+        if isinstance(self.skip, str) or not all(isinstance(s, str) for s in self.skip):
+            raise ValueError(f"skip must be a sequence of module-name patterns, got {self.skip!r}")
+        object.__setattr__(self, "skip", tuple(self.skip))
+        object.__setattr__(self, "p", float(self.p))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "skip": list(self.skip)}
+
+
+@dataclass(frozen=True)
+class CalibrationConfig:
+    """How the calibration set of UNet inputs (x_t, t) is built.
+
+    method:
+        'ndtc': the paper's Normally Distributed Time-step Calibration. Sampler step positions are drawn from
+            Normal(mu * steps, sigma * steps) counted from the image (x_0) end, so mu < 1/2 centres the set on
+            the late, nearly clean steps whose errors survive into the final image. Each x_t comes from the
+            full-precision model's own sampler, started from pure noise.
+        'ndtc_code': the same draw counted from the noise end, which is what the authors' released code does
+            (it indexes the progressive sampling loop from x_T), so there the mean sits on the noise side.
+            Unlike that code, each x_t is paired with the time-step the sampler really feeds with it (the
+            code pairs the loop index, scaled as a time-step, with the output of that loop step).
+        'uniform': positions evenly spaced over the trajectory (Q-Diffusion style), FP sampler.
+        'single_step': every sample at one time-step (the classical single-time-step PTQ baseline), FP sampler.
+        'real_noised': real images pushed through the forward process q(x_t | x_0) at uniform t; no sampling.
+    mu / sigma: fractions of `steps`. Defaults 0.4 / 0.4 are what the authors' NDTC script
+        (quant_sample_ddim_in_backward_DNTC.sh: --calib_t_mode_normal_mean 0.4 --calib_t_mode_normal_std 0.4)
+        runs with; their argparse defaults are 0.5 / 0.35.
+    sampler / steps / eta: the sampler that generates calibration trajectories (DDIM 100 steps by default:
+        the service's default sampler, at a cost of at most 100 UNet calls per batch).
+    single_step_t: diffusion time-step for 'single_step' (the sampler step nearest to it is used); None = the
+        middle of the trajectory.
+    seed: drives the time-step draw and every trajectory's noise, so a calibration set is reproducible.
+    """
+
+    method: str = "ndtc"
+    n_samples: int = 1024
+    mu: float = 0.4
+    sigma: float = 0.4
+    sampler: str = "ddim"
+    steps: int = 100
+    eta: float = 0.0
+    single_step_t: int | None = None
+    seed: int = 0
+    batch_size: int = 64
+
+    def __post_init__(self) -> None:
+        _check_choice(self.method, "method", CALIBRATION_METHODS)
+        _check_int(self.n_samples, "n_samples", 1)
+        for name, lo, hi in (("mu", 0.0, 1.0), ("sigma", 0.0, float("inf")), ("eta", 0.0, 1.0)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not lo <= value <= hi:
+                raise ValueError(f"{name} must be a number in [{lo}, {hi}], got {value!r}")
+            object.__setattr__(self, name, float(value))
+        if self.sigma <= 0:
+            raise ValueError(f"sigma must be > 0, got {self.sigma!r}")
+        _check_choice(self.sampler, "sampler", SAMPLERS)
+        _check_int(self.steps, "steps", 1)
+        if self.single_step_t is not None:
+            _check_int(self.single_step_t, "single_step_t", 0)
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool):
+            raise ValueError(f"seed must be an integer, got {self.seed!r}")
+        _check_int(self.batch_size, "batch_size", 1)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class PTQ4DMConfig:
+    quant: QuantConfig = field(default_factory=QuantConfig)
+    calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.quant, QuantConfig):
+            raise ValueError(f"quant must be a QuantConfig, got {type(self.quant).__name__}")
+        if not isinstance(self.calibration, CalibrationConfig):
+            raise ValueError(f"calibration must be a CalibrationConfig, got {type(self.calibration).__name__}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"quant": self.quant.to_dict(), "calibration": self.calibration.to_dict()}
+
+    def stable_hash(self) -> str:
+        """sha256 of the canonical JSON of every field: equal configs give equal hashes across processes."""
+        return _digest(self.to_dict())
+
+
+def parse_precision(precision: str) -> tuple[int, int] | None:
+    """'w8a8' -> (8, 8); 'fp32' -> None (no quantization). Bit widths are validated like QuantConfig's."""
+    if not isinstance(precision, str):
+        raise ValueError(f"precision must be a string like 'w8a8' or 'fp32', got {precision!r}")
+    text = precision.strip().lower()
+    if text == "fp32":
+        return None
+    match = _PRECISION_RE.match(text)
+    if match is None:
+        raise ValueError(f"precision must be 'fp32' or 'w<bits>a<bits>' (e.g. {', '.join(PRECISION_PRESETS)}), "
+                         f"got {precision!r}")
+    weight_bits, act_bits = int(match.group(1)), int(match.group(2))
+    check_bits(weight_bits, WEIGHT_BITS, "weight_bits")
+    check_bits(act_bits, ACT_BITS, "act_bits")
+    return weight_bits, act_bits
+
+
+def quant_config_for(precision: str, **overrides: Any) -> QuantConfig | None:
+    """QuantConfig for a precision string (None for 'fp32'); other fields from `overrides`."""
+    bits = parse_precision(precision)
+    if bits is None:
+        return None
+    return QuantConfig(weight_bits=bits[0], act_bits=bits[1], **overrides)

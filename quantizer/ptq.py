@@ -1,0 +1,154 @@
+"""quantize_model: the one call a service worker makes at startup (cache lookup, calibration, quantize_ a copy)."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import logging
+import threading
+from collections import OrderedDict
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import quantizer
+from quantizer.cache import CalibrationCache, cache_key, hash_state_dict, hash_tensor
+from quantizer.calibration import CalibrationSet, build_calibration_set
+from quantizer.config import CalibrationConfig, PTQ4DMConfig, QuantConfig, quant_config_for
+from quantizer.models import DiffusionModel
+from quantizer.quantize import export_stats, quantize_
+
+logger = logging.getLogger(__name__)
+
+# Bump when the meaning of exported stats changes (quantizer layout, grids), so old cache entries miss.
+STATS_FORMAT = 1
+
+_QUANT_FIELDS = {f.name for f in dataclasses.fields(QuantConfig)}
+_CALIBRATION_FIELDS = {f.name for f in dataclasses.fields(CalibrationConfig)}
+
+
+@dataclass
+class QuantizedModel(DiffusionModel):
+    """A DiffusionModel with a fake-quantized UNet, plus what identifies its calibration.
+
+    calibration_hash: sha256 of the exported stats (changes whenever the quantized model does).
+    cache_key: the calibration-cache key of the inputs (model weights, configs, versions).
+    """
+
+    precision: str = ""
+    config: PTQ4DMConfig | None = None
+    calibration_hash: str | None = None
+    cache_key: str | None = None
+    cache_hit: bool = False
+
+
+def build_config(precision: str | QuantConfig,
+                 overrides: CalibrationConfig | Mapping[str, Any] | None = None) -> PTQ4DMConfig | None:
+    """PTQ4DMConfig for a precision plus overrides; None for 'fp32'.
+
+    overrides: a CalibrationConfig, or a mapping of CalibrationConfig / QuantConfig field names (flat, or nested
+    under 'calibration' / 'quant'). Bit widths come from the precision; unknown names raise ValueError.
+    """
+    quant = quant_config_for(precision) if isinstance(precision, str) else precision
+    if quant is None:
+        return None
+    if not isinstance(quant, QuantConfig):
+        raise TypeError(f"precision must be a string or QuantConfig, got {type(precision).__name__}")
+    if overrides is None or isinstance(overrides, CalibrationConfig):
+        return PTQ4DMConfig(quant=quant, calibration=overrides or CalibrationConfig())
+    if not isinstance(overrides, Mapping):
+        raise TypeError(f"overrides must be a CalibrationConfig or a mapping, got {type(overrides).__name__}")
+    flat = dict(overrides)
+    for section in ("quant", "calibration"):
+        nested = flat.pop(section, None) or {}
+        if not isinstance(nested, Mapping):
+            raise ValueError(f"overrides[{section!r}] must be a mapping")
+        flat.update(nested)
+    unknown = sorted(set(flat) - _QUANT_FIELDS - _CALIBRATION_FIELDS)
+    if unknown:
+        raise ValueError(f"unknown override(s) {', '.join(unknown)}; allowed: "
+                         f"{', '.join(sorted(_CALIBRATION_FIELDS | _QUANT_FIELDS))}")
+    for name in ("weight_bits", "act_bits"):
+        if name in flat and flat[name] != getattr(quant, name):
+            raise ValueError(f"{name} is set by the precision ({getattr(quant, name)}), not by overrides")
+    quant = dataclasses.replace(quant, **{k: v for k, v in flat.items() if k in _QUANT_FIELDS})
+    calibration = CalibrationConfig(**{k: v for k, v in flat.items() if k in _CALIBRATION_FIELDS})
+    return PTQ4DMConfig(quant=quant, calibration=calibration)
+
+
+def cache_key_parts(model: DiffusionModel, config: PTQ4DMConfig,
+                    real_images: torch.Tensor | None = None) -> dict[str, Any]:
+    """Everything the stats depend on: model weights and scheduler, both configs, library and stats format."""
+    parts: dict[str, Any] = {
+        "model_weights": hash_state_dict(model.unet),
+        "scheduler_config": {k: v for k, v in sorted(model.scheduler_config.items()) if not k.startswith("_")},
+        "config": config.to_dict(),
+        "ptq4dm": quantizer.__version__,
+        "stats_format": STATS_FORMAT,
+    }
+    if config.calibration.method == "real_noised" and real_images is not None:
+        parts["real_images"] = hash_tensor(real_images)
+    return parts
+
+
+# The calibration set depends on the FP model and CalibrationConfig only, not on the precision: a worker that
+# serves several precisions builds it once. Small (N x C x H x W floats), so a couple are kept.
+_CALIBRATION_SETS: OrderedDict[str, CalibrationSet] = OrderedDict()
+_CALIBRATION_SETS_MAX = 2
+_CALIBRATION_LOCK = threading.Lock()
+
+
+def _calibration_set(model: DiffusionModel, calibration: CalibrationConfig, parts: dict[str, Any],
+                     real_images: torch.Tensor | None, progress: bool) -> CalibrationSet:
+    key = cache_key({k: v for k, v in parts.items() if k != "config"} | {"calibration": calibration.to_dict()})
+    with _CALIBRATION_LOCK:
+        if key in _CALIBRATION_SETS:
+            _CALIBRATION_SETS.move_to_end(key)
+            return _CALIBRATION_SETS[key]
+    calib = build_calibration_set(model.unet, model.scheduler_config, calibration, real_images, progress)
+    with _CALIBRATION_LOCK:
+        _CALIBRATION_SETS[key] = calib
+        while len(_CALIBRATION_SETS) > _CALIBRATION_SETS_MAX:
+            _CALIBRATION_SETS.popitem(last=False)
+    return calib
+
+
+def quantize_model(model: DiffusionModel, precision: str | QuantConfig,
+                   calibration_config: CalibrationConfig | Mapping[str, Any] | None = None,
+                   cache_dir: str | Path | None = None, real_images: torch.Tensor | None = None,
+                   progress: bool = True) -> DiffusionModel:
+    """A QuantizedModel whose UNet is a quantized copy of model.unet (model itself is left untouched).
+
+    precision: 'w8a8', 'w4a8', 'w8a6', 'w8a16', any valid 'w<b>a<b>', a QuantConfig, or 'fp32' (returns
+    `model` itself). calibration_config: see build_config. With cache_dir the stats are looked up first
+    and a hit runs no calibration at all; a miss calibrates and stores them. real_images is required by
+    the 'real_noised' calibration method.
+    """
+    config = build_config(precision, calibration_config)
+    if config is None:
+        return model
+    label = precision if isinstance(precision, str) else f"w{config.quant.weight_bits}a{config.quant.act_bits}"
+    calibrated: dict[str, torch.nn.Module] = {}
+
+    parts = cache_key_parts(model, config, real_images)
+
+    def compute() -> dict[str, torch.Tensor]:
+        calib = _calibration_set(model, config.calibration, parts, real_images, progress)
+        calibrated["unet"] = quantize_(copy.deepcopy(model.unet), config, calibration=calib, progress=progress)
+        return export_stats(calibrated["unet"])
+
+    if cache_dir is None:
+        stats = compute()
+    else:
+        stats = CalibrationCache(cache_dir).get_or_compute(parts, compute, extra={"model": model.name,
+                                                                                  "precision": label})
+    hit = "unet" not in calibrated
+    if hit:
+        calibrated["unet"] = quantize_(copy.deepcopy(model.unet), config, stats=stats, progress=progress)
+    logger.info("%s quantized to %s (%s)", model.name, label, "cache hit" if hit else "calibrated")
+    return QuantizedModel(name=model.name, unet=calibrated["unet"].eval(), scheduler_config=model.scheduler_config,
+                          precision=label, config=config, calibration_hash=hash_state_dict(stats),
+                          cache_key=cache_key(parts), cache_hit=hit)

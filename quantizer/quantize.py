@@ -1,0 +1,222 @@
+"""quantize_(unet, config): swap in fake-quant layers, calibrate (or load) their ranges, switch to quantized mode.
+
+Calibration is one pass of the calibration set through the *full-precision* network (observers see FP
+weights and FP upstream activations, so a single forward per batch suffices), followed by a per-quantizer
+range search on the pooled samples. Weight ranges need no data and are searched directly on the weights.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import logging
+import math
+import warnings
+import zlib
+from collections.abc import Iterator
+
+import torch
+from diffusers.models.attention_processor import Attention
+from torch import nn
+from tqdm.auto import tqdm
+
+from quantizer.calibration import CalibrationSet
+from quantizer.config import PTQ4DMConfig, QuantConfig
+from quantizer.quant_modules import (
+    MAX_VALUES_PER_BATCH,
+    ActObserver,
+    ActQuantizer,
+    QuantAttnProcessor,
+    QuantConv2d,
+    QuantLayer,
+    QuantLinear,
+    WeightQuantizer,
+)
+from quantizer.scale_search import search_act_qparams, search_weight_scale
+
+logger = logging.getLogger(__name__)
+
+# Layers with weights that quantize_ cannot wrap; they must be listed in QuantConfig.skip.
+UNSUPPORTED_LAYERS: tuple[type[nn.Module], ...] = (
+    nn.Conv1d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d, nn.Bilinear,
+    nn.MultiheadAttention,
+)
+
+
+def quantize_(unet: nn.Module, config: PTQ4DMConfig | QuantConfig, calibration: CalibrationSet | None = None,
+              stats: dict[str, torch.Tensor] | None = None, progress: bool = True) -> nn.Module:
+    """Quantize `unet` in place (fake quant) and return it.
+
+    With `stats` (from export_stats) every scale/zero-point is loaded and no forward pass runs at all;
+    otherwise `calibration` inputs are run through the model to set the activation ranges.
+    On any error the original layers are put back.
+    """
+    qcfg = config.quant if isinstance(config, PTQ4DMConfig) else config
+    if not isinstance(qcfg, QuantConfig):
+        raise TypeError(f"config must be a PTQ4DMConfig or QuantConfig, got {type(config).__name__}")
+    if not isinstance(unet, nn.Module):
+        raise TypeError(f"unet must be a torch.nn.Module, got {type(unet).__name__}")
+    if any(isinstance(m, (QuantLayer, QuantAttnProcessor)) for m in unet.modules()):
+        raise ValueError("unet is already quantized")
+    if stats is None and calibration is None:
+        raise ValueError("quantize_ needs either a calibration set or stats")
+    if stats is None and len(calibration) == 0:
+        raise ValueError("calibration set is empty")
+    undo = _swap_modules(unet, qcfg)
+    try:
+        if stats is not None:
+            load_stats(unet, stats)
+        else:
+            _calibrate(unet, qcfg, calibration, progress)
+        set_mode(unet, "quant")
+    except BaseException:
+        for restore in reversed(undo):
+            restore()
+        raise
+    return unet
+
+
+def set_mode(model: nn.Module, mode: str) -> None:
+    """Put every quantized layer / attention processor of `model` into 'fp', 'observe' or 'quant' mode."""
+    for module in model.modules():
+        if isinstance(module, (QuantLayer, QuantAttnProcessor)):
+            module.set_mode(mode)
+
+
+def _quantizers(model: nn.Module) -> Iterator[tuple[str, WeightQuantizer | ActQuantizer]]:
+    for name, module in model.named_modules():
+        if isinstance(module, (WeightQuantizer, ActQuantizer)):
+            yield name, module
+
+
+def export_stats(unet: nn.Module) -> dict[str, torch.Tensor]:
+    """Every quantizer parameter as a flat {'<module>.scale' | '.zero_point' | '.bits': CPU tensor} dict."""
+    stats: dict[str, torch.Tensor] = {}
+    for name, quantizer in _quantizers(unet):
+        for buffer in ("scale", "zero_point", "bits"):
+            if hasattr(quantizer, buffer):
+                stats[f"{name}.{buffer}"] = getattr(quantizer, buffer).detach().cpu().clone().contiguous()
+    if not stats:
+        raise ValueError("unet has no quantizers: call quantize_ first")
+    return stats
+
+
+@torch.no_grad()
+def load_stats(unet: nn.Module, stats: dict[str, torch.Tensor]) -> None:
+    """Copy exported parameters into `unet`'s quantizers; names, shapes and bit widths must match exactly."""
+    expected = {f"{name}.{buf}": getattr(q, buf) for name, q in _quantizers(unet)
+                for buf in ("scale", "zero_point", "bits") if hasattr(q, buf)}
+    missing, unexpected = sorted(expected.keys() - stats.keys()), sorted(stats.keys() - expected.keys())
+    if missing or unexpected:
+        raise ValueError(f"stats do not match the model's quantizers: missing {missing[:5]}"
+                         f"{'...' if len(missing) > 5 else ''}, unexpected {unexpected[:5]}"
+                         f"{'...' if len(unexpected) > 5 else ''}")
+    for key, target in expected.items():
+        value = stats[key]
+        if not isinstance(value, torch.Tensor) or tuple(value.shape) != tuple(target.shape):
+            raise ValueError(f"stats[{key!r}] has shape {tuple(getattr(value, 'shape', ()))}, "
+                             f"expected {tuple(target.shape)}")
+        if key.endswith(".bits") and int(value) != int(target):
+            raise ValueError(f"stats[{key!r}] is {int(value)}-bit but the config quantizes it to {int(target)} bits")
+        if key.endswith(".scale") and not (torch.isfinite(value).all() and (value > 0).all()):
+            raise ValueError(f"stats[{key!r}] has non-positive or non-finite scales")
+        if key.endswith(".zero_point"):
+            levels = 2 ** int(stats[key.removesuffix("zero_point") + "bits"])
+            if not (value == value.round()).all() or not 0 <= float(value) < levels:
+                raise ValueError(f"stats[{key!r}] = {float(value)} is not an integer on the {levels}-level grid")
+    for key, target in expected.items():
+        target.copy_(stats[key].to(device=target.device, dtype=target.dtype))
+    for _, quantizer in _quantizers(unet):
+        quantizer.sync()
+
+
+def _skipped(name: str, patterns: tuple[str, ...]) -> bool:
+    """A module is skipped when its name or any ancestor's name matches a pattern."""
+    parts = name.split(".")
+    prefixes = [".".join(parts[: i + 1]) for i in range(len(parts))]
+    return any(fnmatch.fnmatchcase(prefix, pattern) for prefix in prefixes for pattern in patterns)
+
+
+def _check_wrappable(name: str, module: nn.Module) -> None:
+    base = nn.Conv2d if isinstance(module, nn.Conv2d) else nn.Linear
+    if type(module).forward is not base.forward:
+        raise TypeError(f"layer {name!r} of type {type(module).__name__} overrides forward and cannot be "
+                        "quantized; add it to QuantConfig.skip")
+
+
+def _swap_modules(unet: nn.Module, qcfg: QuantConfig) -> list:
+    """Replace Conv2d/Linear layers (and attention processors) in place; returns undo callables."""
+    # remove_duplicate=False: a layer shared by two parents is wrapped once and replaced in both.
+    layers = [(n, m) for n, m in unet.named_modules(remove_duplicate=False) if isinstance(m, (nn.Conv2d, nn.Linear))]
+    first_last = {layers[0][0], layers[-1][0]} if layers else set()
+    for name, module in unet.named_modules():
+        if isinstance(module, UNSUPPORTED_LAYERS) and not _skipped(name, qcfg.skip):
+            raise TypeError(f"layer {name!r} of type {type(module).__name__} is not supported by quantize_; "
+                            "add it to QuantConfig.skip")
+    plans = []
+    for name, module in layers:
+        if _skipped(name, qcfg.skip) or (qcfg.keep_first_last_fp and name in first_last):
+            continue
+        _check_wrappable(name, module)
+        plans.append((name, module))
+    if not plans:
+        raise ValueError("no Conv2d/Linear layer left to quantize (check QuantConfig.skip)")
+    undo = []
+    wrappers: dict[int, QuantLayer] = {}
+    for name, module in plans:
+        weight_bits, act_bits = qcfg.weight_bits, qcfg.act_bits
+        if name in first_last and qcfg.first_last_bits is not None:
+            weight_bits, act_bits = max(weight_bits, qcfg.first_last_bits), max(act_bits, qcfg.first_last_bits)
+        if id(module) not in wrappers:
+            cls = QuantConv2d if isinstance(module, nn.Conv2d) else QuantLinear
+            wrappers[id(module)] = cls(module, weight_bits, act_bits)
+        parent_name, _, attr = name.rpartition(".")
+        parent = unet.get_submodule(parent_name) if parent_name else unet
+        setattr(parent, attr, wrappers[id(module)])
+        undo.append(lambda p=parent, a=attr, m=module: setattr(p, a, m))
+    if qcfg.quantize_attention_matmuls:
+        for name, module in unet.named_modules():
+            if isinstance(module, Attention) and not _skipped(name, qcfg.skip):
+                previous = module.processor
+                module.set_processor(QuantAttnProcessor(qcfg.act_bits).to(_device_of(module)))
+                undo.append(lambda m=module, p=previous: m.set_processor(p))
+    return undo
+
+
+def _device_of(module: nn.Module) -> torch.device:
+    param = next(module.parameters(), None)
+    return param.device if param is not None else torch.device("cpu")
+
+
+def _calibrate(unet: nn.Module, qcfg: QuantConfig, calibration: CalibrationSet, progress: bool) -> None:
+    layers = [(n, m) for n, m in unet.named_modules() if isinstance(m, QuantLayer)]
+    for _name, layer in tqdm(layers, desc="weight ranges", unit="layer", disable=not progress):
+        bits = int(layer.weight_quantizer.bits)
+        layer.weight_quantizer.set_scale(search_weight_scale(
+            layer.layer.weight, bits, qcfg.metric, qcfg.p, qcfg.n_candidates, qcfg.search))
+
+    act_quantizers = [(n, q) for n, q in _quantizers(unet) if isinstance(q, ActQuantizer)]
+    n_batches = math.ceil(len(calibration) / calibration.config.batch_size)
+    per_batch = min(MAX_VALUES_PER_BATCH, max(1, qcfg.act_samples // n_batches))
+    for name, quantizer in act_quantizers:
+        quantizer.observer = ActObserver(qcfg.act_samples, per_batch, seed=zlib.crc32(name.encode()))
+    set_mode(unet, "observe")
+    param = next(unet.parameters())
+    try:
+        with torch.no_grad():
+            for xs, ts in tqdm(list(calibration.batches()), desc="calibration forward", unit="batch",
+                               disable=not progress):
+                unet(xs.to(device=param.device, dtype=param.dtype), ts.to(param.device))
+        for name, quantizer in tqdm(act_quantizers, desc="activation ranges", unit="tensor", disable=not progress):
+            observer = quantizer.observer
+            if observer is None or not observer.chunks:
+                warnings.warn(f"{name} saw no activations during calibration; it keeps scale 1, zero_point 0",
+                              RuntimeWarning, stacklevel=3)
+                continue
+            scale, zero_point = search_act_qparams(observer.values(), int(quantizer.bits), qcfg.metric, qcfg.p,
+                                                   qcfg.n_candidates, qcfg.search, observer.lo, observer.hi)
+            quantizer.set_qparams(scale, zero_point)
+    finally:
+        for _, quantizer in act_quantizers:
+            quantizer.observer = None
+    logger.info("calibrated %d layers and %d activation quantizers on %d samples",
+                len(layers), len(act_quantizers), len(calibration))
