@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 from pathlib import Path
 
@@ -17,14 +18,29 @@ def _positive_int(text: str) -> int:
     return value
 
 
+DEFAULT_CACHE_DIR = os.environ.get("PTQ4DM_CACHE_DIR", str(Path.home() / ".cache" / "ptq4dm" / "calibration"))
+
+
+def _calibration_overrides(args: argparse.Namespace) -> dict:
+    names = ("method", "n_samples", "mu", "sigma", "metric")
+    return {name: getattr(args, name) for name in names if getattr(args, name, None) is not None}
+
+
+def _load_at_precision(args: argparse.Namespace):  # noqa: ANN202 - DiffusionModel or QuantizedModel
+    from quantizer.models import load_model
+    from quantizer.ptq import quantize_model
+
+    model = load_model(args.model)
+    return quantize_model(model, args.precision, _calibration_overrides(args), cache_dir=args.cache_dir)
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
     from quantizer.images import grid, png_bytes, to_uint8
-    from quantizer.models import load_model
     from quantizer.sampling import sample, validate_request
 
-    model = load_model(args.model)
+    model = _load_at_precision(args)
     validate_request(args.sampler, args.steps, args.eta, args.n, model.num_train_timesteps)
     seed = args.seed if args.seed is not None else random.randrange(2**31)
     seeds = [seed + k for k in range(args.n)]
@@ -40,7 +56,26 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if args.grid:
         nrow = args.nrow or max(1, int(len(images) ** 0.5))
         (out / "grid.png").write_bytes(png_bytes(grid(images, nrow)))
-    print(json.dumps({"out": str(out), "n": args.n, "seeds": [seeds[0], seeds[-1]], "grid": args.grid}))
+    print(json.dumps({"out": str(out), "n": args.n, "seeds": [seeds[0], seeds[-1]], "grid": args.grid,
+                      "precision": args.precision}))
+    return 0
+
+
+def cmd_quantize(args: argparse.Namespace) -> int:
+    from quantizer.quant_modules import QuantLayer
+
+    model = _load_at_precision(args)
+    if args.precision == "fp32":
+        print("fp32: nothing to quantize")
+        return 0
+    print(f"{'layer':<48} {'w bits':>6} {'a bits':>6} {'a scale':>10} {'a zp':>5}")
+    for name, module in model.unet.named_modules():
+        if isinstance(module, QuantLayer):
+            w, a = module.weight_quantizer, module.input_quantizer
+            print(f"{name:<48} {int(w.bits):>6} {int(a.bits):>6} {float(a.scale):>10.5f} {int(a.zero_point):>5}")
+    print(json.dumps({"model": model.name, "precision": model.precision, "cache_dir": args.cache_dir,
+                      "cache_key": model.cache_key, "cache_hit": model.cache_hit,
+                      "calibration_hash": model.calibration_hash}))
     return 0
 
 
@@ -70,6 +105,19 @@ def cmd_eval_fd(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_precision_args(p: argparse.ArgumentParser) -> None:
+    from quantizer.config import CALIBRATION_METHODS
+    from quantizer.scale_search import METRICS
+
+    p.add_argument("--precision", default="fp32", help="fp32, w8a8, w4a8, w8a6, w8a16 (any w<b>a<b>)")
+    p.add_argument("--cache-dir", default=DEFAULT_CACHE_DIR, help="calibration cache (env PTQ4DM_CACHE_DIR)")
+    p.add_argument("--method", choices=CALIBRATION_METHODS, default=None, help="calibration set (default ndtc)")
+    p.add_argument("--n-samples", type=_positive_int, default=None, help="calibration samples (default 1024)")
+    p.add_argument("--mu", type=float, default=None, help="NDTC mean, fraction of the steps from x_0 (0.4)")
+    p.add_argument("--sigma", type=float, default=None, help="NDTC std, fraction of the steps (0.4)")
+    p.add_argument("--metric", choices=METRICS, default=None, help="scale-search metric (default lp, p=2.4)")
+
+
 def add_quantizer_commands(sub: argparse._SubParsersAction) -> None:
     from quantizer.classifier import BUILTIN_CLASSIFIER
     from quantizer.models import BUILTIN_MODEL_NAME
@@ -85,7 +133,13 @@ def add_quantizer_commands(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--out", default="out")
     g.add_argument("--grid", action="store_true", help="also write grid.png")
     g.add_argument("--nrow", type=int, default=None)
+    _add_precision_args(g)
     g.set_defaults(func=cmd_generate)
+
+    q = sub.add_parser("quantize", help="calibrate (or load from the cache) and print the per-layer summary")
+    q.add_argument("--model", default=BUILTIN_MODEL_NAME)
+    _add_precision_args(q)
+    q.set_defaults(func=cmd_quantize)
 
     t = sub.add_parser("train", help="train the built-in Fashion-MNIST DDPM (resumable)")
     t.add_argument("--out", default="models/fashion-mnist-ddpm")

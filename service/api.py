@@ -1,0 +1,91 @@
+"""The FastAPI app: a queue (Redis, or in-memory with an in-process worker) behind typed routes.
+
+Data path: POST /v1/jobs -> JobQueue.submit -> Worker (batch, sample, PNG) -> JobQueue.store_images -> GET image.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+
+from service.deps import Services
+from service.metrics import Metrics
+from service.provider import ModelProvider, served_precisions
+from service.queue import IdempotencyConflict, JobQueue, QueueFull, QueueUnavailable, make_queue
+from service.routes import admin, health, jobs
+from service.settings import ServiceSettings
+from service.worker import Worker
+
+log = logging.getLogger(__name__)
+
+
+def build_services(settings: ServiceSettings, queue: JobQueue | None = None) -> Services:
+    queue = queue or make_queue(settings.redis_url, settings.redis_prefix)
+    metrics = Metrics()
+    precisions = served_precisions(settings.precisions)
+    if not precisions:
+        raise ValueError(f"precisions: none of {settings.precisions} can be served here")
+    worker = None
+    if settings.run_embedded_worker:
+        provider = ModelProvider(settings.model_paths, precisions, settings.calibration_cache_dir, settings.device,
+                                 settings.calibration)
+        worker = Worker(settings, queue, provider, metrics)
+    return Services(settings=settings, queue=queue, metrics=metrics, models=list(settings.model_paths),
+                    precisions=precisions, worker=worker)
+
+
+async def _run_worker(worker: Worker) -> None:
+    try:
+        await worker.start()
+    except Exception:
+        log.exception("embedded worker failed to start; /readyz stays 503")
+        return
+    await worker.run()
+
+
+def create_app(settings: ServiceSettings | None = None, queue: JobQueue | None = None) -> FastAPI:
+    settings = settings or ServiceSettings()
+    services = build_services(settings, queue)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        task = asyncio.create_task(_run_worker(services.worker)) if services.worker is not None else None
+        try:
+            yield
+        finally:
+            services.accepting = False
+            if task is not None:
+                services.worker.request_stop()
+                await task
+            await services.queue.close()
+
+    app = FastAPI(title="ptq4dm", version="0.1.0", lifespan=lifespan,
+                  description="Post-training-quantized diffusion models as a service. Async jobs under /v1.")
+    app.state.services = services
+    app.include_router(jobs.router)
+    app.include_router(admin.router)
+    app.include_router(health.router)
+    _install_error_handlers(app, services)
+    return app
+
+
+def _install_error_handlers(app: FastAPI, svc: Services) -> None:
+    retry_after = {"Retry-After": str(svc.settings.retry_after_s)}
+
+    @app.exception_handler(QueueUnavailable)
+    async def _unavailable(_: Request, exc: QueueUnavailable) -> JSONResponse:
+        return JSONResponse({"detail": f"queue unavailable: {exc}"}, status_code=503, headers=retry_after)
+
+    @app.exception_handler(QueueFull)
+    async def _full(_: Request, exc: QueueFull) -> JSONResponse:
+        svc.metrics.jobs_rejected.labels("queue_full").inc()
+        return JSONResponse({"detail": str(exc)}, status_code=429, headers=retry_after)
+
+    @app.exception_handler(IdempotencyConflict)
+    async def _conflict(_: Request, exc: IdempotencyConflict) -> JSONResponse:
+        return JSONResponse({"detail": str(exc)}, status_code=409)

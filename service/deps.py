@@ -1,0 +1,51 @@
+"""What request handlers depend on: one Services container per app, injected with FastAPI's Depends."""
+
+from __future__ import annotations
+
+import secrets
+from dataclasses import dataclass, field
+from typing import Annotated
+
+from fastapi import Depends, Header, HTTPException, Request
+
+from service.metrics import Metrics
+from service.queue.base import JobQueue
+from service.settings import ServiceSettings
+from service.worker import Worker
+
+
+@dataclass
+class Services:
+    settings: ServiceSettings
+    queue: JobQueue
+    metrics: Metrics
+    models: list[str]
+    precisions: list[str]
+    worker: Worker | None = None  # the embedded worker, if this process runs one
+    accepting: bool = True
+    extras: dict = field(default_factory=dict)
+
+
+def get_services(request: Request) -> Services:
+    return request.app.state.services
+
+
+Svc = Annotated[Services, Depends(get_services)]
+
+
+def field_error(field_name: str, msg: str, value: object = None, status: int = 422) -> HTTPException:
+    """The same shape as FastAPI's own validation errors, so clients find the field in `loc`."""
+    return HTTPException(status, detail=[{"type": "value_error", "loc": ["body", field_name], "msg": msg,
+                                          "input": value}])
+
+
+def require_admin(svc: Svc,
+                  authorization: Annotated[str | None, Header(include_in_schema=False)] = None) -> None:
+    """No token configured: admin routes do not exist (404). Wrong or missing token: 401."""
+    token = svc.settings.admin_token
+    if not token:
+        raise HTTPException(404, detail="Not Found")
+    scheme, _, given = (authorization or "").partition(" ")
+    if scheme.lower() != "bearer" or not secrets.compare_digest(given.encode(), token.encode()):
+        raise HTTPException(401, detail="admin routes need 'Authorization: Bearer <admin_token>'",
+                            headers={"WWW-Authenticate": "Bearer"})

@@ -1,0 +1,171 @@
+"""The JobQueue contract shared by the in-memory (embedded) and Redis Streams backends.
+
+Producer side (API): submit, get, position, depth, cancel, images. Worker side: read (a consumer group),
+reclaim/renew (leases), transition (atomic status changes), progress, store images, ack.
+Plus the worker registry (heartbeats) and a broadcast control channel (re-quantize).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from service.jobs import ACTIVE, JobRecord
+
+
+class QueueUnavailable(RuntimeError):
+    """The backend cannot be reached (Redis down): the API answers 503, workers retry."""
+
+
+class QueueFull(RuntimeError):
+    def __init__(self, stream: str, depth: int) -> None:
+        super().__init__(f"queue {stream} is full ({depth} jobs waiting)")
+        self.stream, self.depth = stream, depth
+
+
+class IdempotencyConflict(ValueError):
+    """The idempotency key was used before for a different request."""
+
+
+@dataclass(frozen=True)
+class Delivery:
+    """One stream entry handed to one consumer; it stays pending until acked (or reclaimed by another)."""
+
+    stream: str
+    msg_id: str
+    job_id: str
+
+
+class JobQueue(ABC):
+    """Both backends pass the same contract tests (tests/test_service_queue.py)."""
+
+    # -- producer side -------------------------------------------------------------------------------------------
+    @abstractmethod
+    async def submit(self, job: JobRecord, idempotency_key: str | None, max_depth: int,
+                     ttl_s: int) -> tuple[JobRecord, bool]:
+        """Store the job and append it to its stream; returns (record, created).
+
+        With a key seen before, returns that key's job and created=False (IdempotencyConflict when the request
+        fingerprint differs). Raises QueueFull when `max_depth` jobs already wait in the stream.
+        """
+
+    @abstractmethod
+    async def get(self, job_id: str) -> JobRecord | None: ...
+
+    @abstractmethod
+    async def position(self, job: JobRecord) -> int | None:
+        """Jobs ahead of a queued job in its stream (0 = next); None once it is no longer queued."""
+
+    @abstractmethod
+    async def depth(self, stream: str) -> int:
+        """Jobs waiting (not yet delivered to any worker) in a stream."""
+
+    @abstractmethod
+    async def fetch_image(self, job_id: str, k: int) -> bytes | None: ...
+
+    async def cancel(self, job_id: str, ttl_s: int) -> JobRecord | None:
+        """queued/running -> cancelled (a queued job also leaves its stream); None if the job is unknown.
+
+        A running job stops at its worker's next denoising step, which polls the status.
+        """
+        job = await self.transition(job_id, "cancelled", ACTIVE, ttl_s, finished_at=time.time())
+        if job is not None:
+            if job.msg_id is not None:
+                await self._drop_queued(job.stream, job.msg_id)
+            return job
+        return await self.get(job_id)
+
+    @abstractmethod
+    async def _drop_queued(self, stream: str, msg_id: str) -> None:
+        """Remove a not-yet-delivered entry so it no longer counts in depth and positions."""
+
+    async def wait(self, job_id: str, timeout_s: float) -> JobRecord | None:
+        """Poll until the job is terminal or the timeout passes; returns the last record seen."""
+        deadline = time.monotonic() + timeout_s
+        delay = 0.01
+        while True:
+            job = await self.get(job_id)
+            if job is None or job.terminal or time.monotonic() >= deadline:
+                return job
+            await asyncio.sleep(min(delay, max(0.0, deadline - time.monotonic())))
+            delay = min(delay * 2, 0.2)
+
+    # -- worker side ---------------------------------------------------------------------------------------------
+    @abstractmethod
+    async def ensure_streams(self, streams: Iterable[str]) -> None:
+        """Create the streams and their consumer group if missing (idempotent)."""
+
+    @abstractmethod
+    async def read(self, streams: list[str], consumer: str, count: int, block_ms: int) -> list[Delivery]:
+        """Up to `count` never-delivered entries across `streams`, waiting up to `block_ms` for the first."""
+
+    @abstractmethod
+    async def reclaim(self, stream: str, consumer: str, min_idle_ms: int, count: int) -> list[Delivery]:
+        """Take over entries pending longer than `min_idle_ms` (their worker stopped renewing its lease)."""
+
+    @abstractmethod
+    async def renew(self, deliveries: Iterable[Delivery], consumer: str) -> None:
+        """Reset the idle time of entries this consumer holds: the heartbeat-renewed lease."""
+
+    @abstractmethod
+    async def ack(self, delivery: Delivery) -> None:
+        """Done with an entry: it leaves the pending list and the stream. Only after results are stored."""
+
+    @abstractmethod
+    async def transition(self, job_id: str, to: str, from_states: Iterable[str], ttl_s: int,
+                         **fields: object) -> JobRecord | None:
+        """Atomically set status=`to` (and fields) iff the current status is in `from_states`.
+
+        Returns the updated record, or None when the job is unknown or in another state (e.g. cancelled).
+        """
+
+    @abstractmethod
+    async def set_progress(self, progress: dict[str, tuple[int, int]]) -> dict[str, str | None]:
+        """Record {job_id: (step, total)} for running jobs; returns their current statuses (None = gone)."""
+
+    @abstractmethod
+    async def store_images(self, job_id: str, pngs: list[bytes], ttl_s: int) -> None: ...
+
+    # -- workers registry and control channel --------------------------------------------------------------------
+    @abstractmethod
+    async def heartbeat(self, worker_id: str, info: dict, ttl_s: float) -> None:
+        """Publish this worker's state; it disappears `ttl_s` after the last beat."""
+
+    @abstractmethod
+    async def workers(self) -> list[dict]: ...
+
+    @abstractmethod
+    async def remove_worker(self, worker_id: str) -> None: ...
+
+    @abstractmethod
+    async def publish_control(self, message: dict) -> str:
+        """Broadcast to every worker (each sees every message published after it started listening)."""
+
+    @abstractmethod
+    async def read_control(self, last_id: str | None, block_ms: int) -> tuple[str, list[dict]]:
+        """Messages after `last_id` (None = only future ones); returns the new last id and the messages."""
+
+    @abstractmethod
+    async def set_operation(self, op_id: str, fields: dict, ttl_s: int) -> None: ...
+
+    @abstractmethod
+    async def get_operation(self, op_id: str) -> dict | None: ...
+
+    @abstractmethod
+    async def acquire_lock(self, name: str, owner: str, ttl_ms: int) -> bool:
+        """Take a named lock (e.g. "only one worker calibrates"); it expires by itself if the owner dies."""
+
+    @abstractmethod
+    async def release_lock(self, name: str, owner: str) -> None:
+        """Release it if `owner` still holds it."""
+
+    # -- lifecycle -----------------------------------------------------------------------------------------------
+    @abstractmethod
+    async def ping(self) -> bool:
+        """True when the backend answers (readiness); never raises."""
+
+    async def close(self) -> None:
+        return None

@@ -1,0 +1,229 @@
+"""In-memory JobQueue for the embedded default: same semantics as Redis Streams, in one event loop, no persistence."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import time
+from collections import OrderedDict
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from service.jobs import JobRecord
+from service.queue.base import Delivery, IdempotencyConflict, JobQueue, QueueFull
+
+
+@dataclass
+class _Pending:
+    job_id: str
+    consumer: str
+    since: float  # monotonic time of the last delivery or renewal
+
+
+class MemoryQueue(JobQueue):
+    """Every method runs on the event loop that owns the queue; none awaits mid-update, so each is atomic."""
+
+    def __init__(self) -> None:
+        self._jobs: dict[str, tuple[JobRecord, float]] = {}
+        self._images: dict[str, tuple[list[bytes], float]] = {}
+        self._idem: dict[str, tuple[str, float]] = {}
+        self._streams: dict[str, OrderedDict[str, str]] = {}
+        self._pending: dict[str, dict[str, _Pending]] = {}
+        self._ids = itertools.count(1)
+        self._workers: dict[str, tuple[dict, float]] = {}
+        self._control: list[tuple[str, dict]] = []
+        self._ops: dict[str, tuple[dict, float]] = {}
+        self._events: dict[int, asyncio.Event] = {}
+        self._locks: dict[str, tuple[str, float]] = {}
+
+    # -- helpers ---------------------------------------------------------------------------------------------------
+    def _event(self) -> asyncio.Event:
+        """One wake-up event per loop (tests may use several loops over a process lifetime)."""
+        loop = asyncio.get_running_loop()
+        return self._events.setdefault(id(loop), asyncio.Event())
+
+    def _notify(self) -> None:
+        for event in self._events.values():
+            event.set()
+
+    async def _wait(self, deadline: float) -> None:
+        event = self._event()
+        event.clear()
+        remaining = deadline - time.monotonic()
+        if remaining > 0:
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(event.wait(), remaining)
+
+    def _next_id(self) -> str:
+        return f"{next(self._ids)}-0"
+
+    @staticmethod
+    def _live(entry: tuple[object, float] | None) -> bool:
+        return entry is not None and entry[1] > time.time()
+
+    # -- producer side ---------------------------------------------------------------------------------------------
+    async def submit(self, job: JobRecord, idempotency_key: str | None, max_depth: int,
+                     ttl_s: int) -> tuple[JobRecord, bool]:
+        if idempotency_key is not None and self._live(self._idem.get(idempotency_key)):
+            existing = await self.get(self._idem[idempotency_key][0])
+            if existing is not None:
+                if existing.fingerprint != job.fingerprint:
+                    raise IdempotencyConflict("Idempotency-Key was already used for a different request")
+                return existing, False
+        depth = await self.depth(job.stream)
+        if depth >= max_depth:
+            raise QueueFull(job.stream, depth)
+        msg_id = self._next_id()
+        job = job.model_copy(update={"msg_id": msg_id})
+        expires = time.time() + ttl_s
+        self._jobs[job.id] = (job, expires)
+        if idempotency_key is not None:
+            self._idem[idempotency_key] = (job.id, expires)
+        self._streams.setdefault(job.stream, OrderedDict())[msg_id] = job.id
+        self._notify()
+        return job, True
+
+    async def get(self, job_id: str) -> JobRecord | None:
+        entry = self._jobs.get(job_id)
+        if not self._live(entry):
+            self._jobs.pop(job_id, None)
+            self._images.pop(job_id, None)
+            return None
+        return entry[0]
+
+    async def position(self, job: JobRecord) -> int | None:
+        queue = self._streams.get(job.stream, OrderedDict())
+        if job.msg_id not in queue:
+            return None
+        for index, msg_id in enumerate(queue):
+            if msg_id == job.msg_id:
+                return index
+        return None
+
+    async def depth(self, stream: str) -> int:
+        return len(self._streams.get(stream, ()))
+
+    async def fetch_image(self, job_id: str, k: int) -> bytes | None:
+        entry = self._images.get(job_id)
+        if not self._live(entry) or not 0 <= k < len(entry[0]):
+            return None
+        return entry[0][k]
+
+    async def _drop_queued(self, stream: str, msg_id: str) -> None:
+        self._streams.get(stream, OrderedDict()).pop(msg_id, None)
+
+    # -- worker side -----------------------------------------------------------------------------------------------
+    async def ensure_streams(self, streams: Iterable[str]) -> None:
+        for stream in streams:
+            self._streams.setdefault(stream, OrderedDict())
+            self._pending.setdefault(stream, {})
+
+    async def read(self, streams: list[str], consumer: str, count: int, block_ms: int) -> list[Delivery]:
+        deadline = time.monotonic() + block_ms / 1000
+        while True:
+            out: list[Delivery] = []
+            for stream in streams:
+                queue = self._streams.setdefault(stream, OrderedDict())
+                while queue and len(out) < count:
+                    msg_id, job_id = queue.popitem(last=False)
+                    self._pending.setdefault(stream, {})[msg_id] = _Pending(job_id, consumer, time.monotonic())
+                    out.append(Delivery(stream, msg_id, job_id))
+            if out or time.monotonic() >= deadline:
+                return out
+            await self._wait(deadline)
+
+    async def reclaim(self, stream: str, consumer: str, min_idle_ms: int, count: int) -> list[Delivery]:
+        now = time.monotonic()
+        out = []
+        for msg_id, entry in self._pending.get(stream, {}).items():
+            if len(out) >= count:
+                break
+            if (now - entry.since) * 1000 >= min_idle_ms:
+                entry.consumer, entry.since = consumer, now
+                out.append(Delivery(stream, msg_id, entry.job_id))
+        return out
+
+    async def renew(self, deliveries: Iterable[Delivery], consumer: str) -> None:
+        now = time.monotonic()
+        for d in deliveries:
+            entry = self._pending.get(d.stream, {}).get(d.msg_id)
+            if entry is not None and entry.consumer == consumer:
+                entry.since = now
+
+    async def ack(self, delivery: Delivery) -> None:
+        self._pending.get(delivery.stream, {}).pop(delivery.msg_id, None)
+
+    async def transition(self, job_id: str, to: str, from_states: Iterable[str], ttl_s: int,
+                         **fields: object) -> JobRecord | None:
+        job = await self.get(job_id)
+        if job is None or job.status not in tuple(from_states):
+            return None
+        job = job.model_copy(update={**fields, "status": to})
+        self._jobs[job_id] = (job, time.time() + ttl_s)
+        return job
+
+    async def set_progress(self, progress: dict[str, tuple[int, int]]) -> dict[str, str | None]:
+        out: dict[str, str | None] = {}
+        for job_id, (step, total) in progress.items():
+            job = await self.get(job_id)
+            if job is None:
+                out[job_id] = None
+                continue
+            if job.status == "running":
+                job = job.model_copy(update={"progress_step": step, "progress_total": total})
+                self._jobs[job_id] = (job, self._jobs[job_id][1])
+            out[job_id] = job.status
+        return out
+
+    async def store_images(self, job_id: str, pngs: list[bytes], ttl_s: int) -> None:
+        self._images[job_id] = (list(pngs), time.time() + ttl_s)
+
+    # -- registry and control --------------------------------------------------------------------------------------
+    async def heartbeat(self, worker_id: str, info: dict, ttl_s: float) -> None:
+        self._workers[worker_id] = (dict(info), time.time() + ttl_s)
+
+    async def workers(self) -> list[dict]:
+        return [info for info, expires in self._workers.values() if expires > time.time()]
+
+    async def remove_worker(self, worker_id: str) -> None:
+        self._workers.pop(worker_id, None)
+
+    async def publish_control(self, message: dict) -> str:
+        msg_id = self._next_id()
+        self._control.append((msg_id, dict(message)))
+        self._notify()
+        return msg_id
+
+    async def read_control(self, last_id: str | None, block_ms: int) -> tuple[str, list[dict]]:
+        if last_id is None:
+            return (self._control[-1][0] if self._control else "0-0"), []
+        deadline = time.monotonic() + block_ms / 1000
+        while True:
+            after = int(last_id.split("-")[0])
+            new = [(i, m) for i, m in self._control if int(i.split("-")[0]) > after]
+            if new or time.monotonic() >= deadline:
+                return (new[-1][0] if new else last_id), [m for _, m in new]
+            await self._wait(deadline)
+
+    async def set_operation(self, op_id: str, fields: dict, ttl_s: int) -> None:
+        current = self._ops[op_id][0] if self._live(self._ops.get(op_id)) else {}
+        self._ops[op_id] = ({**current, **fields}, time.time() + ttl_s)
+
+    async def get_operation(self, op_id: str) -> dict | None:
+        entry = self._ops.get(op_id)
+        return dict(entry[0]) if self._live(entry) else None
+
+    async def acquire_lock(self, name: str, owner: str, ttl_ms: int) -> bool:
+        holder = self._locks.get(name)
+        if self._live(holder) and holder[0] != owner:
+            return False
+        self._locks[name] = (owner, time.time() + ttl_ms / 1000)
+        return True
+
+    async def release_lock(self, name: str, owner: str) -> None:
+        if self._locks.get(name, ("",))[0] == owner:
+            del self._locks[name]
+
+    async def ping(self) -> bool:
+        return True

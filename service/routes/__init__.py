@@ -1,0 +1,1 @@
+"""HTTP routers: jobs (/v1), admin (/admin), health and metrics."""

@@ -1,0 +1,155 @@
+"""/v1: submit, poll, fetch images, cancel, and the synchronous /v1/generate."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import secrets
+from typing import Annotated
+
+from fastapi import APIRouter, Header, HTTPException, Path, Request, Response
+from fastapi.responses import JSONResponse
+
+from service.deps import Services, Svc, field_error
+from service.jobs import JobRecord
+from service.schemas import GeneratedImages, GenerateRequest, JobCreated, JobRequest, JobStatus, Progress, Timings
+
+router = APIRouter(prefix="/v1", tags=["jobs"])
+
+IdempotencyKey = Annotated[str | None, Header(alias="Idempotency-Key", max_length=200,
+                                              description="the same key returns the same job (for the result TTL)")]
+_ERRORS = {404: {"description": "unknown or expired job"}, 503: {"description": "queue unreachable"}}
+
+
+def build_job(req: JobRequest, svc: Services) -> JobRecord:
+    """Fill defaults and check what depends on configuration; 422 names the field and lists what is served."""
+    s = svc.settings
+    model = req.model or s.default_model
+    if model not in svc.models:
+        raise field_error("model", f"unknown model {model!r}; served: {svc.models}", model)
+    if req.precision not in svc.precisions:
+        raise field_error("precision", f"precision {req.precision!r} is not served; served: {svc.precisions}",
+                          req.precision)
+    sampler = req.sampler or s.default_sampler
+    steps = req.steps if req.steps is not None else s.default_steps
+    if steps > s.max_steps:
+        raise field_error("steps", f"steps must be in 1..{s.max_steps}", steps)
+    if req.n > s.max_n:
+        raise field_error("n", f"n must be in 1..{s.max_n}", req.n)
+    if sampler == "ddpm" and req.eta != 0.0:
+        raise field_error("eta", "eta applies to the ddim sampler only; leave it at 0 for ddpm", req.eta)
+    seed = req.seed if req.seed is not None else secrets.randbelow(2**31)
+    # The fingerprint is the request as sent (seed absent stays absent): a retried request matches it.
+    sent = req.model_dump(exclude={"timeout_s"})
+    fingerprint = hashlib.sha256(json.dumps(sent, sort_keys=True).encode()).hexdigest()
+    return JobRecord(model=model, precision=req.precision, sampler=sampler, steps=steps, eta=req.eta, n=req.n,
+                     seed=seed, fingerprint=fingerprint)
+
+
+async def to_status(job: JobRecord, svc: Services) -> JobStatus:
+    position = await svc.queue.position(job) if job.status == "queued" else None
+    wait = job.started_at - job.created_at if job.started_at else None
+    run = job.finished_at - job.started_at if job.finished_at and job.started_at else None
+    images = [f"/v1/jobs/{job.id}/images/{k}" for k in range(job.n)] if job.status == "succeeded" else []
+    return JobStatus(
+        id=job.id, status=job.status, model=job.model, precision=job.precision, sampler=job.sampler,
+        steps=job.steps, eta=job.eta, n=job.n, seed=job.seed, seeds=job.seeds,
+        progress=Progress(step=job.progress_step, total=job.progress_total or job.steps), queue_position=position,
+        timings=Timings(created_at=job.created_at, started_at=job.started_at, finished_at=job.finished_at,
+                        wait_s=wait, run_s=run),
+        attempts=job.attempts, worker=job.worker, model_version=job.model_version,
+        calibration_hash=job.calibration_hash, error=job.error, images=images)
+
+
+async def submit(req: JobRequest, svc: Services, idempotency_key: str | None) -> tuple[JobRecord, bool]:
+    job = build_job(req, svc)
+    job, created = await svc.queue.submit(job, idempotency_key, svc.settings.max_queue, svc.settings.result_ttl_s)
+    if created:
+        svc.metrics.jobs_submitted.inc()
+    return job, created
+
+
+async def created_body(job: JobRecord, svc: Services) -> JobCreated:
+    return JobCreated(id=job.id, status=job.status, queue_position=await svc.queue.position(job))
+
+
+async def get_job(job_id: str, svc: Services) -> JobRecord:
+    job = await svc.queue.get(job_id)
+    if job is None:
+        raise HTTPException(404, detail=f"job {job_id} not found (unknown, or expired after the result TTL)")
+    return job
+
+
+@router.post("/jobs", status_code=202, response_model=JobCreated,
+             responses={**_ERRORS, 429: {"description": "queue full (Retry-After)"}})
+async def create_job(req: JobRequest, response: Response, svc: Svc,
+                     idempotency_key: IdempotencyKey = None) -> JobCreated:
+    """Queue a generation; poll the Location for its status."""
+    job, _ = await submit(req, svc, idempotency_key)
+    response.headers["Location"] = f"/v1/jobs/{job.id}"
+    return await created_body(job, svc)
+
+
+@router.get("/jobs/{job_id}", response_model=JobStatus, responses=_ERRORS)
+async def read_job(job_id: str, svc: Svc) -> JobStatus:
+    return await to_status(await get_job(job_id, svc), svc)
+
+
+@router.get("/jobs/{job_id}/images/{k}", response_class=Response,
+            responses={200: {"content": {"image/png": {}}}, 409: {"description": "job not succeeded"}, **_ERRORS})
+async def read_image(job_id: str, k: Annotated[int, Path(ge=0)], svc: Svc) -> Response:
+    job = await get_job(job_id, svc)
+    if job.status != "succeeded":
+        raise HTTPException(409, detail=f"job {job_id} is {job.status}; images exist once it succeeded")
+    if k >= job.n:
+        raise HTTPException(404, detail=f"image {k} out of range: the job has images 0..{job.n - 1}")
+    png = await svc.queue.fetch_image(job_id, k)
+    if png is None:
+        raise HTTPException(404, detail=f"image {k} of job {job_id} expired")
+    return Response(png, media_type="image/png", headers={"X-Seed": str(job.seed + k), "X-Job-Id": job_id})
+
+
+@router.delete("/jobs/{job_id}", response_model=JobStatus,
+               responses={409: {"description": "job already finished"}, **_ERRORS})
+async def cancel_job(job_id: str, svc: Svc) -> JobStatus:
+    """Queued: removed from the queue. Running: stops at the worker's next denoising step."""
+    job = await svc.queue.cancel(job_id, svc.settings.result_ttl_s)
+    if job is None:
+        raise HTTPException(404, detail=f"job {job_id} not found (unknown, or expired after the result TTL)")
+    if job.status != "cancelled":
+        raise HTTPException(409, detail=f"job {job_id} already {job.status}")
+    return await to_status(job, svc)
+
+
+@router.post("/generate", response_model=GeneratedImages, status_code=200,
+             responses={200: {"content": {"image/png": {}}}, 202: {"model": JobCreated}, 409: {}, 500: {}, 429: {},
+                        503: {}})
+async def generate(req: GenerateRequest, request: Request, svc: Svc,
+                   idempotency_key: IdempotencyKey = None) -> Response:
+    """Submit and wait. n=1 with `Accept: image/png` returns the PNG; otherwise JSON with base64 PNGs.
+
+    On timeout the work is not lost: 202 with the job id, to poll like any job.
+    """
+    job, _ = await submit(req, svc, idempotency_key)
+    timeout = min(req.timeout_s or svc.settings.generate_timeout_s, svc.settings.generate_timeout_s)
+    final = await svc.queue.wait(job.id, timeout) or job
+    location = {"Location": f"/v1/jobs/{job.id}"}
+    if not final.terminal:
+        body = await created_body(final, svc)
+        return JSONResponse(body.model_dump(), status_code=202, headers=location)
+    if final.status == "failed":
+        return JSONResponse({"detail": f"job failed: {final.error}", "id": final.id}, status_code=500,
+                            headers=location)
+    if final.status == "cancelled":
+        return JSONResponse({"detail": "job was cancelled", "id": final.id}, status_code=409, headers=location)
+    pngs = [await svc.queue.fetch_image(final.id, k) for k in range(final.n)]
+    if any(p is None for p in pngs):
+        raise HTTPException(404, detail=f"images of job {final.id} expired")
+    if final.n == 1 and "image/png" in request.headers.get("accept", ""):
+        return Response(pngs[0], media_type="image/png",
+                        headers={**location, "X-Job-Id": final.id, "X-Seed": str(final.seed)})
+    body = GeneratedImages(id=final.id, status=final.status, seeds=final.seeds, model_version=final.model_version,
+                           calibration_hash=final.calibration_hash,
+                           images_png_base64=[base64.b64encode(p).decode() for p in pngs])
+    return JSONResponse(body.model_dump(), headers=location)

@@ -1,0 +1,116 @@
+"""Typed request and response bodies of the HTTP API (they are the OpenAPI schema at /docs)."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+
+from service.jobs import JobState
+
+MAX_SEED = 2**32 - 1
+
+
+class JobRequest(BaseModel):
+    """What to generate. Absent fields take the server's defaults (model: the first served one)."""
+
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+    model: str | None = Field(None, description="served model name; default: the server's first model")
+    sampler: Literal["ddpm", "ddim"] | None = Field(None, description="default: the server's default_sampler")
+    steps: int | None = Field(None, ge=1, description="denoising steps, 1..max_steps (and the model's T)")
+    eta: float = Field(0.0, ge=0.0, le=1.0, description="DDIM stochasticity; must stay 0 for ddpm")
+    n: int = Field(1, ge=1, description="images, 1..max_n; image k uses seed + k")
+    seed: int | None = Field(None, ge=0, le=MAX_SEED, description="chosen and returned when absent")
+    precision: str = Field("fp32", description="one of the served precisions (fp32, w8a8, w4a8, ...)")
+
+    @field_validator("eta")
+    @classmethod
+    def _eta_is_ddim_only(cls, eta: float, info: ValidationInfo) -> float:
+        if eta != 0.0 and info.data.get("sampler") == "ddpm":
+            raise ValueError("eta applies to the ddim sampler only; leave it at 0 for ddpm")
+        return eta
+
+
+class GenerateRequest(JobRequest):
+    timeout_s: float | None = Field(None, gt=0, description="wait at most this long (capped by the server)")
+
+
+class Progress(BaseModel):
+    step: int
+    total: int
+
+
+class Timings(BaseModel):
+    created_at: float
+    started_at: float | None = None
+    finished_at: float | None = None
+    wait_s: float | None = Field(None, description="queued -> started")
+    run_s: float | None = Field(None, description="started -> finished")
+
+
+class JobCreated(BaseModel):
+    id: str
+    status: JobState
+    queue_position: int | None
+
+
+class JobStatus(BaseModel):
+    model_config = ConfigDict(protected_namespaces=())
+
+    id: str
+    status: JobState
+    model: str
+    precision: str
+    sampler: str
+    steps: int
+    eta: float
+    n: int
+    seed: int
+    seeds: list[int]
+    progress: Progress
+    queue_position: int | None
+    timings: Timings
+    attempts: int
+    worker: str | None = Field(description="the worker that ran (or runs) it")
+    model_version: str | None
+    calibration_hash: str | None
+    error: str | None
+    images: list[str] = Field(description="URLs of the PNGs, once succeeded")
+
+
+class GeneratedImages(BaseModel):
+    model_config = ConfigDict(protected_namespaces=())
+
+    id: str
+    status: JobState
+    seeds: list[int]
+    model_version: str | None
+    calibration_hash: str | None
+    images_png_base64: list[str]
+
+
+class RequantizeRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+    model: str | None = Field(None, description="default: the server's first model")
+    precision: str | None = Field(None, description="one precision, or all served ones when absent")
+    calibration: dict[str, Any] | None = Field(None, description="calibration config overrides")
+
+
+class OperationCreated(BaseModel):
+    id: str
+    status: str
+
+
+class Operation(BaseModel):
+    id: str
+    type: str
+    model: str
+    precision: str | None
+    created_at: float
+    workers: dict[str, Any]
+
+
+class ErrorDetail(BaseModel):
+    detail: Any

@@ -1,0 +1,111 @@
+"""Service configuration: env vars prefixed PTQ4DM_ and `ptq4dm serve|worker` flags share one model."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+from pathlib import Path
+from typing import Annotated, Any
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from quantizer.models import BUILTIN_MODEL_NAME
+
+CommaList = Annotated[list[str], NoDecode]
+
+
+class ServiceSettings(BaseSettings):
+    """Every knob of the API and the workers; the README documents the same names and defaults."""
+
+    model_config = SettingsConfigDict(env_prefix="PTQ4DM_", extra="ignore")
+
+    # Queue backend: no URL -> in-memory queue with an in-process worker (the embedded default).
+    redis_url: str | None = Field(None, description="Redis URL; unset = embedded in-memory queue + worker")
+    redis_prefix: str = Field("ptq4dm", description="prefix of every Redis key (several deployments per Redis)")
+    embedded_worker: bool | None = Field(None, description="run a worker inside `serve`; default: when no Redis")
+
+    # HTTP.
+    host: str = "127.0.0.1"
+    port: int = 8000
+    admin_token: str | None = Field(None, description="Bearer token for /admin; unset = admin routes are 404")
+
+    # What is served.
+    models: CommaList = Field(default_factory=lambda: [BUILTIN_MODEL_NAME],
+                              description="comma list of NAME=PATH (or a bare name/path); the first is the default")
+    precisions: CommaList = Field(default_factory=lambda: ["fp32"],
+                                  description="precisions to serve; ones whose backend is missing are dropped")
+    calibration_cache_dir: str = Field("runs/calibration-cache", description="where quantization statistics live")
+    calibration: dict[str, Any] = Field(default_factory=dict,
+                                        description="JSON calibration/quant overrides for quantized precisions")
+    calibration_lock_ms: int = Field(600_000, ge=1000, description="how long one worker may hold the calibration lock")
+    device: str = "cpu"
+    torch_threads: int | None = Field(None, ge=1, description="torch intra-op threads in the worker")
+
+    # Request limits.
+    default_sampler: str = "ddim"
+    default_steps: int = Field(50, ge=1)
+    max_steps: int = Field(1000, ge=1)
+    max_n: int = Field(16, ge=1)
+    max_queue: int = Field(256, ge=1, description="queued jobs per model+precision before 429")
+    retry_after_s: int = Field(2, ge=1, description="Retry-After sent with 429 and 503")
+    result_ttl_s: int = Field(3600, ge=1, description="job records and PNGs expire this long after the last update")
+    generate_timeout_s: float = Field(30.0, gt=0, description="how long POST /v1/generate waits before 202")
+
+    # Worker: batching, leases, retries.
+    worker_id: str | None = Field(None, description="consumer name; default HOST-PID")
+    max_batch: int = Field(8, ge=1, description="jobs read per batch (XREADGROUP COUNT)")
+    max_batch_images: int = Field(32, ge=1, description="images per UNet forward pass")
+    max_wait_ms: int = Field(10, ge=0, description="extra window to fill a batch after the first job arrives")
+    block_ms: int = Field(500, ge=1, description="XREADGROUP BLOCK while idle")
+    lease_ms: int = Field(15000, ge=100, description="a pending job idle this long is reclaimed by another worker")
+    heartbeat_ms: int = Field(3000, ge=50, description="worker heartbeat and lease renewal period")
+    max_deliveries: int = Field(3, ge=1, description="a job delivered more often than this is dead-lettered")
+    health_host: str = "127.0.0.1"
+    health_port: int = Field(8001, description="worker probes and /metrics (`ptq4dm worker` only)")
+
+    @field_validator("models", "precisions", mode="before")
+    @classmethod
+    def _split_commas(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    @field_validator("calibration", mode="before")
+    @classmethod
+    def _json_object(cls, value: object) -> object:
+        return json.loads(value) if isinstance(value, str) else value
+
+    @field_validator("default_sampler")
+    @classmethod
+    def _known_sampler(cls, value: str) -> str:
+        if value not in ("ddpm", "ddim"):
+            raise ValueError(f"default_sampler must be ddpm or ddim, got {value!r}")
+        return value
+
+    @property
+    def run_embedded_worker(self) -> bool:
+        return self.redis_url is None if self.embedded_worker is None else self.embedded_worker
+
+    @property
+    def consumer_name(self) -> str:
+        return self.worker_id or f"{socket.gethostname()}-{os.getpid()}"
+
+    @property
+    def model_paths(self) -> dict[str, str]:
+        """Public model name -> what `load_model` accepts; `name=path` entries name a local directory."""
+        out: dict[str, str] = {}
+        for entry in self.models:
+            name, sep, path = entry.partition("=")
+            if sep:
+                out[name.strip()] = path.strip()
+            else:
+                out[Path(entry).name if entry != BUILTIN_MODEL_NAME else entry] = entry
+        if not out:
+            raise ValueError("models: at least one model must be served")
+        return out
+
+    @property
+    def default_model(self) -> str:
+        return next(iter(self.model_paths))

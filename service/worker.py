@@ -1,0 +1,361 @@
+"""The worker loop: read a batch -> start jobs -> group compatible ones -> sample passes -> store PNGs -> ack.
+
+At-least-once: an entry is acked only after its job reached a final state (results stored first), and entries
+this worker holds have their lease renewed by the heartbeat; a dead worker's entries go idle and are reclaimed
+by another worker (XAUTOCLAIM). A job delivered more than `max_deliveries` times is failed (dead-letter).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import TypeVar
+
+import numpy as np
+
+from quantizer.images import png_bytes, to_uint8
+from quantizer.sampling import sample, validate_request
+from service.batching import ImageSlot, group_compatible, pack_passes, passes_per_job
+from service.jobs import ACTIVE, JobRecord, stream_name
+from service.metrics import Metrics
+from service.provider import ModelProvider, ServedModel
+from service.queue.base import Delivery, JobQueue, QueueUnavailable
+from service.settings import ServiceSettings
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+class _AllCancelled(Exception):
+    """Raised from the step callback: every job in the pass was cancelled, stop between denoising steps."""
+
+
+class Worker:
+    def __init__(self, settings: ServiceSettings, queue: JobQueue, provider: ModelProvider,
+                 metrics: Metrics | None = None) -> None:
+        self.settings = settings
+        self.queue = queue
+        self.provider = provider
+        self.metrics = metrics or Metrics()
+        self.id = settings.consumer_name
+        self.streams = [stream_name(m, p) for m, p in provider.keys]
+        self.state = "starting"  # starting -> ready <-> requantizing -> stopping -> stopped | failed
+        self.error: str | None = None
+        self.queue_ok = True
+        self.started_at = time.time()
+        self.jobs_done = 0
+        self._held: dict[str, Delivery] = {}
+        self._stop = asyncio.Event()  # SIGTERM: read no more
+        self._done = asyncio.Event()  # run() is over: heartbeat and control loops end (they renew leases till then)
+        self._next_reclaim = 0.0
+        self._control_last: str | None = None
+        self._ops: list[dict] = []
+
+    # -- lifecycle -------------------------------------------------------------------------------------------------
+    @property
+    def ready(self) -> bool:
+        return self.state in ("ready", "requantizing") and self.queue_ok
+
+    @property
+    def started(self) -> bool:
+        return self.state not in ("starting",)
+
+    def request_stop(self) -> None:
+        """SIGTERM: stop reading; the batch in hand is finished and acked, then run() returns."""
+        if self.state not in ("stopped", "failed"):
+            self.state = "stopping"
+        self._stop.set()
+
+    async def start(self) -> None:
+        """Load and build every served variant, warm up, make sure the streams exist, then report ready."""
+        if self.settings.torch_threads:
+            import torch
+
+            torch.set_num_threads(self.settings.torch_threads)
+        try:
+            await asyncio.to_thread(self.provider.load_base)
+            for name, precision in self.provider.keys:
+                if precision == "fp32":
+                    await asyncio.to_thread(self.provider.build, name, precision)
+                    continue
+                async with self._calibration_lock(f"calibrate:{name}:{precision}"):
+                    await asyncio.to_thread(self.provider.build, name, precision)
+            await asyncio.to_thread(self.provider.warm_up)
+        except Exception as exc:
+            self.state, self.error = "failed", f"{type(exc).__name__}: {exc}"
+            raise
+        await self._retrying(lambda: self.queue.ensure_streams(self.streams), forever=True)
+        self._control_last, _ = await self._retrying(lambda: self.queue.read_control(None, 0), forever=True)
+        self.state = "ready"
+        await self._beat()
+
+    @contextlib.asynccontextmanager
+    async def _calibration_lock(self, name: str) -> AsyncIterator[None]:
+        """Workers starting together calibrate once: the others wait, then read the stats from the cache."""
+        ttl = self.settings.calibration_lock_ms
+        while not await self._retrying(lambda: self.queue.acquire_lock(name, self.id, ttl), forever=True):
+            await asyncio.sleep(0.2)
+        try:
+            yield
+        finally:
+            with contextlib.suppress(QueueUnavailable):
+                await self.queue.release_lock(name, self.id)
+
+    async def run(self) -> None:
+        """Serve until request_stop(); start() must have succeeded."""
+        beats = asyncio.create_task(self._heartbeat_loop())
+        control = asyncio.create_task(self._control_loop())
+        try:
+            while not self._stop.is_set():
+                try:
+                    await self._apply_ops()
+                    deliveries = await self._next_batch()
+                    self.queue_ok = True
+                    if deliveries:
+                        await self.process(deliveries)
+                except QueueUnavailable as exc:
+                    self.queue_ok = False
+                    log.warning("worker %s: queue unavailable (%s); retrying", self.id, exc)
+                    await self._sleep(0.5)
+        finally:
+            # The loops notice _done within one block_ms; cancelling a blocked redis-py read can hang instead.
+            self._done.set()
+            _, pending = await asyncio.wait({beats, control}, timeout=5 + 2 * self.settings.block_ms / 1000)
+            for task in pending:
+                task.cancel()
+            self.state = "stopped"
+            with contextlib.suppress(QueueUnavailable):
+                await self.queue.remove_worker(self.id)
+
+    async def _sleep(self, seconds: float, until: asyncio.Event | None = None) -> None:
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for((until or self._stop).wait(), seconds)
+
+    # -- reading ---------------------------------------------------------------------------------------------------
+    async def _next_batch(self) -> list[Delivery]:
+        s = self.settings
+        out: list[Delivery] = []
+        if time.monotonic() >= self._next_reclaim:
+            self._next_reclaim = time.monotonic() + s.lease_ms / 2000
+            for stream in self.streams:
+                out += await self.queue.reclaim(stream, self.id, s.lease_ms, s.max_batch - len(out))
+                if len(out) >= s.max_batch:
+                    return out
+        out += await self.queue.read(self.streams, self.id, s.max_batch - len(out), 0 if out else s.block_ms)
+        if out and len(out) < s.max_batch and s.max_wait_ms > 0:
+            out += await self.queue.read(self.streams, self.id, s.max_batch - len(out), s.max_wait_ms)
+        return out
+
+    # -- processing ------------------------------------------------------------------------------------------------
+    async def process(self, deliveries: list[Delivery]) -> None:
+        """Run one batch of deliveries to their final states; each is acked exactly when its job is settled."""
+        self._held.update({d.msg_id: d for d in deliveries})
+        try:
+            started: dict[str, tuple[Delivery, JobRecord]] = {}
+            for d in deliveries:
+                job = await self._begin(d)
+                if job is not None:
+                    started[job.id] = (d, job)
+            for group in group_compatible(job for _, job in started.values()):
+                await self._run_group(group, {j.id: started[j.id][0] for j in group})
+        finally:
+            for d in deliveries:
+                self._held.pop(d.msg_id, None)
+
+    async def _begin(self, d: Delivery) -> JobRecord | None:
+        """queued/running -> running (counting the delivery), or settle the entry right away."""
+        s, q = self.settings, self.queue
+        job = await q.get(d.job_id)
+        if job is None or job.terminal:  # expired, cancelled, or finished by a previous holder
+            await q.ack(d)
+            return None
+        attempts = job.attempts + 1
+        if attempts > s.max_deliveries:
+            msg = (f"dead-lettered: delivered {attempts} times without finishing (max_deliveries="
+                   f"{s.max_deliveries}); the job may be crashing its workers")
+            await self._fail(d, job, msg, "dead_letter", attempts=attempts)
+            return None
+        try:
+            served = self.provider.get(job.model, job.precision)
+            validate_request(job.sampler, job.steps, job.eta, job.n, served.num_train_timesteps)
+        except (KeyError, ValueError) as exc:
+            await self._fail(d, job, str(exc).strip("'\""), "invalid", attempts=attempts)
+            return None
+        now = time.time()
+        running = await q.transition(job.id, "running", ACTIVE, s.result_ttl_s, started_at=now, worker=self.id,
+                                     attempts=attempts, progress_step=0, progress_total=job.steps)
+        if running is None:
+            await q.ack(d)
+            return None
+        self.metrics.wait_seconds.observe(max(0.0, now - job.created_at))
+        return running
+
+    async def _run_group(self, group: list[JobRecord], deliveries: dict[str, Delivery]) -> None:
+        """One model snapshot for the whole group: a re-quantize never mixes versions within a job."""
+        served = self.provider.get(group[0].model, group[0].precision)
+        spec = group[0]
+        passes = pack_passes(group, self.settings.max_batch_images)
+        job_passes = passes_per_job(passes)
+        jobs = {j.id: j for j in group}
+        images: dict[str, dict[int, np.ndarray]] = {j.id: {} for j in group}
+        remaining = {job_id: len(idx) for job_id, idx in job_passes.items()}
+        settled: set[str] = set()
+        stopped: set[str] = set()  # cancelled or gone: skip their remaining passes
+        loop = asyncio.get_running_loop()
+        for index, p in enumerate(passes):
+            slots = [slot for slot in p.slots if slot.job_id not in stopped and slot.job_id not in settled]
+            if not slots:
+                continue
+            live = list(dict.fromkeys(slot.job_id for slot in slots))
+            self.metrics.batch_size.observe(len(slots))
+            try:
+                x = await asyncio.to_thread(self._sample_pass, loop, served, spec, slots, index, job_passes, stopped)
+            except _AllCancelled:
+                continue
+            except Exception as exc:  # a bad batch fails its jobs instead of being retried forever
+                log.exception("worker %s: pass failed", self.id)
+                for job_id in live:
+                    await self._fail(deliveries[job_id], jobs[job_id], f"generation failed: {exc}", "error")
+                    settled.add(job_id)
+                continue
+            for slot, img in zip(slots, to_uint8(x), strict=True):
+                images[slot.job_id][slot.k] = img
+            for job_id in live:
+                remaining[job_id] -= 1
+                if remaining[job_id] == 0 and job_id not in stopped:
+                    await self._succeed(deliveries[job_id], jobs[job_id], images.pop(job_id), served,
+                                        len(job_passes[job_id]))
+                    settled.add(job_id)
+        for job_id in jobs.keys() - settled:  # cancelled while running: nothing to store
+            self.metrics.jobs_finished.labels("cancelled").inc()
+            await self.queue.ack(deliveries[job_id])
+
+    def _sample_pass(self, loop: asyncio.AbstractEventLoop, served: ServedModel, spec: JobRecord,
+                     slots: list[ImageSlot], index: int, job_passes: dict[str, list[int]],
+                     stopped: set[str]) -> object:
+        """Runs in a thread; the step callback reports progress and learns about cancellations."""
+        job_ids = list(dict.fromkeys(slot.job_id for slot in slots))
+
+        def on_step(i: int, total: int, _t: int, _x: object) -> None:
+            progress = {j: (job_passes[j].index(index) * total + i, total * len(job_passes[j])) for j in job_ids}
+            try:
+                statuses = asyncio.run_coroutine_threadsafe(self.queue.set_progress(progress), loop).result(30)
+            except (QueueUnavailable, TimeoutError):
+                return  # keep computing; storing the result retries
+            stopped.update(j for j, status in statuses.items() if status != "running")
+            if all(j in stopped for j in job_ids):
+                raise _AllCancelled
+
+        return sample(served.unet, served.scheduler_config, [slot.seed for slot in slots], sampler=spec.sampler,
+                      steps=spec.steps, eta=spec.eta, batch_size=len(slots), callback=on_step)
+
+    async def _succeed(self, d: Delivery, job: JobRecord, images: dict[int, np.ndarray], served: ServedModel,
+                       n_passes: int) -> None:
+        s = self.settings
+        pngs = [png_bytes(images[k]) for k in range(job.n)]
+        await self._retrying(lambda: self.queue.store_images(job.id, pngs, s.result_ttl_s))
+        total = job.steps * n_passes
+        done = await self._retrying(lambda: self.queue.transition(
+            job.id, "succeeded", ("running",), s.result_ttl_s, finished_at=time.time(), progress_step=total,
+            progress_total=total, model_version=served.version, calibration_hash=served.calibration_hash))
+        await self._retrying(lambda: self.queue.ack(d))
+        if done is not None:
+            self.jobs_done += 1
+            self.metrics.images.inc(job.n)
+            self.metrics.jobs_finished.labels("succeeded").inc()
+            self.metrics.run_seconds.observe(max(0.0, done.finished_at - (done.started_at or done.finished_at)))
+        else:
+            self.metrics.jobs_finished.labels("cancelled").inc()
+
+    async def _fail(self, d: Delivery, job: JobRecord, error: str, reason: str, **fields: object) -> None:
+        await self._retrying(lambda: self.queue.transition(
+            job.id, "failed", ACTIVE, self.settings.result_ttl_s, error=error, finished_at=time.time(), **fields))
+        await self._retrying(lambda: self.queue.ack(d))
+        self.metrics.failures.labels(reason).inc()
+        self.metrics.jobs_finished.labels("failed").inc()
+
+    async def _retrying(self, call: Callable[[], Awaitable[T]], forever: bool = False) -> T:
+        """Ride out a short queue outage (Redis restart) instead of dropping finished work.
+
+        Gives up after one lease: by then the entry may be reclaimed elsewhere, and the job is re-run there.
+        """
+        deadline = time.monotonic() + self.settings.lease_ms / 1000
+        while True:
+            try:
+                return await call()
+            except QueueUnavailable:
+                if (forever and self._stop.is_set()) or (not forever and time.monotonic() >= deadline):
+                    raise
+                self.queue_ok = False
+                await asyncio.sleep(0.2)
+
+    # -- heartbeat, leases, control --------------------------------------------------------------------------------
+    def info(self) -> dict:
+        return {"id": self.id, "state": self.state, "ready": self.ready, "host": socket.gethostname(),
+                "pid": os.getpid(), "started_at": self.started_at, "last_seen": time.time(),
+                "jobs_done": self.jobs_done, "streams": self.streams, "models": self.provider.describe(),
+                "error": self.error}
+
+    async def _beat(self) -> None:
+        ttl = 3 * self.settings.heartbeat_ms / 1000
+        await self.queue.heartbeat(self.id, self.info(), ttl)
+        if self._held:
+            await self.queue.renew(list(self._held.values()), self.id)
+
+    async def _heartbeat_loop(self) -> None:
+        while not self._done.is_set():
+            try:
+                await self._beat()
+                self.queue_ok = True
+            except QueueUnavailable:
+                self.queue_ok = False
+            except Exception:
+                log.exception("worker %s: heartbeat failed", self.id)
+            await self._sleep(self.settings.heartbeat_ms / 1000, self._done)
+
+    async def _control_loop(self) -> None:
+        """Collect re-quantize requests for our models; the main loop applies them between batches."""
+        while not self._done.is_set():
+            try:
+                last, messages = await self.queue.read_control(self._control_last, self.settings.block_ms)
+                self._control_last = last
+                for m in messages:
+                    if m.get("type") == "requantize" and m.get("model") in self.provider.model_paths:
+                        self._ops.append(m)
+            except QueueUnavailable:
+                await self._sleep(0.5, self._done)
+            except Exception:
+                log.exception("worker %s: control channel failed", self.id)
+                await self._sleep(0.5, self._done)
+
+    async def _apply_ops(self) -> None:
+        """Re-quantize between batches: build off to the side, swap atomically, report per worker."""
+        while self._ops:
+            op = self._ops.pop(0)
+            precisions = [op["precision"]] if op.get("precision") else self.provider.precisions
+            self.state = "requantizing"
+            await self._beat()
+            result: dict = {"worker": self.id, "state": "done", "models": []}
+            try:
+                for precision in precisions:
+                    if (op["model"], precision) not in self.provider.keys:
+                        continue
+                    fresh = await asyncio.to_thread(self.provider.requantize, op["model"], precision,
+                                                    op.get("calibration"))
+                    result["models"].append({"precision": precision, "version": fresh.version,
+                                             "calibration_hash": fresh.calibration_hash})
+                self.metrics.requantizations.labels("ok").inc()
+            except Exception as exc:
+                log.exception("worker %s: re-quantize failed", self.id)
+                result.update(state="failed", error=f"{type(exc).__name__}: {exc}")
+                self.metrics.requantizations.labels("failed").inc()
+            finally:
+                self.state = "stopping" if self._stop.is_set() else "ready"
+            await self._retrying(lambda op=op, result=result: self.queue.set_operation(
+                op["id"], {f"worker:{self.id}": result}, self.settings.result_ttl_s))
+            await self._beat()

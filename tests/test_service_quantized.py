@@ -1,0 +1,70 @@
+"""Quantized precisions through the service: PTQ4DM fake-quant variants, calibration cache, one calibrator."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+
+import pytest
+from test_service_admin import AUTH, TOKEN, wait_operation
+from test_service_api import client_for, make_settings, wait_ready
+
+from service.metrics import Metrics
+from service.provider import ModelProvider, available_precisions
+from service.settings import ServiceSettings
+from service.worker import Worker
+
+pytest_plugins = ["service.testing"]
+pytestmark = pytest.mark.skipif("w8a8" not in available_precisions(), reason="quantizer.ptq not installed")
+# Small enough to calibrate the tiny UNet in about a second.
+CALIBRATION = {"n_samples": 8, "steps": 4, "batch_size": 8, "n_candidates": 10, "act_samples": 4096}
+
+
+def test_w8a8_jobs_carry_calibration_hash_and_requantize_changes_it(tiny_model_dir, tmp_path):
+    settings = make_settings(tiny_model_dir, precisions=["fp32", "w8a8"], calibration=CALIBRATION,
+                             calibration_cache_dir=str(tmp_path / "cache"), admin_token=TOKEN)
+    with client_for(settings) as client:
+        wait_ready(client)
+        fp = client.post("/v1/generate", json={"seed": 4}).json()
+        q = client.post("/v1/generate", json={"seed": 4, "precision": "w8a8"}).json()
+        assert q["status"] == "succeeded" and "/w8a8/" in q["model_version"] and len(q["calibration_hash"]) == 64
+        assert fp["calibration_hash"] is None and fp["images_png_base64"] != q["images_png_base64"]
+        refused = client.post("/v1/jobs", json={"precision": "w4a8"})
+        assert refused.status_code == 422 and "['fp32', 'w8a8']" in refused.json()["detail"][0]["msg"]
+        op = client.post("/admin/requantize", json={"precision": "w8a8", "calibration": {"seed": 1}},
+                         headers=AUTH).json()
+        (result,) = wait_operation(client, op["id"])["workers"].values()
+        assert result["state"] == "done" and result["models"][0]["precision"] == "w8a8"
+        fresh = client.post("/v1/generate", json={"seed": 4, "precision": "w8a8"}).json()
+        assert fresh["calibration_hash"] == result["models"][0]["calibration_hash"] != q["calibration_hash"]
+        assert fresh["model_version"].endswith("/r2")
+        bad = client.post("/admin/requantize", json={"precision": "w8a8", "calibration": {"bogus": 1}},
+                          headers=AUTH).json()
+        (failed,) = wait_operation(client, bad["id"])["workers"].values()
+        assert failed["state"] == "failed" and "bogus" in failed["error"]
+        assert client.post("/v1/generate", json={"precision": "w8a8"}).json()["status"] == "succeeded"
+
+
+@pytest.mark.skipif(shutil.which("redis-server") is None, reason="no redis-server")
+def test_workers_starting_together_calibrate_once(tiny_model_dir, tmp_path, redis_server, redis_prefix):
+    from service.queue.redis import RedisQueue
+
+    settings = ServiceSettings(models=[f"tiny={tiny_model_dir}"], precisions=["w8a8"], calibration=CALIBRATION,
+                               calibration_cache_dir=str(tmp_path / "cache"), redis_url=redis_server.url,
+                               redis_prefix=redis_prefix)
+
+    async def start_two() -> list[dict]:
+        workers = []
+        for i in range(2):
+            s = settings.model_copy(update={"worker_id": f"w{i}"})
+            provider = ModelProvider(s.model_paths, s.precisions, s.calibration_cache_dir, calibration=s.calibration)
+            workers.append(Worker(s, RedisQueue(s.redis_url, s.redis_prefix), provider, Metrics()))
+        await asyncio.gather(*(w.start() for w in workers))
+        described = [w.provider.describe()[0] for w in workers]
+        for w in workers:
+            await w.queue.close()
+        return described
+
+    described = asyncio.run(start_two())
+    assert sorted(d["cache_hit"] for d in described) == [False, True]
+    assert described[0]["calibration_hash"] == described[1]["calibration_hash"]
