@@ -36,7 +36,7 @@ class FashionClassifier(nn.Module):
 
 @dataclass
 class ClassifierTrainConfig:
-    epochs: int = 6
+    epochs: int = 12
     batch_size: int = 128
     lr: float = 2e-3
     seed: int = 0

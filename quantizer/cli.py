@@ -153,7 +153,7 @@ def add_quantizer_commands(sub: argparse._SubParsersAction) -> None:
 
     c = sub.add_parser("train-classifier", help="train the FD feature extractor")
     c.add_argument("--out", default=str(BUILTIN_CLASSIFIER))
-    c.add_argument("--epochs", type=_positive_int, default=6)
+    c.add_argument("--epochs", type=_positive_int, default=12)
     c.add_argument("--seed", type=int, default=0)
     c.set_defaults(func=cmd_train_classifier)
 

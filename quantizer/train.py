@@ -56,24 +56,28 @@ class TrainConfig:
 
 
 class _StopFlag:
-    """Turns SIGINT/SIGTERM into a clean checkpoint + export instead of lost work."""
+    """Turns SIGINT/SIGTERM into a clean checkpoint + export instead of lost work (restored on exit)."""
 
-    def __init__(self) -> None:
+    def __enter__(self) -> _StopFlag:
         self.stop = False
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(sig, self._handler)
+        self._previous = {sig: signal.signal(sig, self._handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
 
     def _handler(self, *_: object) -> None:
         self.stop = True
 
 
 def _save_checkpoint(path: Path, unet: UNet2DModel, ema: EMAModel, opt: torch.optim.Optimizer,
-                     step: int, gen: torch.Generator, cfg: TrainConfig) -> None:
+                     step: int, gen: torch.Generator, cfg: TrainConfig, wall_s: float) -> None:
     path.mkdir(parents=True, exist_ok=True)
     tmp = path / "state.pt.tmp"
     torch.save(
         {"unet": unet.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(), "step": step,
-         "gen": gen.get_state(), "config": asdict(cfg)},
+         "gen": gen.get_state(), "config": asdict(cfg), "wall_s": wall_s},
         tmp,
     )
     tmp.replace(path / "state.pt")
@@ -97,7 +101,7 @@ def train(cfg: TrainConfig) -> Path:
     opt = torch.optim.AdamW(unet.parameters(), lr=cfg.lr, weight_decay=0.0)
     lr_at = lambda s: cfg.lr * min(1.0, (s + 1) / cfg.warmup_steps)  # noqa: E731
     gen = torch.Generator().manual_seed(cfg.seed)
-    step = 0
+    step, wall_before = 0, 0.0
     state_file = ckpt_dir / "state.pt"
     if state_file.exists():
         state = torch.load(state_file, weights_only=False)
@@ -106,46 +110,49 @@ def train(cfg: TrainConfig) -> Path:
         opt.load_state_dict(state["opt"])
         gen.set_state(state["gen"])
         step = state["step"]
+        wall_before = float(state.get("wall_s", 0.0))
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     (ckpt_dir / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
+    # elapsed_s is the wall time summed over every resumed run (the checkpoint carries it).
     log_path = ckpt_dir / "loss.csv"
     new_log = not log_path.exists()
     log = open(log_path, "a", newline="")  # noqa: SIM115
     writer = csv.writer(log)
     if new_log:
         writer.writerow(["step", "loss", "lr", "elapsed_s"])
-    flag = _StopFlag()
     start = time.time()
     unet.train()
     bar = tqdm(total=cfg.steps, initial=step, desc="train", unit="step")
     running = None
-    while step < cfg.steps and not flag.stop:
-        idx = torch.randint(0, data.shape[0], (cfg.batch_size,), generator=gen)
-        x0 = data[idx]
-        noise = torch.randn(x0.shape, generator=gen)
-        t = torch.randint(0, scheduler.config.num_train_timesteps, (cfg.batch_size,), generator=gen)
-        xt = scheduler.add_noise(x0, noise, t)
-        for group in opt.param_groups:
-            group["lr"] = lr_at(step)
-        loss = torch.nn.functional.mse_loss(unet(xt, t).sample, noise)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(unet.parameters(), cfg.grad_clip)
-        opt.step()
-        ema.step(unet.parameters())
-        step += 1
-        running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
-        bar.update(1)
-        bar.set_postfix(loss=f"{running:.4f}")
-        if step % 50 == 0:
-            writer.writerow([step, f"{running:.5f}", f"{lr_at(step):.2e}", f"{time.time() - start:.1f}"])
-            log.flush()
-        if step % cfg.checkpoint_every == 0:
-            _save_checkpoint(ckpt_dir, unet, ema, opt, step, gen, cfg)
-        if cfg.max_minutes is not None and time.time() - start > cfg.max_minutes * 60:
-            break
+    with _StopFlag() as flag:
+        while step < cfg.steps and not flag.stop:
+            idx = torch.randint(0, data.shape[0], (cfg.batch_size,), generator=gen)
+            x0 = data[idx]
+            noise = torch.randn(x0.shape, generator=gen)
+            t = torch.randint(0, scheduler.config.num_train_timesteps, (cfg.batch_size,), generator=gen)
+            xt = scheduler.add_noise(x0, noise, t)
+            for group in opt.param_groups:
+                group["lr"] = lr_at(step)
+            loss = torch.nn.functional.mse_loss(unet(xt, t).sample, noise)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(unet.parameters(), cfg.grad_clip)
+            opt.step()
+            ema.step(unet.parameters())
+            step += 1
+            running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
+            bar.update(1)
+            bar.set_postfix(loss=f"{running:.4f}")
+            if step % 50 == 0:
+                wall = wall_before + time.time() - start
+                writer.writerow([step, f"{running:.5f}", f"{lr_at(step):.2e}", f"{wall:.1f}"])
+                log.flush()
+            if step % cfg.checkpoint_every == 0:
+                _save_checkpoint(ckpt_dir, unet, ema, opt, step, gen, cfg, wall_before + time.time() - start)
+            if cfg.max_minutes is not None and time.time() - start > cfg.max_minutes * 60:
+                break
     bar.close()
     log.close()
-    _save_checkpoint(ckpt_dir, unet, ema, opt, step, gen, cfg)
+    _save_checkpoint(ckpt_dir, unet, ema, opt, step, gen, cfg, wall_before + time.time() - start)
     export(unet, ema, scheduler, out)
     return out

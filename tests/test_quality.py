@@ -1,0 +1,33 @@
+"""Quantized vs full-precision samples of the built-in model: the fidelity floor the PTQ4DM issue sets."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from quantizer.images import to_uint8
+from quantizer.metrics import psnr
+from quantizer.models import load_model
+from quantizer.ptq import quantize_model
+from quantizer.sampling import sample
+
+
+def test_psnr_metric():
+    a = np.zeros((2, 4, 4, 1), dtype=np.uint8)
+    b = a.copy()
+    b[1] += 255
+    out = psnr(a, b)
+    assert np.isinf(out[0]) and out[1] == pytest.approx(0.0)
+
+
+def test_w8a8_ndtc_matches_fp_at_30_db_on_builtin_model(builtin_model_dir, tmp_path):
+    fp = load_model("fashion-mnist-ddpm")
+    # A reduced calibration set (128 samples on DDIM-25 trajectories) keeps the test in seconds;
+    # the full default (1024 on DDIM-100) is what the service and docs/RESULTS.md use.
+    q = quantize_model(fp, "w8a8", {"method": "ndtc", "n_samples": 128, "steps": 25}, cache_dir=tmp_path,
+                       progress=False)
+    seeds = list(range(1000, 1016))
+    ref = to_uint8(sample(fp.unet, fp.scheduler_config, seeds, sampler="ddim", steps=25))
+    out = to_uint8(sample(q.unet, q.scheduler_config, seeds, sampler="ddim", steps=25))
+    assert not np.array_equal(ref, out), "the quantized model must actually differ from FP"
+    assert psnr(ref, out).mean() >= 30.0
