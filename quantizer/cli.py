@@ -97,8 +97,11 @@ def cmd_train_classifier(args: argparse.Namespace) -> int:
 
 
 def cmd_eval_fd(args: argparse.Namespace) -> int:
-    from quantizer.evaluate import evaluate_fd
+    from quantizer.evaluate import evaluate_fd, evaluate_fd_real
 
+    if args.real:
+        print(json.dumps(evaluate_fd_real(n=args.n, seed=args.seed, classifier=args.classifier)))
+        return 0
     result = evaluate_fd(args.model, sampler=args.sampler, steps=args.steps, n=args.n, seed=args.seed,
                          batch_size=args.batch_size, classifier=args.classifier)
     print(json.dumps(result))
@@ -165,4 +168,5 @@ def add_quantizer_commands(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--seed", type=int, default=0)
     e.add_argument("--batch-size", type=_positive_int, default=250)
     e.add_argument("--classifier", default=str(BUILTIN_CLASSIFIER))
+    e.add_argument("--real", action="store_true", help="score n real training images instead (the FD floor)")
     e.set_defaults(func=cmd_eval_fd)

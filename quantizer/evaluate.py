@@ -31,6 +31,15 @@ def generate_in_batches(unet: torch.nn.Module, scheduler_config: dict, seeds: li
                       batch_size=batch_size, callback=lambda *_: bar.update(1))
 
 
+def evaluate_fd_real(n: int = 2000, seed: int = 0, classifier: str | Path | None = None) -> dict:
+    """FD of n real training images vs the test split: the floor a perfect generator would reach at this n."""
+    clf = load_classifier(classifier)
+    x, _ = fashion_mnist_tensor("train")
+    subset = x[torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))[:n]]
+    fd = frechet_distance(*gaussian_stats(extract_features(clf, subset)), *reference_stats(clf))
+    return {"model": "real Fashion-MNIST train images", "n": n, "seed": seed, "fd": round(fd, 3)}
+
+
 def evaluate_fd(model: str | None, sampler: str = "ddim", steps: int = 100, n: int = 2000, seed: int = 0,
                 batch_size: int = 250, classifier: str | Path | None = None) -> dict:
     """Sample n images (seeds seed..seed+n-1), return FD vs the test split and the predicted-class histogram."""

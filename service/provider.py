@@ -1,13 +1,11 @@
 """The worker's model provider: (model name, precision) -> a ready UNet with its version, swapped atomically.
 
-fp32 is the loaded model itself. Quantized precisions come from `quantizer.ptq.quantize_model` when that module
-is installed; until then they are not served (the API answers 422 with the served list).
+fp32 is the loaded model itself; quantized precisions come from `quantizer.ptq.quantize_model`. A configured
+precision this installation cannot run is not served (the API answers 422 with the served list).
 """
 
 from __future__ import annotations
 
-import hashlib
-import importlib.util
 import logging
 import threading
 from collections.abc import Iterable
@@ -16,17 +14,15 @@ from typing import Any
 
 import torch
 
+from quantizer.cache import hash_state_dict
+from quantizer.config import PRECISION_PRESETS
 from quantizer.models import DiffusionModel, load_model
 from quantizer.sampling import sample
 
 log = logging.getLogger(__name__)
 
 def available_precisions() -> tuple[str, ...]:
-    """What this installation can run: fp32, plus the quantizer's presets once `quantizer.ptq` exists."""
-    if importlib.util.find_spec("quantizer.ptq") is None:
-        return ("fp32",)
-    from quantizer.config import PRECISION_PRESETS
-
+    """What this installation can run: fp32 and the quantizer's presets (fake-quant runs on any device)."""
     return ("fp32", *(p for p in PRECISION_PRESETS if p != "fp32"))
 
 
@@ -57,13 +53,6 @@ class ServedModel:
         return int(self.scheduler_config["num_train_timesteps"])
 
 
-def weights_digest(module: torch.nn.Module) -> str:
-    h = hashlib.sha256()
-    for name, tensor in sorted(module.state_dict().items()):
-        h.update(name.encode())
-        h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()
-
 
 class ModelProvider:
     def __init__(self, model_paths: dict[str, str], precisions: Iterable[str], cache_dir: str,
@@ -90,7 +79,7 @@ class ModelProvider:
     def load_base(self) -> None:
         for name, path in self.model_paths.items():
             model = load_model(path, device=self.device)
-            self._base[name] = (model, weights_digest(model.unet))
+            self._base[name] = (model, hash_state_dict(model.unet))
 
     def build(self, name: str, precision: str) -> ServedModel:
         """The first variant: quantized ones read the calibration cache, or calibrate and fill it."""

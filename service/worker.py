@@ -241,7 +241,16 @@ class Worker:
         """Runs in a thread; the step callback reports progress and learns about cancellations."""
         job_ids = list(dict.fromkeys(slot.job_id for slot in slots))
 
+        interval = self.settings.progress_interval_ms / 1000
+        last_write = -float("inf")
+
         def on_step(i: int, total: int, _t: int, _x: object) -> None:
+            # One Redis round trip per report: throttled, so short steps are not dominated by bookkeeping.
+            nonlocal last_write
+            now = time.monotonic()
+            if now - last_write < interval:
+                return
+            last_write = now
             progress = {j: (job_passes[j].index(index) * total + i, total * len(job_passes[j])) for j in job_ids}
             try:
                 statuses = asyncio.run_coroutine_threadsafe(self.queue.set_progress(progress), loop).result(30)

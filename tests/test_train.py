@@ -2,11 +2,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import TINY_UNET_CONFIG
 from diffusers import UNet2DModel
 
 from quantizer.data import FASHION_MNIST_DIR
 from quantizer.train import TrainConfig, train
-from tests.conftest import TINY_UNET_CONFIG
 
 pytestmark = pytest.mark.skipif(not FASHION_MNIST_DIR.exists(), reason="Debian dataset-fashion-mnist not installed")
 
