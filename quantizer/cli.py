@@ -147,7 +147,7 @@ def add_quantizer_commands(sub: argparse._SubParsersAction) -> None:
     t = sub.add_parser("train", help="train the built-in Fashion-MNIST DDPM (resumable)")
     t.add_argument("--out", default="models/fashion-mnist-ddpm")
     t.add_argument("--checkpoint-dir", default="runs/fashion-mnist-ddpm")
-    t.add_argument("--steps", type=_positive_int, default=12000)
+    t.add_argument("--steps", type=_positive_int, default=7675)
     t.add_argument("--batch-size", type=_positive_int, default=64)
     t.add_argument("--lr", type=float, default=5e-4)
     t.add_argument("--seed", type=int, default=0)

@@ -42,7 +42,7 @@ DEFAULT_SCHEDULER_CONFIG: dict = {
 class TrainConfig:
     output_dir: str = "models/fashion-mnist-ddpm"
     checkpoint_dir: str = "runs/fashion-mnist-ddpm"
-    steps: int = 12000
+    steps: int = 7675
     batch_size: int = 64
     lr: float = 5e-4
     warmup_steps: int = 500
