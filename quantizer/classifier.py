@@ -11,8 +11,9 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from quantizer.data import fashion_mnist_tensor
+from quantizer.models import MODELS_DIR
 
-BUILTIN_CLASSIFIER = Path(__file__).resolve().parents[1] / "models" / "fashion-mnist-classifier" / "model.safetensors"
+BUILTIN_CLASSIFIER = MODELS_DIR / "fashion-mnist-classifier" / "model.safetensors"
 FEATURE_DIM = 128
 
 

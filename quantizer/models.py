@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from diffusers import DDPMScheduler, UNet2DModel
 
-BUILTIN_MODEL_DIR = Path(__file__).resolve().parents[1] / "models" / "fashion-mnist-ddpm"
+# The checkout's models/ by default; an installed wheel has no checkout, so images set PTQ4DM_MODELS_DIR.
+MODELS_DIR = Path(os.environ.get("PTQ4DM_MODELS_DIR") or Path(__file__).resolve().parents[1] / "models")
+BUILTIN_MODEL_DIR = MODELS_DIR / "fashion-mnist-ddpm"
 BUILTIN_MODEL_NAME = "fashion-mnist-ddpm"
 
 
@@ -34,6 +37,8 @@ class DiffusionModel:
 def resolve_model_path(name_or_path: str | Path | None) -> str:
     """The built-in name (or None) maps to the committed directory; anything else is passed through."""
     if name_or_path is None or str(name_or_path) == BUILTIN_MODEL_NAME:
+        if not BUILTIN_MODEL_DIR.is_dir():  # otherwise diffusers would take the path for a hub id
+            raise ValueError(f"model: built-in weights not found at {BUILTIN_MODEL_DIR}; set PTQ4DM_MODELS_DIR")
         return str(BUILTIN_MODEL_DIR)
     return str(name_or_path)
 
