@@ -148,7 +148,10 @@ class Worker:
                     return out
         out += await self.queue.read(self.streams, self.id, s.max_batch - len(out), 0 if out else s.block_ms)
         if out and len(out) < s.max_batch and s.max_wait_ms > 0:
-            out += await self.queue.read(self.streams, self.id, s.max_batch - len(out), s.max_wait_ms)
+            # Sleep here rather than XREADGROUP BLOCK max_wait_ms: Redis rounds short block timeouts up to its
+            # event-loop tick (~10 ms measured), which a lone job would pay on every dispatch.
+            await asyncio.sleep(s.max_wait_ms / 1000)
+            out += await self.queue.read(self.streams, self.id, s.max_batch - len(out), 0)
         return out
 
     # -- processing ------------------------------------------------------------------------------------------------
