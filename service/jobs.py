@@ -34,6 +34,7 @@ class JobRecord(BaseModel):
     created_at: float = Field(default_factory=time.time)
     started_at: float | None = None
     finished_at: float | None = None
+    compute_s: float | None = None  # wall time of the UNet passes that carried this job (set on success)
     progress_step: int = 0
     progress_total: int = 0
     error: str | None = None

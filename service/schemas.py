@@ -47,6 +47,8 @@ class Timings(BaseModel):
     finished_at: float | None = None
     wait_s: float | None = Field(None, description="queued -> started")
     run_s: float | None = Field(None, description="started -> finished")
+    compute_s: float | None = Field(None, description="sampling passes that carried this job; the rest of the "
+                                                      "service time is queue and bookkeeping overhead")
 
 
 class JobCreated(BaseModel):

@@ -207,6 +207,7 @@ class Worker:
         jobs = {j.id: j for j in group}
         images: dict[str, dict[int, np.ndarray]] = {j.id: {} for j in group}
         remaining = {job_id: len(idx) for job_id, idx in job_passes.items()}
+        compute = dict.fromkeys(jobs, 0.0)
         settled: set[str] = set()
         stopped: set[str] = set()  # cancelled or gone: skip their remaining passes
         loop = asyncio.get_running_loop()
@@ -216,6 +217,7 @@ class Worker:
                 continue
             live = list(dict.fromkeys(slot.job_id for slot in slots))
             self.metrics.batch_size.observe(len(slots))
+            began = time.perf_counter()
             try:
                 x = await asyncio.to_thread(self._sample_pass, loop, served, spec, slots, index, job_passes, stopped)
             except _AllCancelled:
@@ -226,13 +228,15 @@ class Worker:
                     await self._fail(deliveries[job_id], jobs[job_id], f"generation failed: {exc}", "error")
                     settled.add(job_id)
                 continue
+            for job_id in live:
+                compute[job_id] += time.perf_counter() - began
             for slot, img in zip(slots, to_uint8(x), strict=True):
                 images[slot.job_id][slot.k] = img
             for job_id in live:
                 remaining[job_id] -= 1
                 if remaining[job_id] == 0 and job_id not in stopped:
                     await self._succeed(deliveries[job_id], jobs[job_id], images.pop(job_id), served,
-                                        len(job_passes[job_id]))
+                                        len(job_passes[job_id]), compute[job_id])
                     settled.add(job_id)
         for job_id in jobs.keys() - settled:  # cancelled while running: nothing to store
             self.metrics.jobs_finished.labels("cancelled").inc()
@@ -267,14 +271,15 @@ class Worker:
                       steps=spec.steps, eta=spec.eta, batch_size=len(slots), callback=on_step)
 
     async def _succeed(self, d: Delivery, job: JobRecord, images: dict[int, np.ndarray], served: ServedModel,
-                       n_passes: int) -> None:
+                       n_passes: int, compute_s: float) -> None:
         s = self.settings
         pngs = [png_bytes(images[k]) for k in range(job.n)]
         await self._retrying(lambda: self.queue.store_images(job.id, pngs, s.result_ttl_s))
         total = job.steps * n_passes
         done = await self._retrying(lambda: self.queue.transition(
             job.id, "succeeded", ("running",), s.result_ttl_s, finished_at=time.time(), progress_step=total,
-            progress_total=total, model_version=served.version, calibration_hash=served.calibration_hash))
+            progress_total=total, model_version=served.version, calibration_hash=served.calibration_hash,
+            compute_s=round(compute_s, 6)))
         await self._retrying(lambda: self.queue.ack(d))
         if done is not None:
             self.jobs_done += 1

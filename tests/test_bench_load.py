@@ -40,6 +40,9 @@ def test_quick_run_measures_throughput_latency_and_overhead(tiny_model_dir):
     assert finite_non_negative(probe.dispatch_s)
     assert all(math.isfinite(v) for v in probe.overhead_s)
     assert sorted(probe.overhead_s)[1] >= 0  # the median: a lone job pays at least the max_wait_ms window
+    # The worker reports its own compute per job; the service time always covers it.
+    assert finite_non_negative([s.worker_compute_s for s in probe.samples])
+    assert finite_non_negative(probe.in_worker_overhead_s)
 
     report = render(result)
     assert "| workers | clients |" in report and "\n| 1 | 2 | 4 |" in report and "`pytest`" in report

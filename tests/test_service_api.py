@@ -98,6 +98,8 @@ def test_submit_poll_fetch_png_matches_offline_sampling(tiny_model_dir, backend_
         job = wait_status(client, created["id"], {"succeeded", "failed"})
         assert job["status"] == "succeeded", job
         assert job["seeds"] == [10, 11, 12] and job["progress"] == {"step": 3, "total": 3}
+        t = job["timings"]
+        assert 0 < t["compute_s"] <= t["finished_at"] - t["created_at"]
         assert job["model_version"] and job["timings"]["run_s"] >= 0 and job["timings"]["wait_s"] >= 0
         assert job["images"] == [f"/v1/jobs/{created['id']}/images/{k}" for k in range(3)]
         images = []

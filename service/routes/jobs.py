@@ -57,7 +57,7 @@ async def to_status(job: JobRecord, svc: Services) -> JobStatus:
         steps=job.steps, eta=job.eta, n=job.n, seed=job.seed, seeds=job.seeds,
         progress=Progress(step=job.progress_step, total=job.progress_total or job.steps), queue_position=position,
         timings=Timings(created_at=job.created_at, started_at=job.started_at, finished_at=job.finished_at,
-                        wait_s=wait, run_s=run),
+                        wait_s=wait, run_s=run, compute_s=job.compute_s),
         attempts=job.attempts, worker=job.worker, model_version=job.model_version,
         calibration_hash=job.calibration_hash, error=job.error, images=images)
 
