@@ -34,6 +34,10 @@ logger = logging.getLogger(__name__)
 MANIFEST_FORMAT = 1
 
 
+# Relative to the working directory: the repository checkout, or the image's volume via the service setting.
+DEFAULT_CALIBRATION_CACHE_DIR = "runs/calibration-cache"
+
+
 class CacheCorruptionWarning(RuntimeWarning):
     """A cache entry failed verification and was ignored (it will be recomputed)."""
 

@@ -17,7 +17,7 @@ from diffusers import DDPMScheduler, UNet2DModel
 from tqdm.auto import tqdm
 
 from quantizer.config import CalibrationConfig
-from quantizer.sampling import make_scheduler, sample, validate_request
+from quantizer.sampling import make_scheduler, sample, sample_shape, validate_request
 
 TRAJECTORY_METHODS: tuple[str, ...] = ("ndtc", "ndtc_code", "uniform", "single_step")
 
@@ -47,12 +47,6 @@ class CalibrationSet:
 
 class _Collected(Exception):
     """Raised from the sampling callback once every sample of a batch is recorded: ends the trajectory early."""
-
-
-def sample_shape(unet: UNet2DModel) -> tuple[int, int, int]:
-    size = unet.config.sample_size
-    h, w = (size, size) if isinstance(size, int) else tuple(size)
-    return (int(unet.config.in_channels), int(h), int(w))
 
 
 def sampler_timesteps(scheduler_config: dict, sampler: str, steps: int) -> torch.Tensor:

@@ -8,6 +8,7 @@ import os
 import random
 from pathlib import Path
 
+from quantizer.cache import DEFAULT_CALIBRATION_CACHE_DIR
 from quantizer.sampling import SAMPLERS
 
 
@@ -18,7 +19,8 @@ def _positive_int(text: str) -> int:
     return value
 
 
-DEFAULT_CACHE_DIR = os.environ.get("PTQ4DM_CACHE_DIR", str(Path.home() / ".cache" / "ptq4dm" / "calibration"))
+# The same variable and default as the service's setting, so `ptq4dm quantize` fills the cache workers read.
+DEFAULT_CACHE_DIR = os.environ.get("PTQ4DM_CALIBRATION_CACHE_DIR", DEFAULT_CALIBRATION_CACHE_DIR)
 
 
 def _calibration_overrides(args: argparse.Namespace) -> dict:
@@ -35,10 +37,9 @@ def _load_at_precision(args: argparse.Namespace):  # noqa: ANN202 - DiffusionMod
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from tqdm.auto import tqdm
-
+    from quantizer.evaluate import generate_in_batches
     from quantizer.images import grid, png_bytes, to_uint8
-    from quantizer.sampling import sample, validate_request
+    from quantizer.sampling import validate_request
 
     model = _load_at_precision(args)
     validate_request(args.sampler, args.steps, args.eta, args.n, model.num_train_timesteps)
@@ -46,10 +47,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     seeds = [seed + k for k in range(args.n)]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    total = -(-args.n // args.batch_size) * args.steps
-    with tqdm(total=total, desc=f"{args.sampler}-{args.steps}", unit="step") as bar:
-        samples = sample(model.unet, model.scheduler_config, seeds, sampler=args.sampler, steps=args.steps,
-                         eta=args.eta, batch_size=args.batch_size, callback=lambda *_: bar.update(1))
+    samples = generate_in_batches(model.unet, model.scheduler_config, seeds, args.sampler, args.steps,
+                                  args.batch_size, eta=args.eta)
     images = to_uint8(samples)
     for k, (s, img) in enumerate(zip(seeds, images, strict=True)):
         (out / f"{k:04d}_seed{s}.png").write_bytes(png_bytes(img))
@@ -113,7 +112,8 @@ def _add_precision_args(p: argparse.ArgumentParser) -> None:
     from quantizer.scale_search import METRICS
 
     p.add_argument("--precision", default="fp32", help="fp32, w8a8, w4a8, w8a6, w8a16 (any w<b>a<b>)")
-    p.add_argument("--cache-dir", default=DEFAULT_CACHE_DIR, help="calibration cache (env PTQ4DM_CACHE_DIR)")
+    p.add_argument("--cache-dir", default=DEFAULT_CACHE_DIR,
+                   help="calibration cache (env PTQ4DM_CALIBRATION_CACHE_DIR)")
     p.add_argument("--method", choices=CALIBRATION_METHODS, default=None, help="calibration set (default ndtc)")
     p.add_argument("--n-samples", type=_positive_int, default=None, help="calibration samples (default 1024)")
     p.add_argument("--mu", type=float, default=None, help="NDTC mean, fraction of the steps from x_0 (0.4)")

@@ -9,6 +9,8 @@ from pathlib import Path
 import torch
 from diffusers import DDPMScheduler, UNet2DModel
 
+from quantizer.sampling import sample_shape
+
 # The checkout's models/ by default; an installed wheel has no checkout, so images set PTQ4DM_MODELS_DIR.
 MODELS_DIR = Path(os.environ.get("PTQ4DM_MODELS_DIR") or Path(__file__).resolve().parents[1] / "models")
 BUILTIN_MODEL_DIR = MODELS_DIR / "fashion-mnist-ddpm"
@@ -29,9 +31,7 @@ class DiffusionModel:
 
     @property
     def sample_shape(self) -> tuple[int, int, int]:
-        size = self.unet.config.sample_size
-        h, w = (size, size) if isinstance(size, int) else tuple(size)
-        return (self.unet.config.in_channels, h, w)
+        return sample_shape(self.unet)
 
 
 def resolve_model_path(name_or_path: str | Path | None) -> str:

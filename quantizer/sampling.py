@@ -27,6 +27,13 @@ def validate_request(sampler: str, steps: int, eta: float, n: int, num_train_tim
         raise ValueError(f"n must be an integer >= 1, got {n!r}")
 
 
+def sample_shape(unet: UNet2DModel) -> tuple[int, int, int]:
+    """C x H x W of one sample (diffusers allows an int or an (H, W) sample_size)."""
+    size = unet.config.sample_size
+    h, w = (size, size) if isinstance(size, int) else tuple(size)
+    return (int(unet.config.in_channels), int(h), int(w))
+
+
 def make_scheduler(sampler: str, scheduler_config: dict, steps: int) -> DDPMScheduler | DDIMScheduler:
     """Schedulers hold per-run state (timesteps, DDPM's variance bookkeeping): never share one."""
     cls = DDPMScheduler if sampler == "ddpm" else DDIMScheduler
@@ -58,9 +65,7 @@ def sample(
     """
     num_train = int(scheduler_config["num_train_timesteps"])
     validate_request(sampler, steps, eta, len(seeds), num_train)
-    size = unet.config.sample_size
-    h, w = (size, size) if isinstance(size, int) else tuple(size)
-    shape = (unet.config.in_channels, h, w)
+    shape = sample_shape(unet)
     batch_size = len(seeds) if batch_size is None else batch_size
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")

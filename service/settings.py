@@ -11,6 +11,7 @@ from typing import Annotated, Any
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from quantizer.cache import DEFAULT_CALIBRATION_CACHE_DIR
 from quantizer.models import BUILTIN_MODEL_NAME
 
 CommaList = Annotated[list[str], NoDecode]
@@ -36,7 +37,7 @@ class ServiceSettings(BaseSettings):
                               description="comma list of NAME=PATH (or a bare name/path); the first is the default")
     precisions: CommaList = Field(default_factory=lambda: ["fp32"],
                                   description="precisions to serve; ones whose backend is missing are dropped")
-    calibration_cache_dir: str = Field("runs/calibration-cache", description="where quantization statistics live")
+    calibration_cache_dir: str = Field(DEFAULT_CALIBRATION_CACHE_DIR, description="where quantization statistics live")
     calibration: dict[str, Any] = Field(default_factory=dict,
                                         description="JSON calibration/quant overrides for quantized precisions")
     calibration_lock_ms: int = Field(600_000, ge=1000, description="how long one worker may hold the calibration lock")
