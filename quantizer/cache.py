@@ -83,7 +83,7 @@ def _versions() -> dict[str, str]:
     return {"ptq4dm": quantizer.__version__, "torch": torch.__version__, "diffusers": diffusers.__version__}
 
 
-def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
+def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
     """write(tmp) into a temp file next to `path`, fsync, then os.replace: readers see old or new, never partial."""
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
@@ -142,7 +142,7 @@ class CalibrationCache:
         data = safetensors.torch.save(tensors, metadata={"key": key})
         sha = hashlib.sha256(data).hexdigest()
         data_path = self.directory / f"{key}.{sha[:16]}.safetensors"
-        _atomic_write(data_path, lambda tmp_path: tmp_path.write_bytes(data))
+        atomic_write(data_path, lambda tmp_path: tmp_path.write_bytes(data))
         manifest = {
             "format": MANIFEST_FORMAT,
             "key": key,
@@ -155,7 +155,7 @@ class CalibrationCache:
             "extra": json.loads(canonical_json(dict(extra or {}))),
         }
         path = self.manifest_path(key)
-        _atomic_write(path, lambda tmp_path: tmp_path.write_text(json.dumps(manifest, indent=2, sort_keys=True)))
+        atomic_write(path, lambda tmp_path: tmp_path.write_text(json.dumps(manifest, indent=2, sort_keys=True)))
         logger.info("stored calibration stats %s (%d tensors)", path, len(tensors))
         return path
 

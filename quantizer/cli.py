@@ -9,6 +9,7 @@ import random
 from pathlib import Path
 
 from quantizer.cache import DEFAULT_CALIBRATION_CACHE_DIR
+from quantizer.execution import BACKENDS
 from quantizer.sampling import SAMPLERS
 
 
@@ -47,7 +48,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
     seeds = [seed + k for k in range(args.n)]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    samples = generate_in_batches(model.unet, model.scheduler_config, seeds, args.sampler, args.steps,
+    from quantizer.execution import build_executor
+
+    unet = build_executor(model.unet, args.backend, max_batch=args.batch_size)
+    samples = generate_in_batches(unet, model.scheduler_config, seeds, args.sampler, args.steps,
                                   args.batch_size, eta=args.eta)
     images = to_uint8(samples)
     for k, (s, img) in enumerate(zip(seeds, images, strict=True)):
@@ -56,7 +60,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         nrow = args.nrow or max(1, int(len(images) ** 0.5))
         (out / "grid.png").write_bytes(png_bytes(grid(images, nrow)))
     print(json.dumps({"out": str(out), "n": args.n, "seeds": [seeds[0], seeds[-1]], "grid": args.grid,
-                      "precision": args.precision}))
+                      "precision": args.precision, "backend": getattr(unet, "backend", args.backend)}))
     return 0
 
 
@@ -102,7 +106,8 @@ def cmd_eval_fd(args: argparse.Namespace) -> int:
         print(json.dumps(evaluate_fd_real(n=args.n, seed=args.seed, classifier=args.classifier)))
         return 0
     result = evaluate_fd(args.model, sampler=args.sampler, steps=args.steps, n=args.n, seed=args.seed,
-                         batch_size=args.batch_size, classifier=args.classifier)
+                         batch_size=args.batch_size, classifier=args.classifier,
+                         samples_dir=None if args.no_resume else args.samples_dir)
     print(json.dumps(result))
     return 0
 
@@ -135,6 +140,9 @@ def add_quantizer_commands(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--batch-size", type=_positive_int, default=64)
     g.add_argument("--out", default="out")
     g.add_argument("--grid", action="store_true", help="also write grid.png")
+    g.add_argument("--backend", choices=BACKENDS, default="auto",
+                   help="how the UNet runs: auto (int8-x86 for quantized precisions where the CPU has int8 "
+                        "kernels, else fake; eager for fp32), eager, compiled, bf16, fake, int8-x86")
     g.add_argument("--nrow", type=int, default=None)
     _add_precision_args(g)
     g.set_defaults(func=cmd_generate)
@@ -169,4 +177,7 @@ def add_quantizer_commands(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--batch-size", type=_positive_int, default=250)
     e.add_argument("--classifier", default=str(BUILTIN_CLASSIFIER))
     e.add_argument("--real", action="store_true", help="score n real training images instead (the FD floor)")
+    e.add_argument("--samples-dir", default="runs/samples",
+                   help="keep finished batches here; a re-run resumes from them")
+    e.add_argument("--no-resume", action="store_true", help="neither read nor write --samples-dir")
     e.set_defaults(func=cmd_eval_fd)

@@ -7,12 +7,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
+from quantizer.cache import atomic_write, hash_state_dict
 from quantizer.classifier import load_classifier
 from quantizer.data import FASHION_MNIST_CLASSES, fashion_mnist_tensor
 from quantizer.fd import extract_features, frechet_distance, gaussian_stats
-from quantizer.models import load_model
+from quantizer.models import DiffusionModel, load_model
 from quantizer.sampling import sample
 
 
@@ -23,12 +25,38 @@ def reference_stats(classifier: torch.nn.Module) -> tuple[np.ndarray, np.ndarray
 
 
 def generate_in_batches(unet: torch.nn.Module, scheduler_config: dict, seeds: list[int], sampler: str, steps: int,
-                        batch_size: int, eta: float = 0.0) -> torch.Tensor:
-    """Like `sample`, with one progress bar over every denoising step of every batch."""
-    total = -(-len(seeds) // batch_size) * steps
-    with tqdm(total=total, desc=f"{sampler}-{steps} x{len(seeds)}", unit="step") as bar:
-        return sample(unet, scheduler_config, seeds, sampler=sampler, steps=steps, eta=eta,
-                      batch_size=batch_size, callback=lambda *_: bar.update(1))
+                        batch_size: int, eta: float = 0.0, cache_dir: str | Path | None = None) -> torch.Tensor:
+    """Like `sample`, with one progress bar over every denoising step of every batch.
+
+    With `cache_dir`, each finished batch is saved there (one safetensors file per seed range) and reused on the
+    next call: a DDPM-1000 evaluation that outlives a session resumes at the batch it was in. The caller keys the
+    directory by everything the samples depend on (weights, precision, sampler, steps, eta); per-image seeds make
+    a batch's images independent of how the rest was batched.
+    """
+    n_batches = -(-len(seeds) // batch_size)
+    with tqdm(total=n_batches * steps, desc=f"{sampler}-{steps} x{len(seeds)}", unit="step") as bar:
+        outputs = []
+        for start in range(0, len(seeds), batch_size):
+            chunk = seeds[start:start + batch_size]
+            path = None if cache_dir is None else Path(cache_dir) / f"seeds-{chunk[0]}-{chunk[-1]}.safetensors"
+            if path is not None and path.exists():
+                outputs.append(load_file(path)["samples"])
+                bar.update(steps)
+                continue
+            batch = sample(unet, scheduler_config, chunk, sampler=sampler, steps=steps, eta=eta,
+                           batch_size=batch_size, callback=lambda *_: bar.update(1))
+            if path is not None:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                atomic_write(path, lambda tmp, b=batch: save_file({"samples": b.contiguous()}, str(tmp)))
+            outputs.append(batch)
+        return torch.cat(outputs)
+
+
+def samples_cache_dir(root: str | Path, diffusion: DiffusionModel, variant: str, sampler: str, steps: int,
+                      eta: float = 0.0) -> Path:
+    """Where `generate_in_batches` keeps one model variant's samples: keyed by weights hash, variant and sampler."""
+    model_dir = f"{diffusion.name}-{hash_state_dict(diffusion.unet)[:12]}"
+    return Path(root) / model_dir / variant / f"{sampler}{steps}-eta{eta:g}"
 
 
 def evaluate_fd_real(n: int = 2000, seed: int = 0, classifier: str | Path | None = None) -> dict:
@@ -41,14 +69,19 @@ def evaluate_fd_real(n: int = 2000, seed: int = 0, classifier: str | Path | None
 
 
 def evaluate_fd(model: str | None, sampler: str = "ddim", steps: int = 100, n: int = 2000, seed: int = 0,
-                batch_size: int = 250, classifier: str | Path | None = None) -> dict:
-    """Sample n images (seeds seed..seed+n-1), return FD vs the test split and the predicted-class histogram."""
+                batch_size: int = 250, classifier: str | Path | None = None,
+                samples_dir: str | Path | None = None) -> dict:
+    """Sample n images (seeds seed..seed+n-1), return FD vs the test split and the predicted-class histogram.
+
+    With `samples_dir`, finished batches are kept there and an interrupted run resumes (see generate_in_batches).
+    """
     clf = load_classifier(classifier)
     mu_ref, sigma_ref = reference_stats(clf)
     diffusion = load_model(model)
+    cache_dir = None if samples_dir is None else samples_cache_dir(samples_dir, diffusion, "fp32", sampler, steps)
     start = time.time()
     samples = generate_in_batches(diffusion.unet, diffusion.scheduler_config, list(range(seed, seed + n)),
-                                  sampler, steps, batch_size)
+                                  sampler, steps, batch_size, cache_dir=cache_dir)
     wall = time.time() - start
     feats = extract_features(clf, samples)
     with torch.no_grad():

@@ -33,7 +33,7 @@ def build_services(settings: ServiceSettings, queue: JobQueue | None = None) -> 
     worker = None
     if settings.run_embedded_worker:
         provider = ModelProvider(settings.model_paths, precisions, settings.calibration_cache_dir, settings.device,
-                                 settings.calibration)
+                                 settings.calibration, settings.backend, settings.max_batch_images)
         worker = Worker(settings, queue, provider, metrics)
     return Services(settings=settings, queue=queue, metrics=metrics, models=list(settings.model_paths),
                     precisions=precisions, worker=worker)

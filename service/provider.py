@@ -1,6 +1,7 @@
 """The worker's model provider: (model name, precision) -> a ready UNet with its version, swapped atomically.
 
-fp32 is the loaded model itself; quantized precisions come from `quantizer.ptq.quantize_model`. A configured
+fp32 is the loaded model itself; quantized precisions come from `quantizer.ptq.quantize_model` and run on the
+configured execution backend (`quantizer.execution`: real int8 kernels where the CPU has them). A configured
 precision this installation cannot run is not served (the API answers 422 with the served list).
 """
 
@@ -16,6 +17,7 @@ import torch
 
 from quantizer.cache import hash_state_dict
 from quantizer.config import PRECISION_PRESETS
+from quantizer.execution import build_executor
 from quantizer.models import DiffusionModel, load_model
 from quantizer.sampling import sample
 
@@ -47,6 +49,7 @@ class ServedModel:
     calibration_hash: str | None
     generation: int
     cache_hit: bool | None = None  # quantized only: stats came from the calibration cache
+    backend: str = "eager"  # how the UNet executes (quantizer.execution)
 
     @property
     def num_train_timesteps(self) -> int:
@@ -56,12 +59,15 @@ class ServedModel:
 
 class ModelProvider:
     def __init__(self, model_paths: dict[str, str], precisions: Iterable[str], cache_dir: str,
-                 device: str = "cpu", calibration: dict[str, Any] | None = None) -> None:
+                 device: str = "cpu", calibration: dict[str, Any] | None = None, backend: str = "auto",
+                 max_batch_images: int = 32) -> None:
         self.model_paths = dict(model_paths)
         self.precisions = list(precisions)
         self.cache_dir = cache_dir
         self.device = device
         self.calibration = dict(calibration or {})
+        self.backend = backend
+        self.max_batch_images = max_batch_images
         self._base: dict[str, tuple[DiffusionModel, str]] = {}
         self._served: dict[tuple[str, str], ServedModel] = {}
         self._lock = threading.Lock()
@@ -88,9 +94,17 @@ class ModelProvider:
         return served
 
     def warm_up(self) -> None:
-        """One tiny generation per served variant, so the first request does not pay for lazy init."""
+        """Compile every batch-size bucket and run one tiny generation per served variant, so no request pays
+        for lazy initialisation."""
         for served in list(self._served.values()):
-            sample(served.unet, served.scheduler_config, [0], sampler="ddim", steps=1)
+            self._warm(served)
+
+    def _warm(self, served: ServedModel) -> None:
+        if hasattr(served.unet, "warmup"):
+            seconds = served.unet.warmup(range(1, self.max_batch_images + 1))
+            log.info("%s/%s on %s: compiled batch buckets %s", served.name, served.precision, served.backend,
+                        seconds)
+        sample(served.unet, served.scheduler_config, [0], sampler="ddim", steps=1)
 
     def get(self, name: str, precision: str) -> ServedModel:
         try:
@@ -102,13 +116,14 @@ class ModelProvider:
         """Build the new variant off to the side, then swap it in with one assignment."""
         current = self.get(name, precision)
         fresh = self._build(name, precision, overrides, generation=current.generation + 1)
-        fresh.unet(torch.zeros(1, *self._base[name][0].sample_shape), torch.tensor(0))  # warm before serving
+        self._warm(fresh)  # compile and run it before it serves
         self._install(fresh)
         return fresh
 
     def describe(self) -> list[dict]:
         return [{"model": s.name, "precision": s.precision, "version": s.version,
-                 "calibration_hash": s.calibration_hash, "generation": s.generation, "cache_hit": s.cache_hit}
+                 "calibration_hash": s.calibration_hash, "generation": s.generation, "cache_hit": s.cache_hit,
+                 "backend": s.backend}
                 for s in list(self._served.values())]
 
     def _install(self, served: ServedModel) -> None:
@@ -118,18 +133,20 @@ class ModelProvider:
     def _build(self, name: str, precision: str, overrides: dict[str, Any] | None, generation: int) -> ServedModel:
         model, digest = self._base[name]
         if precision == "fp32":
-            unet, calibration_hash, hit = model.unet, None, None
+            unet, calibration_hash, hit, backend = model.unet, None, None, "eager"
         else:
             unet, calibration_hash, hit = quantize(model, precision, {**self.calibration, **(overrides or {})},
                                                    self.cache_dir)
+            unet = build_executor(unet, self.backend, max_batch=self.max_batch_images)
+            backend = getattr(unet, "backend", "fake")
         version = f"{digest[:12]}/{precision}/{(calibration_hash or 'none')[:12]}/r{generation}"
         return ServedModel(name, precision, unet, model.scheduler_config, version, calibration_hash, generation,
-                           hit)
+                           hit, backend)
 
 
 def quantize(model: DiffusionModel, precision: str, overrides: dict[str, Any],
              cache_dir: str) -> tuple[torch.nn.Module, str | None, bool]:
-    """The hook to the quantizer's PTQ entry point (fake-quant now; the int8 backend will plug in here)."""
+    """The hook to the quantizer's PTQ entry point: the fake-quant model, which `build_executor` then lowers."""
     if precision not in available_precisions():
         raise ValueError(f"precision {precision!r} is not available (served: {', '.join(available_precisions())})")
     from quantizer.ptq import quantize_model

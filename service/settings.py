@@ -17,6 +17,10 @@ from quantizer.models import BUILTIN_MODEL_NAME
 CommaList = Annotated[list[str], NoDecode]
 
 
+# Backends for quantized precisions (fp32 is served eager).
+SERVED_BACKENDS: tuple[str, ...] = ("auto", "int8-x86", "fake")
+
+
 class ServiceSettings(BaseSettings):
     """Every knob of the API and the workers; the README documents the same names and defaults."""
 
@@ -37,6 +41,9 @@ class ServiceSettings(BaseSettings):
                               description="comma list of NAME=PATH (or a bare name/path); the first is the default")
     precisions: CommaList = Field(default_factory=lambda: ["fp32"],
                                   description="precisions to serve; ones whose backend is missing are dropped")
+    backend: str = Field("auto", description="how quantized precisions run: auto (int8-x86 where the CPU has "
+                         "int8 kernels, else fake), int8-x86 (real int8, compiled per batch-size bucket at "
+                         "startup), fake (simulation)")
     calibration_cache_dir: str = Field(DEFAULT_CALIBRATION_CACHE_DIR, description="where quantization statistics live")
     calibration: dict[str, Any] = Field(default_factory=dict,
                                         description="JSON calibration/quant overrides for quantized precisions")
@@ -78,6 +85,13 @@ class ServiceSettings(BaseSettings):
     @classmethod
     def _json_object(cls, value: object) -> object:
         return json.loads(value) if isinstance(value, str) else value
+
+    @field_validator("backend")
+    @classmethod
+    def _known_backend(cls, value: str) -> str:
+        if value not in SERVED_BACKENDS:
+            raise ValueError(f"backend must be one of {', '.join(SERVED_BACKENDS)}, got {value!r}")
+        return value
 
     @field_validator("default_sampler")
     @classmethod

@@ -1,14 +1,17 @@
-"""Quantized precisions through the service: PTQ4DM fake-quant variants, calibration cache, one calibrator."""
+"""Quantized precisions through the service: fake-quant and real int8 variants, calibration cache, one calibrator."""
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import shutil
 
 import pytest
 from test_service_admin import AUTH, TOKEN, wait_operation
-from test_service_api import client_for, make_settings, wait_ready
+from test_service_api import client_for, decode, make_settings, wait_ready
 
+from quantizer.int8_x86 import int8_supported
+from quantizer.metrics import psnr
 from service.metrics import Metrics
 from service.provider import ModelProvider, available_precisions
 from service.settings import ServiceSettings
@@ -21,7 +24,7 @@ CALIBRATION = {"n_samples": 8, "steps": 4, "batch_size": 8, "n_candidates": 10, 
 
 
 def test_w8a8_jobs_carry_calibration_hash_and_requantize_changes_it(tiny_model_dir, tmp_path):
-    settings = make_settings(tiny_model_dir, precisions=["fp32", "w8a8"], calibration=CALIBRATION,
+    settings = make_settings(tiny_model_dir, precisions=["fp32", "w8a8"], calibration=CALIBRATION, backend="fake",
                              calibration_cache_dir=str(tmp_path / "cache"), admin_token=TOKEN)
     with client_for(settings) as client:
         wait_ready(client)
@@ -51,13 +54,14 @@ def test_workers_starting_together_calibrate_once(tiny_model_dir, tmp_path, redi
 
     settings = ServiceSettings(models=[f"tiny={tiny_model_dir}"], precisions=["w8a8"], calibration=CALIBRATION,
                                calibration_cache_dir=str(tmp_path / "cache"), redis_url=redis_server.url,
-                               redis_prefix=redis_prefix)
+                               redis_prefix=redis_prefix, backend="fake")
 
     async def start_two() -> list[dict]:
         workers = []
         for i in range(2):
             s = settings.model_copy(update={"worker_id": f"w{i}"})
-            provider = ModelProvider(s.model_paths, s.precisions, s.calibration_cache_dir, calibration=s.calibration)
+            provider = ModelProvider(s.model_paths, s.precisions, s.calibration_cache_dir, calibration=s.calibration,
+                                     backend=s.backend)
             workers.append(Worker(s, RedisQueue(s.redis_url, s.redis_prefix), provider, Metrics()))
         await asyncio.gather(*(w.start() for w in workers))
         described = [w.provider.describe()[0] for w in workers]
@@ -68,3 +72,20 @@ def test_workers_starting_together_calibrate_once(tiny_model_dir, tmp_path, redi
     described = asyncio.run(start_two())
     assert sorted(d["cache_hit"] for d in described) == [False, True]
     assert described[0]["calibration_hash"] == described[1]["calibration_hash"]
+
+
+@pytest.mark.skipif(int8_supported() is not None, reason=f"int8-x86 unavailable: {int8_supported()}")
+def test_w8a8_served_on_real_int8_kernels_matches_the_simulation(tiny_model_dir, tmp_path):
+    common = {"precisions": ["w8a8"], "calibration": CALIBRATION, "calibration_cache_dir": str(tmp_path / "cache"),
+              "admin_token": TOKEN, "max_batch_images": 2}
+    images = {}
+    for backend in ("int8-x86", "fake"):
+        with client_for(make_settings(tiny_model_dir, backend=backend, **common)) as client:
+            wait_ready(client)
+            (served,) = client.get("/admin/models", headers=AUTH).json()
+            assert served["backend"] == backend
+            job = client.post("/v1/generate", json={"seed": 11, "n": 3, "precision": "w8a8"}).json()
+            assert job["status"] == "succeeded" and len(job["images_png_base64"]) == 3
+            images[backend] = [decode(base64.b64decode(png)) for png in job["images_png_base64"]]
+    for real, fake in zip(images["int8-x86"], images["fake"], strict=True):  # one calibration, two executions
+        assert psnr(fake.reshape(1, 16, 16, 1), real.reshape(1, 16, 16, 1))[0] > 25

@@ -1,0 +1,271 @@
+"""Speed benchmark of the execution backends: fp32 eager/compiled, bf16 compiled, int8 fake and int8 real.
+
+Why: PTQ only pays if the quantized model runs faster than the float one on real kernels (targets, CIFAR-sized
+UNet, batch 16: int8 real >= 1.3x bf16 compiled and >= 4x fp32 eager; int8 weights <= 30% of fp32 bytes).
+Run from the repository root; prints a markdown report (and writes it with --out):
+
+    python bench/speed.py --out runs/bench-speed.md          # both models, batch 1 and 16 (~25 min, 2 cores)
+    python bench/speed.py --quick                            # built-in model, batch 1 and 4, smoke run
+    python bench/speed.py --models cifar --batches 16 --profile   # per-operator time, bf16 vs int8 real
+
+Method. Per model, every variant is built first (compile time recorded), then timed *interleaved*: each
+repeat runs every variant once in turn, so a noisy neighbour slows all of them alike; the table gives the
+median and ratios against fp32 eager of the same run. "UNet" times one forward at a mid-trajectory timestep;
+"DDIM-50" one full generation through `quantizer.sampling.sample` (scheduler steps included). Memory:
+"weights" is bytes of the tensors the variant computes with (for compiled graphs, the graph's constants);
+"peak RSS" is measured in a separate process per variant that builds it and runs one forward (largest batch).
+
+Models: the built-in Fashion-MNIST UNet (2.7M params, its real weights, PTQ4DM W8A8 NDTC calibration with a
+small calibration set: speed does not depend on the scale values) and a CIFAR-10-sized UNet2DModel (the DDPM
+CIFAR-10 architecture, 35.7M params) with random weights and a min-max calibration on a few random inputs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from diffusers import UNet2DModel
+
+from quantizer.execution import build_executor, weight_bytes
+from quantizer.models import DiffusionModel, load_model
+from quantizer.ptq import quantize_model
+from quantizer.sampling import sample
+
+# google/ddpm-cifar10-32's architecture (35.7M parameters; single-head attention at 16x16, as in DDPM).
+CIFAR_UNET_CONFIG = {
+    "sample_size": 32, "in_channels": 3, "out_channels": 3, "layers_per_block": 2,
+    "block_out_channels": (128, 256, 256, 256),
+    "down_block_types": ("DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"),
+    "up_block_types": ("UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
+    "attention_head_dim": None, "downsample_padding": 0, "flip_sin_to_cos": False, "freq_shift": 1,
+    "norm_eps": 1e-6, "norm_num_groups": 32,
+}
+VARIANTS: tuple[tuple[str, str, str], ...] = (  # label, precision, backend
+    ("fp32 eager", "fp32", "eager"),
+    ("fp32 compiled", "fp32", "compiled"),
+    ("bf16 compiled", "fp32", "bf16"),
+    ("int8 fake", "w8a8", "fake"),
+    ("int8 real", "w8a8", "int8-x86"),
+)
+
+
+def cifar_model() -> DiffusionModel:
+    torch.manual_seed(0)
+    unet = UNet2DModel(**CIFAR_UNET_CONFIG).eval()
+    return DiffusionModel(name="cifar10-sized-random", unet=unet,
+                          scheduler_config=load_model(None).scheduler_config)
+
+
+def quantized(model: DiffusionModel) -> DiffusionModel:
+    if model.name == "cifar10-sized-random":  # random weights: min-max ranges from a few random trajectories
+        overrides = {"n_samples": 8, "steps": 4, "batch_size": 8, "search": "minmax"}
+    else:
+        overrides = {"n_samples": 64, "steps": 25}
+    return quantize_model(model, "w8a8", overrides, cache_dir="runs/calibration-cache", progress=False)
+
+
+def build_variants(model: DiffusionModel, max_batch: int,
+                   only: str | None = None) -> tuple[dict[str, torch.nn.Module], dict[str, float]]:
+    """Executors for every variant plus each one's build time (quantization excluded, compile included)."""
+    qmodel = None
+    executors, build_s = {}, {}
+    for label, precision, backend in VARIANTS:
+        if only is not None and label != only:
+            continue
+        if precision != "fp32" and qmodel is None:
+            qmodel = quantized(model)
+        source = model.unet if precision == "fp32" else qmodel.unet
+        start = time.perf_counter()
+        executor = build_executor(source, backend, max_batch=max_batch)
+        if hasattr(executor, "warmup"):
+            executor.warmup([max_batch])
+        build_s[label] = time.perf_counter() - start
+        executors[label] = executor
+    return executors, build_s
+
+
+def time_interleaved(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
+    """Median seconds per call; every repeat runs every function once, in turn."""
+    for fn in fns.values():
+        fn()
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(repeats):
+        for label, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[label].append(time.perf_counter() - start)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def unet_call(unet: torch.nn.Module, batch: int, channels: int) -> Callable[[], object]:
+    x = torch.randn(batch, channels, 32, 32, generator=torch.Generator().manual_seed(0))
+    t = torch.tensor(500)
+
+    def run() -> object:
+        with torch.no_grad():
+            return unet(x, t).sample
+    return run
+
+
+def generation_call(unet: torch.nn.Module, scheduler_config: dict, batch: int) -> Callable[[], object]:
+    return lambda: sample(unet, scheduler_config, list(range(batch)), sampler="ddim", steps=50)
+
+
+@dataclass
+class ModelReport:
+    name: str
+    params: int
+    rows: list[dict]
+
+
+def bench_model(model: DiffusionModel, batches: list[int], repeats: int, gen_repeats: int,
+                rss: dict[str, int]) -> ModelReport:
+    channels = int(model.unet.config.in_channels)
+    rows = []
+    for batch in batches:
+        executors, build_s = build_variants(model, max_batch=batch)
+        fwd = time_interleaved({k: unet_call(u, batch, channels) for k, u in executors.items()}, repeats)
+        gen = time_interleaved({k: generation_call(u, model.scheduler_config, batch)
+                                for k, u in executors.items()}, gen_repeats) if gen_repeats else {}
+        for label, executor in executors.items():
+            rows.append({
+                "batch": batch, "variant": label, "unet_ms": fwd[label] * 1e3,
+                "unet_x": fwd["fp32 eager"] / fwd[label],
+                "gen_s": gen.get(label), "gen_x": gen["fp32 eager"] / gen[label] if gen else None,
+                "build_s": build_s[label], "weights_mb": weight_bytes(executor) / 2**20,
+                "rss_mb": rss.get(f"{label}@{batch}"),
+            })
+        del executors
+    return ModelReport(model.name, sum(p.numel() for p in model.unet.parameters()), rows)
+
+
+def child_peak_rss(model_name: str, label: str, batch: int) -> int:
+    """Peak RSS (MiB) of a fresh process that builds one variant and runs one forward."""
+    out = subprocess.run([sys.executable, __file__, "--rss-child", model_name, label, str(batch)],
+                         check=True, capture_output=True, text=True).stdout
+    return int(json.loads(out.strip().splitlines()[-1])["peak_rss_mb"])
+
+
+def rss_child(model_name: str, label: str, batch: int) -> None:
+    model = cifar_model() if model_name == "cifar10-sized-random" else load_model(model_name)
+    executors, _ = build_variants(model, batch, only=label)
+    unet_call(executors[label], batch, int(model.unet.config.in_channels))()
+    print(json.dumps({"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024}))
+
+
+def profile(model: DiffusionModel, batch: int, calls: int = 3) -> None:
+    """Where a forward's time goes, per operator (the 'Reading' section of docs/BENCHMARKS.md)."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    for label in ("bf16 compiled", "int8 real"):
+        executors, _ = build_variants(model, batch, only=label)
+        run = unet_call(executors[label], batch, int(model.unet.config.in_channels))
+        run()
+        with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+            for _ in range(calls):
+                run()
+        print(f"### {label}, batch {batch}, {calls} forwards")
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12, max_name_column_width=60))
+
+
+def cpu_summary() -> str:
+    flags: set[str] = set()
+    name = platform.processor()
+    with open("/proc/cpuinfo") as fh:
+        for line in fh:
+            if line.startswith("model name"):
+                name = line.split(":", 1)[1].strip()
+            if line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+    wanted = sorted(f for f in flags if f.startswith(("avx512", "amx", "avx_vnni", "avx2", "fma")))
+    return f"{name}, {os.cpu_count()} cores; flags: {' '.join(wanted)}"
+
+
+def fmt(value: float | None, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def render(reports: list[ModelReport], args: argparse.Namespace) -> str:
+    lines = [
+        "## Execution backends (bench/speed.py)",
+        "",
+        f"Command: `python bench/speed.py {' '.join(sys.argv[1:])}`  ",
+        f"Machine: {cpu_summary()}; torch {torch.__version__}, {torch.get_num_threads()} threads; "
+        f"{args.repeats} interleaved repeats per UNet forward, {args.gen_repeats} per DDIM-50 generation (medians).",
+        "",
+    ]
+    for rep in reports:
+        lines += [f"### {rep.name} ({rep.params / 1e6:.1f}M params)", "",
+                  "| batch | variant | UNet fwd ms | x fp32 eager | DDIM-50 s | x fp32 eager | build s "
+                  "| weights MiB | peak RSS MiB |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        for r in rep.rows:
+            lines.append(f"| {r['batch']} | {r['variant']} | {r['unet_ms']:.1f} | {r['unet_x']:.2f} | "
+                         f"{fmt(r['gen_s'], '.2f')} | {fmt(r['gen_x'], '.2f')} | {r['build_s']:.1f} | "
+                         f"{r['weights_mb']:.1f} | {fmt(r['rss_mb'], 'd')} |")
+        for batch in sorted({r["batch"] for r in rep.rows}):
+            by = {r["variant"]: r for r in rep.rows if r["batch"] == batch}
+            if "int8 real" in by and "bf16 compiled" in by:
+                lines.append("")
+                vs_bf16 = by["bf16 compiled"]["unet_ms"] / by["int8 real"]["unet_ms"]
+                lines.append(f"Batch {batch}: int8 real is {vs_bf16:.2f}x bf16 compiled and "
+                             f"{by['int8 real']['unet_x']:.2f}x fp32 eager per UNet forward; "
+                             f"int8 weights are {by['int8 real']['weights_mb'] / by['fp32 eager']['weights_mb']:.0%} "
+                             "of fp32.")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", default="builtin,cifar", help="comma list of builtin, cifar")
+    parser.add_argument("--batches", default="1,16")
+    parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--gen-repeats", type=int, default=3, help="0 skips the DDIM-50 generations")
+    parser.add_argument("--no-rss", action="store_true", help="skip the per-variant peak-RSS processes")
+    parser.add_argument("--quick", action="store_true", help="built-in model, batches 1,4, few repeats")
+    parser.add_argument("--out", default=None)
+    parser.add_argument("--profile", action="store_true",
+                        help="instead: torch.profiler tables of bf16 compiled and int8 real (first model/batch)")
+    parser.add_argument("--rss-child", nargs=3, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.rss_child:
+        rss_child(args.rss_child[0], args.rss_child[1], int(args.rss_child[2]))
+        return 0
+    if args.quick:
+        args.models, args.batches, args.repeats, args.gen_repeats, args.no_rss = "builtin", "1,4", 3, 1, True
+    batches = [int(b) for b in args.batches.split(",")]
+    if args.profile:
+        key = args.models.split(",")[0]
+        profile(cifar_model() if key == "cifar" else load_model(None), batches[0])
+        return 0
+    reports = []
+    for key in args.models.split(","):
+        model = cifar_model() if key == "cifar" else load_model(None)
+        rss = {}
+        if not args.no_rss:  # at the largest batch only: each is a separate process that compiles its variant
+            name = model.name if key == "cifar" else "fashion-mnist-ddpm"
+            rss = {f"{label}@{max(batches)}": child_peak_rss(name, label, max(batches)) for label, _, _ in VARIANTS}
+        reports.append(bench_model(model, batches, args.repeats, args.gen_repeats, rss))
+        print(render(reports, args), flush=True)
+    text = render(reports, args)
+    if args.out:
+        with open(args.out, "w") as fh:
+            fh.write(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

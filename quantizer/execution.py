@@ -1,0 +1,234 @@
+"""Execution backends: how a (possibly quantized) UNet is actually run.
+
+One verb, `build_executor(model, backend)`, returns an `ExecutableUNet`: a drop-in for the UNet in `sample()`
+(same call, `.config`, `.dtype`, `.device`). Backends:
+
+* ``eager``     the model as loaded (fp32), or the fake-quant simulation for a quantized model;
+* ``compiled``  torch.compile (inductor) of the fp32 model;
+* ``bf16``      the fp32 weights cast to bfloat16, compiled (the mixed-precision baseline int8 must beat);
+* ``fake``      the PTQ4DM fake-quant model, eager (reference; any device, any bit width);
+* ``int8-x86``  real int8 oneDNN kernels (VNNI/AMX) driven by PTQ4DM's scales, see `quantizer.int8_x86`;
+* ``auto``      int8-x86 for a quantized model where it is supported, else fake; eager for fp32.
+
+Compiled graphs are static in the batch size (int8 dynamic-batch graphs fail inductor's layout checks in
+torch 2.13), so batches are padded up to a power-of-two bucket (1, 2, 4, ...; at most 2x work, usually
+none: the service and evaluation use power-of-two batches) and split above `max_batch`. Each bucket is
+exported and compiled once, on first use or in `warmup`; inductor's on-disk FX graph cache makes a restart
+of the same model cheaper.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterable
+
+import torch
+from diffusers.models.unets.unet_2d import UNet2DOutput
+from torch import nn
+
+from quantizer.int8_x86 import UNetForward, check_int8_grid, int8_supported, lower_int8_x86
+from quantizer.quant_modules import QuantLayer
+
+logger = logging.getLogger(__name__)
+
+BACKENDS: tuple[str, ...] = ("auto", "eager", "compiled", "bf16", "fake", "int8-x86")
+DEFAULT_MAX_BATCH = 64
+
+
+class BackendUnavailable(RuntimeError):
+    """The backend cannot run here (hardware, missing package) or not for this model."""
+
+
+def is_quantized(unet: nn.Module) -> bool:
+    return any(isinstance(m, QuantLayer) for m in unet.modules())
+
+
+def resolve_backend(backend: str, quantized: bool, device: torch.device | str = "cpu") -> str:
+    """The concrete backend `backend` means for this model and device; BackendUnavailable if it cannot run."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+    on_cpu = torch.device(device).type == "cpu"
+    if backend == "auto":
+        if not quantized:
+            return "eager"
+        return "int8-x86" if on_cpu and int8_supported() is None else "fake"
+    if quantized and backend in ("eager", "compiled", "bf16"):
+        raise BackendUnavailable(f"backend {backend!r} runs unquantized models; use 'fake' or 'int8-x86'")
+    if not quantized and backend in ("fake", "int8-x86"):
+        raise BackendUnavailable(f"backend {backend!r} needs a quantized model (precision w<b>a<b>)")
+    if backend == "int8-x86":
+        if not on_cpu:
+            raise BackendUnavailable("int8-x86 runs on the CPU; no int8 GPU backend is implemented (use 'fake')")
+        reason = int8_supported()
+        if reason is not None:
+            raise BackendUnavailable(f"int8-x86 is unavailable here: {reason}")
+    return backend
+
+
+def float_weights_of(quant_unet: nn.Module) -> nn.Module:
+    """An fp32 UNet with the quantized model's original weights (QuantLayer wrappers and attention hooks undone)."""
+    unet = copy.deepcopy(quant_unet)
+    for name, module in list(unet.named_modules()):
+        if isinstance(module, QuantLayer):
+            parent_name, _, child = name.rpartition(".")
+            setattr(unet.get_submodule(parent_name) if parent_name else unet, child, module.layer)
+    if hasattr(unet, "set_default_attn_processor"):
+        unet.set_default_attn_processor()
+    return unet.eval()
+
+
+def bucket(batch: int, max_batch: int) -> int:
+    """Smallest power of two >= batch, capped at max_batch."""
+    return min(1 << (batch - 1).bit_length(), max_batch)
+
+
+class ExecutableUNet(nn.Module):
+    """A UNet behind a backend; call it like a UNet2DModel: unet(x_t, t).sample."""
+
+    def __init__(self, unet: nn.Module, backend: str, max_batch: int = DEFAULT_MAX_BATCH,
+                 reference: nn.Module | None = None) -> None:
+        super().__init__()
+        if max_batch < 1:
+            raise ValueError(f"max_batch must be >= 1, got {max_batch}")
+        self.backend = backend
+        self.config = unet.config
+        self.max_batch = max_batch
+        self.compile_seconds: dict[int, float] = {}
+        self._lock = threading.Lock()
+        self._graphs: dict[int, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {}
+        self.graph_modules: dict[int, nn.Module] = {}
+        self._device = next(unet.parameters()).device
+        self._dtype = torch.bfloat16 if backend == "bf16" else torch.float32
+        # `unet` is what the graphs are built from; `reference` (the fake-quant model) supplies int8 qparams.
+        self.unet = unet.to(self._dtype) if backend == "bf16" else unet
+        self.reference = reference
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self._dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self._device
+
+    @property
+    def compiled(self) -> bool:
+        return self.backend in ("compiled", "bf16", "int8-x86")
+
+    def warmup(self, batch_sizes: Iterable[int] = (1,)) -> dict[int, float]:
+        """Build the graphs for these batch sizes now (not on the first request); returns seconds per bucket."""
+        if self.compiled:
+            for b in sorted({bucket(b, self.max_batch) for b in batch_sizes}):
+                self._graph(b)
+        return dict(self.compile_seconds)
+
+    def forward(self, sample: torch.Tensor, timestep: torch.Tensor | int, return_dict: bool = True,
+                **kwargs: object) -> UNet2DOutput | tuple[torch.Tensor]:
+        if kwargs:
+            raise TypeError(f"unsupported arguments for an executed UNet: {', '.join(kwargs)}")
+        if not self.compiled:
+            out = self.unet(sample, timestep, return_dict=False)[0]
+        else:
+            out = self._run_compiled(sample, self._scalar_timestep(timestep))
+        return UNet2DOutput(sample=out) if return_dict else (out,)
+
+    def _scalar_timestep(self, timestep: torch.Tensor | int) -> torch.Tensor:
+        t = torch.as_tensor(timestep, device=self._device)
+        if t.numel() != 1 and not bool((t == t.reshape(-1)[0]).all()):
+            raise ValueError("compiled backends take one timestep per batch (every image at the same t)")
+        return t.reshape(-1)[0].to(torch.int64)
+
+    @torch.no_grad()
+    def _run_compiled(self, sample: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        x = sample.to(self._device, self._dtype)
+        outputs = []
+        for chunk in x.split(self.max_batch):
+            n = chunk.shape[0]
+            b = bucket(n, self.max_batch)
+            if b > n:
+                chunk = torch.cat([chunk, chunk.new_zeros(b - n, *chunk.shape[1:])])
+            outputs.append(self._graph(b)(chunk.contiguous(), t)[:n])
+        return torch.cat(outputs)
+
+    def _graph(self, batch: int) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+        graph = self._graphs.get(batch)
+        if graph is not None:
+            return graph
+        with self._lock:
+            if batch not in self._graphs:
+                start = time.perf_counter()
+                self._graphs[batch] = self._compile(batch)
+                self.compile_seconds[batch] = round(time.perf_counter() - start, 2)
+                logger.info("%s graph for batch %d built in %.1f s", self.backend, batch,
+                            self.compile_seconds[batch])
+            return self._graphs[batch]
+
+    def _compile(self, batch: int) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+        import torch._inductor.config as inductor_config
+
+        # Freezing folds weights into constants so oneDNN can prepack them (int8 needs it to pick int8
+        # kernels). Set globally: torch.compile(options={"freezing": True}) fails in 2.13 with prepack errors.
+        inductor_config.freezing = True
+        channels, size = int(self.config.in_channels), self.config.sample_size
+        h, w = (size, size) if isinstance(size, int) else size
+        example = (torch.randn(batch, channels, h, w, device=self._device, dtype=self._dtype),
+                   torch.tensor(0, device=self._device))
+        if self.backend == "int8-x86":
+            module = lower_int8_x86(self.unet, self.reference, batch)
+        else:
+            module = torch.export.export(UNetForward(self.unet).eval(), example).module()
+        self.graph_modules[batch] = module
+        graph = torch.compile(module)
+        with torch.no_grad():
+            graph(*example)  # compile now, not on the first request
+        return graph
+
+
+def build_executor(unet: nn.Module, backend: str = "auto", max_batch: int = DEFAULT_MAX_BATCH) -> nn.Module:
+    """`unet` ready to run on `backend`: the module itself for eager/fake, an ExecutableUNet otherwise.
+
+    unet: an fp32 UNet2DModel, or a fake-quant one from quantize_/quantize_model.
+    """
+    quantized = is_quantized(unet)
+    device = next(unet.parameters()).device
+    requested, backend = backend, resolve_backend(backend, quantized, device)
+    if backend == "int8-x86":
+        try:
+            check_int8_grid(unet)  # fail now, not at the first batch
+        except ValueError as exc:
+            if requested != "auto":
+                raise
+            logger.info("auto backend: running fake quant (%s)", exc)
+            backend = "fake"
+    if backend in ("eager", "fake"):
+        return unet
+    if backend == "int8-x86":
+        return ExecutableUNet(float_weights_of(unet), backend, max_batch, reference=unet)
+    return ExecutableUNet(copy.deepcopy(unet).eval(), backend, max_batch)
+
+
+def weight_bytes(module: nn.Module) -> int:
+    """Bytes of the tensors a model computes with: parameters and buffers, or an exported graph's constants.
+
+    For an ExecutableUNet, the graph built for its largest batch (what a serving process keeps per bucket).
+    """
+    if isinstance(module, ExecutableUNet):
+        if not module.graph_modules:
+            raise ValueError("no graph built yet; call warmup() first")
+        module = module.graph_modules[max(module.graph_modules)]
+    tensors: dict[int, torch.Tensor] = {}
+    if isinstance(module, torch.fx.GraphModule):  # only what the graph reads (export keeps unused originals)
+        for node in module.graph.nodes:
+            if node.op == "get_attr":
+                value = module
+                for part in str(node.target).split("."):
+                    value = getattr(value, part)
+                if isinstance(value, torch.Tensor):
+                    tensors[value.data_ptr()] = value
+    else:
+        for t in (*module.parameters(), *module.buffers()):
+            tensors[t.data_ptr()] = t
+    return sum(t.numel() * t.element_size() for t in tensors.values())
