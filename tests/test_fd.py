@@ -39,3 +39,22 @@ def test_fd_separates_real_from_corrupted_images():
     same = fd_between(clf, real_a, real_b)
     corrupted = fd_between(clf, real_a, noisy)
     assert corrupted > 5 * same
+
+
+def test_generate_in_batches_resumes_from_finished_batches(tiny_unet, scheduler_config, tmp_path):
+    from quantizer.evaluate import generate_in_batches
+
+    calls = {"n": 0}
+    handle = tiny_unet.register_forward_pre_hook(lambda *_: calls.__setitem__("n", calls["n"] + 1))
+    try:
+        seeds = list(range(10, 15))
+        first = generate_in_batches(tiny_unet, scheduler_config, seeds, "ddim", 3, batch_size=2, cache_dir=tmp_path)
+        files = sorted(p.name for p in tmp_path.iterdir())
+        assert files == ["seeds-10-11.safetensors", "seeds-12-13.safetensors", "seeds-14-14.safetensors"]
+        assert calls["n"] == 3 * 3
+        (tmp_path / "seeds-12-13.safetensors").unlink()  # an interrupted run: one batch missing
+        again = generate_in_batches(tiny_unet, scheduler_config, seeds, "ddim", 3, batch_size=2, cache_dir=tmp_path)
+        assert calls["n"] == 3 * 3 + 3  # only the missing batch was sampled
+        assert torch.equal(first, again)
+    finally:
+        handle.remove()

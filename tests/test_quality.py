@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from quantizer.images import to_uint8
-from quantizer.metrics import psnr
+from quantizer.metrics import psnr, ssim
 from quantizer.models import load_model
 from quantizer.ptq import quantize_model
 from quantizer.sampling import sample
@@ -18,6 +18,19 @@ def test_psnr_metric():
     b[1] += 255
     out = psnr(a, b)
     assert np.isinf(out[0]) and out[1] == pytest.approx(0.0)
+
+
+def test_ssim_metric():
+    rng = np.random.default_rng(0)
+    a = rng.integers(0, 256, (3, 16, 16, 1)).astype(np.uint8)
+    noisy = np.clip(a + rng.normal(0, 40, a.shape), 0, 255).astype(np.uint8)
+    noisier = np.clip(a + rng.normal(0, 120, a.shape), 0, 255).astype(np.uint8)
+    assert np.allclose(ssim(a, a), 1.0)
+    assert np.all(ssim(a, noisy) < 0.95) and np.all(ssim(a, noisier) < ssim(a, noisy))
+    assert np.allclose(ssim(a, noisy), ssim(noisy, a))  # symmetric
+    assert np.all(ssim(a, 255 - a) < 0)  # anti-correlated structure
+    rgb = np.repeat(a, 3, axis=3)
+    assert np.allclose(ssim(rgb, rgb), 1.0) and ssim(rgb, rgb).shape == (3,)
 
 
 def test_w8a8_ndtc_matches_fp_at_30_db_on_builtin_model(builtin_model_dir, tmp_path):
