@@ -57,6 +57,7 @@ VARIANTS: tuple[tuple[str, str, str], ...] = (  # label, precision, backend
     ("bf16 compiled", "fp32", "bf16"),
     ("int8 fake", "w8a8", "fake"),
     ("int8 real", "w8a8", "int8-x86"),
+    ("int8+bf16 real", "w8a8", "int8-bf16-x86"),
 )
 
 

@@ -8,6 +8,8 @@ One verb, `build_executor(model, backend)`, returns an `ExecutableUNet`: a drop-
 * ``bf16``      the fp32 weights cast to bfloat16, compiled (the mixed-precision baseline int8 must beat);
 * ``fake``      the PTQ4DM fake-quant model, eager (reference; any device, any bit width);
 * ``int8-x86``  real int8 oneDNN kernels (VNNI/AMX) driven by PTQ4DM's scales, see `quantizer.int8_x86`;
+* ``int8-bf16-x86``  the same int8 convolutions/linears with every other op (GroupNorm, SiLU, adds, attention)
+                in bfloat16 instead of fp32 (autocast over the int8 graph; needs AVX512-BF16 or AMX);
 * ``auto``      int8-x86 for a quantized model where it is supported, else fake; eager for fp32.
 
 Compiled graphs are static in the batch size (int8 dynamic-batch graphs fail inductor's layout checks in
@@ -29,12 +31,13 @@ import torch
 from diffusers.models.unets.unet_2d import UNet2DOutput
 from torch import nn
 
-from quantizer.int8_x86 import UNetForward, check_int8_grid, int8_supported, lower_int8_x86
+from quantizer.int8_x86 import UNetForward, check_int8_grid, int8_supported, lower_int8_x86, native_bf16
 from quantizer.quant_modules import QuantLayer
 
 logger = logging.getLogger(__name__)
 
-BACKENDS: tuple[str, ...] = ("auto", "eager", "compiled", "bf16", "fake", "int8-x86")
+BACKENDS: tuple[str, ...] = ("auto", "eager", "compiled", "bf16", "fake", "int8-x86", "int8-bf16-x86")
+INT8_BACKENDS: tuple[str, ...] = ("int8-x86", "int8-bf16-x86")
 DEFAULT_MAX_BATCH = 64
 
 
@@ -57,14 +60,16 @@ def resolve_backend(backend: str, quantized: bool, device: torch.device | str = 
         return "int8-x86" if on_cpu and int8_supported() is None else "fake"
     if quantized and backend in ("eager", "compiled", "bf16"):
         raise BackendUnavailable(f"backend {backend!r} runs unquantized models; use 'fake' or 'int8-x86'")
-    if not quantized and backend in ("fake", "int8-x86"):
+    if not quantized and backend in ("fake", *INT8_BACKENDS):
         raise BackendUnavailable(f"backend {backend!r} needs a quantized model (precision w<b>a<b>)")
-    if backend == "int8-x86":
+    if backend in INT8_BACKENDS:
         if not on_cpu:
-            raise BackendUnavailable("int8-x86 runs on the CPU; no int8 GPU backend is implemented (use 'fake')")
+            raise BackendUnavailable(f"{backend} runs on the CPU; no int8 GPU backend is implemented (use 'fake')")
         reason = int8_supported()
+        if reason is None and backend == "int8-bf16-x86" and not native_bf16():
+            reason = "the CPU has no native bfloat16 (AVX512-BF16 / AMX)"
         if reason is not None:
-            raise BackendUnavailable(f"int8-x86 is unavailable here: {reason}")
+            raise BackendUnavailable(f"{backend} is unavailable here: {reason}")
     return backend
 
 
@@ -78,6 +83,23 @@ def float_weights_of(quant_unet: nn.Module) -> nn.Module:
     if hasattr(unet, "set_default_attn_processor"):
         unet.set_default_attn_processor()
     return unet.eval()
+
+
+def drop_dtype_asserts(graph: torch.fx.GraphModule) -> None:
+    """Remove export's fp32 dtype assertions, so autocast may run the float ops of the graph in bf16."""
+    for node in list(graph.graph.nodes):
+        if node.op == "call_function" and node.target == torch.ops.aten._assert_tensor_metadata.default:
+            graph.graph.erase_node(node)
+    graph.graph.lint()
+    graph.recompile()
+
+
+def _under_bf16_autocast(fn: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+    """Compile and run under CPU bf16 autocast (the compiled code guards on it); hand back fp32."""
+    def run(*args: torch.Tensor) -> torch.Tensor:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return fn(*args).float()
+    return run
 
 
 def bucket(batch: int, max_batch: int) -> int:
@@ -116,7 +138,7 @@ class ExecutableUNet(nn.Module):
 
     @property
     def compiled(self) -> bool:
-        return self.backend in ("compiled", "bf16", "int8-x86")
+        return self.backend in ("compiled", "bf16", *INT8_BACKENDS)
 
     def warmup(self, batch_sizes: Iterable[int] = (1,)) -> dict[int, float]:
         """Build the graphs for these batch sizes now (not on the first request); returns seconds per bucket."""
@@ -176,12 +198,16 @@ class ExecutableUNet(nn.Module):
         h, w = (size, size) if isinstance(size, int) else size
         example = (torch.randn(batch, channels, h, w, device=self._device, dtype=self._dtype),
                    torch.tensor(0, device=self._device))
-        if self.backend == "int8-x86":
+        if self.backend in INT8_BACKENDS:
             module = lower_int8_x86(self.unet, self.reference, batch)
+            if self.backend == "int8-bf16-x86":
+                drop_dtype_asserts(module)
         else:
             module = torch.export.export(UNetForward(self.unet).eval(), example).module()
         self.graph_modules[batch] = module
         graph = torch.compile(module)
+        if self.backend == "int8-bf16-x86":
+            graph = _under_bf16_autocast(graph)
         with torch.no_grad():
             graph(*example)  # compile now, not on the first request
         return graph
@@ -195,7 +221,7 @@ def build_executor(unet: nn.Module, backend: str = "auto", max_batch: int = DEFA
     quantized = is_quantized(unet)
     device = next(unet.parameters()).device
     requested, backend = backend, resolve_backend(backend, quantized, device)
-    if backend == "int8-x86":
+    if backend in INT8_BACKENDS:
         try:
             check_int8_grid(unet)  # fail now, not at the first batch
         except ValueError as exc:
@@ -205,7 +231,7 @@ def build_executor(unet: nn.Module, backend: str = "auto", max_batch: int = DEFA
             backend = "fake"
     if backend in ("eager", "fake"):
         return unet
-    if backend == "int8-x86":
+    if backend in INT8_BACKENDS:
         return ExecutableUNet(float_weights_of(unet), backend, max_batch, reference=unet)
     return ExecutableUNet(copy.deepcopy(unet).eval(), backend, max_batch)
 

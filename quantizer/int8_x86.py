@@ -54,6 +54,11 @@ def int8_supported() -> str | None:
     return None
 
 
+def native_bf16() -> bool:
+    """Whether the CPU computes in bfloat16 natively (otherwise bf16 is emulated and slower than fp32)."""
+    return bool({"avx512_bf16", "amx_bf16"} & _cpu_flags())
+
+
 def _cpu_flags() -> set[str]:
     try:
         with open("/proc/cpuinfo") as fh:

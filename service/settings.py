@@ -18,7 +18,7 @@ CommaList = Annotated[list[str], NoDecode]
 
 
 # Backends for quantized precisions (fp32 is served eager).
-SERVED_BACKENDS: tuple[str, ...] = ("auto", "int8-x86", "fake")
+SERVED_BACKENDS: tuple[str, ...] = ("auto", "int8-x86", "int8-bf16-x86", "fake")
 
 
 class ServiceSettings(BaseSettings):
@@ -43,7 +43,7 @@ class ServiceSettings(BaseSettings):
                                   description="precisions to serve; ones whose backend is missing are dropped")
     backend: str = Field("auto", description="how quantized precisions run: auto (int8-x86 where the CPU has "
                          "int8 kernels, else fake), int8-x86 (real int8, compiled per batch-size bucket at "
-                         "startup), fake (simulation)")
+                         "startup), int8-bf16-x86 (int8 plus bf16 for the other ops), fake (simulation)")
     calibration_cache_dir: str = Field(DEFAULT_CALIBRATION_CACHE_DIR, description="where quantization statistics live")
     calibration: dict[str, Any] = Field(default_factory=dict,
                                         description="JSON calibration/quant overrides for quantized precisions")

@@ -20,7 +20,7 @@ from quantizer.execution import (
     resolve_backend,
     weight_bytes,
 )
-from quantizer.int8_x86 import int8_supported
+from quantizer.int8_x86 import int8_supported, native_bf16
 from quantizer.quantize import quantize_
 from quantizer.sampling import sample
 
@@ -28,6 +28,8 @@ from quantizer.sampling import sample
 # differ only in rounding order inside the kernels (int32 accumulation, requantization with a reciprocal
 # scale) and in q/k/v sharing one input scale; measured ~0.006 on the built-in model.
 INT8_VS_FAKE_BOUND = 0.03
+# int8-bf16-x86 adds bf16 rounding of every non-quantized op (bf16 alone vs fp32: < 0.05 on the tiny UNet).
+INT8_BF16_VS_FAKE_BOUND = 0.08
 
 needs_int8 = pytest.mark.skipif(int8_supported() is not None, reason=f"int8-x86 unavailable: {int8_supported()}")
 
@@ -64,6 +66,15 @@ def test_int8_real_reproduces_fake_quant_on_calibration_inputs(int8_unet, fake_w
     # and it is a quantized model, not the float one run through a different path
     assert rel_error(real, fake) < rel_error(fake, fp)
     assert rel_error(real, fp) > 1e-4
+
+
+@needs_int8
+@pytest.mark.skipif(not native_bf16(), reason="no native bf16 on this CPU")
+def test_int8_with_bf16_elsewhere_stays_close_to_fake_quant(fake_w8a8, calib):
+    mixed = build_executor(fake_w8a8, "int8-bf16-x86", max_batch=1)
+    out = per_sample(mixed, calib)
+    assert out.dtype == torch.float32
+    assert rel_error(out, per_sample(fake_w8a8, calib)) < INT8_BF16_VS_FAKE_BOUND
 
 
 @needs_int8
@@ -121,7 +132,9 @@ def test_backend_resolution_and_errors(tiny_unet, fake_w8a8):
         build_executor(fake_w8a8, "bf16")
     with pytest.raises(BackendUnavailable, match="int8-x86 runs on the CPU"):
         resolve_backend("int8-x86", quantized=True, device="cuda")
-    assert set(BACKENDS) >= {"auto", "fake", "int8-x86", "eager", "compiled", "bf16"}
+    assert set(BACKENDS) >= {"auto", "fake", "int8-x86", "int8-bf16-x86", "eager", "compiled", "bf16"}
+    with pytest.raises(BackendUnavailable, match="needs a quantized model"):
+        build_executor(tiny_unet, "int8-bf16-x86")
 
 
 @needs_int8
