@@ -13,7 +13,8 @@ repeat runs every variant once in turn, so a noisy neighbour slows all of them a
 median and ratios against fp32 eager of the same run. "UNet" times one forward at a mid-trajectory timestep;
 "DDIM-50" one full generation through `quantizer.sampling.sample` (scheduler steps included). Memory:
 "weights" is bytes of the tensors the variant computes with (for compiled graphs, the graph's constants);
-"peak RSS" is measured in a separate process per variant that builds it and runs one forward (largest batch).
+"peak RSS" is measured in a separate process per variant that builds it, compiles every batch bucket up to the
+largest batch (as a worker does) and runs one forward.
 
 Models: the built-in Fashion-MNIST UNet (2.7M params, its real weights, PTQ4DM W8A8 NDTC calibration with a
 small calibration set: speed does not depend on the scale values) and a CIFAR-10-sized UNet2DModel (the DDPM
@@ -159,10 +160,22 @@ def child_peak_rss(model_name: str, label: str, batch: int) -> int:
 
 
 def rss_child(model_name: str, label: str, batch: int) -> None:
+    """Like a serving worker: every bucket up to `batch` compiled (then the build-time float copies are freed)."""
     model = cifar_model() if model_name == "cifar10-sized-random" else load_model(model_name)
     executors, _ = build_variants(model, batch, only=label)
-    unet_call(executors[label], batch, int(model.unet.config.in_channels))()
-    print(json.dumps({"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024}))
+    executor = executors[label]
+    del executors
+    if hasattr(executor, "warmup"):
+        executor.warmup(range(1, batch + 1))
+    del model
+    unet_call(executor, batch, 3 if model_name == "cifar10-sized-random" else 1)()
+    import gc
+
+    gc.collect()
+    with open("/proc/self/status") as fh:
+        current = next(int(line.split()[1]) for line in fh if line.startswith("VmRSS:"))
+    print(json.dumps({"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024,
+                      "rss_mb": current // 1024}))
 
 
 def profile(model: DiffusionModel, batch: int, calls: int = 3) -> None:

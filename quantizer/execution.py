@@ -184,6 +184,10 @@ class ExecutableUNet(nn.Module):
                 start = time.perf_counter()
                 self._graphs[batch] = self._compile(batch)
                 self.compile_seconds[batch] = round(time.perf_counter() - start, 2)
+                if set(self._graphs) >= {bucket(b, self.max_batch) for b in range(1, self.max_batch + 1)}:
+                    # Every bucket is compiled: the float UNet and the fake-quant model are no longer needed.
+                    self.unet = None
+                    self.reference = None
                 logger.info("%s graph for batch %d built in %.1f s", self.backend, batch,
                             self.compile_seconds[batch])
             return self._graphs[batch]

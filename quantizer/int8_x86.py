@@ -193,4 +193,17 @@ def lower_int8_x86(float_unet: nn.Module, quant_unet: nn.Module, batch_size: int
     logger.info("int8-x86 graph: %(weights)d weight and %(activations)d activation qparams from PTQ4DM "
                 "(%(duplicated)d observers split per layer), %(removed)d observers removed (edges kept in float)",
                 counts)
-    return convert_pt2e(prepared)
+    converted = convert_pt2e(prepared)
+    _drop_unused_tensors(converted)
+    return converted
+
+
+def _drop_unused_tensors(graph_module: fx.GraphModule) -> None:
+    """Delete parameters/buffers the graph never reads: convert_pt2e leaves every fp32 weight attached next to
+    its folded int8 copy, which would keep the int8 model as large as the float one in memory."""
+    used = {str(n.target) for n in graph_module.graph.nodes if n.op == "get_attr"}
+    for name, _ in [*graph_module.named_parameters(), *graph_module.named_buffers()]:
+        if name not in used:
+            owner, _, leaf = name.rpartition(".")
+            delattr(graph_module.get_submodule(owner) if owner else graph_module, leaf)
+    graph_module.delete_all_unused_submodules()
