@@ -7,6 +7,7 @@ from typing import Literal
 
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler, UNet2DModel
+from torch import nn
 
 Sampler = Literal["ddpm", "ddim"]
 SAMPLERS: tuple[str, ...] = ("ddpm", "ddim")
@@ -69,13 +70,24 @@ def sample(
     batch_size = len(seeds) if batch_size is None else batch_size
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    param = next(unet.parameters())
+    device, dtype = device_and_dtype(unet)
     outputs = []
     for start in range(0, len(seeds), batch_size):
         chunk = list(seeds[start: start + batch_size])
         outputs.append(_sample_batch(unet, scheduler_config, chunk, shape, sampler, steps, eta,
-                                     param.device, param.dtype, callback))
+                                     device, dtype, callback))
     return torch.cat(outputs)
+
+
+def device_and_dtype(unet: nn.Module) -> tuple[torch.device, torch.dtype]:
+    """Where a UNet's inputs go: its own `device`/`dtype` (diffusers models and executors, whose compiled graphs
+    may hold no parameters at all), else its first parameter's."""
+    if hasattr(unet, "device") and hasattr(unet, "dtype"):
+        return torch.device(unet.device), unet.dtype
+    param = next(unet.parameters(), None)
+    if param is None:
+        raise ValueError(f"{type(unet).__name__} has no parameters and no device/dtype: cannot place its inputs")
+    return param.device, param.dtype
 
 
 def _sample_batch(unet: UNet2DModel, scheduler_config: dict, seeds: list[int], shape: tuple[int, int, int],

@@ -31,6 +31,18 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
+async def in_thread(fn: Callable[..., T], *args: object) -> T:
+    """asyncio.to_thread, except that a StopIteration escaping `fn` fails the caller: asyncio cannot set it on a
+    future, so a bare to_thread would leave the awaiting task pending forever."""
+    def call() -> T:
+        try:
+            return fn(*args)
+        except StopIteration as exc:
+            raise RuntimeError(f"{getattr(fn, '__qualname__', fn)} raised StopIteration") from exc
+
+    return await asyncio.to_thread(call)
+
+
 class _AllCancelled(Exception):
     """Raised from the step callback: every job in the pass was cancelled, stop between denoising steps."""
 
@@ -78,14 +90,14 @@ class Worker:
 
             torch.set_num_threads(self.settings.torch_threads)
         try:
-            await asyncio.to_thread(self.provider.load_base)
+            await in_thread(self.provider.load_base)
             for name, precision in self.provider.keys:
                 if precision == "fp32":
-                    await asyncio.to_thread(self.provider.build, name, precision)
+                    await in_thread(self.provider.build, name, precision)
                     continue
                 async with self._calibration_lock(f"calibrate:{name}:{precision}"):
-                    await asyncio.to_thread(self.provider.build, name, precision)
-            await asyncio.to_thread(self.provider.warm_up)
+                    await in_thread(self.provider.build, name, precision)
+            await in_thread(self.provider.warm_up)
         except Exception as exc:
             self.state, self.error = "failed", f"{type(exc).__name__}: {exc}"
             raise
@@ -219,7 +231,7 @@ class Worker:
             self.metrics.batch_size.observe(len(slots))
             began = time.perf_counter()
             try:
-                x = await asyncio.to_thread(self._sample_pass, loop, served, spec, slots, index, job_passes, stopped)
+                x = await in_thread(self._sample_pass, loop, served, spec, slots, index, job_passes, stopped)
             except _AllCancelled:
                 continue
             except Exception as exc:  # a bad batch fails its jobs instead of being retried forever
@@ -362,7 +374,7 @@ class Worker:
                 for precision in precisions:
                     if (op["model"], precision) not in self.provider.keys:
                         continue
-                    fresh = await asyncio.to_thread(self.provider.requantize, op["model"], precision,
+                    fresh = await in_thread(self.provider.requantize, op["model"], precision,
                                                     op.get("calibration"))
                     result["models"].append({"precision": precision, "version": fresh.version,
                                              "calibration_hash": fresh.calibration_hash})

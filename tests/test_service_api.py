@@ -50,8 +50,11 @@ def client_for(settings: ServiceSettings) -> TestClient:
 def wait_ready(client: TestClient, timeout_s: float = 60) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        if client.get("/readyz").status_code == 200:
+        ready = client.get("/readyz")
+        if ready.status_code == 200:
             return
+        if "error" in ready.json():  # the worker failed to start: it will not become ready
+            raise AssertionError(f"worker failed: {ready.json()}")
         time.sleep(0.05)
     raise AssertionError(f"never ready: {client.get('/readyz').json()}")
 

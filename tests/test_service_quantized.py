@@ -78,10 +78,11 @@ def test_workers_starting_together_calibrate_once(tiny_model_dir, tmp_path, redi
 def test_w8a8_served_on_real_int8_kernels_matches_the_simulation(tiny_model_dir, tmp_path):
     common = {"precisions": ["w8a8"], "calibration": CALIBRATION, "calibration_cache_dir": str(tmp_path / "cache"),
               "admin_token": TOKEN, "max_batch_images": 2}
+    # Warm-up compiles a graph per batch bucket (about 25 s each with a cold inductor cache), then samples on it.
     images = {}
     for backend in ("int8-x86", "fake"):
         with client_for(make_settings(tiny_model_dir, backend=backend, **common)) as client:
-            wait_ready(client)
+            wait_ready(client, timeout_s=600)
             (served,) = client.get("/admin/models", headers=AUTH).json()
             assert served["backend"] == backend
             job = client.post("/v1/generate", json={"seed": 11, "n": 3, "precision": "w8a8"}).json()
