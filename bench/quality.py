@@ -47,6 +47,14 @@ READING_MARKER = "<!-- reading: written by hand, kept by bench/quality.py -->"
 METHODS = ("ndtc", "ndtc_code", "uniform", "single_step", "real_noised")
 MAX_CALIBRATION_STEPS = 100
 DDIM100 = {"sampler": "ddim", "steps": 100}
+# table -> (title, main-table rows shown beside its own for comparison)
+TABLES = {
+    "main": ("Calibration methods", ()),
+    "metric": ("Ablation: scale-search metric (W4A8, NDTC)", ("fp32", "w4a8 ndtc")),
+    "ndtc": ("Ablation: NDTC mu / sigma (W4A8; fractions of the steps from x_0)", ("fp32", "w4a8 ndtc")),
+    "calib": ("Calibration sampler differs from the serving one (trajectories from DDIM-100)",
+              ("fp32", "w8a8 ndtc", "w4a8 ndtc")),
+}
 
 
 @dataclass(frozen=True)
@@ -54,13 +62,13 @@ class Variant:
     label: str
     precision: str
     overrides: dict[str, Any] = field(default_factory=dict)
-    table: str = "main"  # main | metric | ndtc
+    table: str = "main"  # a key of TABLES
 
     def calibration(self, sampler: str, steps: int) -> dict[str, Any]:
         """The calibration overrides for a row: NDTC is defined over the sampler's own steps, so trajectories
         come from the sampler being evaluated (DDIM-25 rows calibrate on DDIM-25); DDPM-1000 rows fall back to
         the DDIM-100 default, 1000-step trajectories being too slow here. A variant's own overrides win."""
-        own = {"sampler": sampler, "steps": steps} if steps <= MAX_CALIBRATION_STEPS else {}
+        own = {"sampler": sampler, "steps": steps} if steps <= MAX_CALIBRATION_STEPS else DDIM100
         return {**own, **self.overrides}
 
     def key(self, sampler: str, steps: int) -> str:
@@ -165,13 +173,9 @@ def render(results: dict[str, dict]) -> str:
         "arithmetic on the integer grid), `int8-x86` = real int8 oneDNN kernels driven by the same scales.",
         "",
     ]
-    for table, title in (("main", "Calibration methods"), ("metric", "Ablation: scale-search metric (W4A8, NDTC)"),
-                         ("ndtc", "Ablation: NDTC mu / sigma (W4A8; fractions of the steps from x_0)"),
-                         ("calib", "Calibration sampler differs from the serving one (trajectories from DDIM-100)")):
-        # planned rows, with the main-table rows each ablation compares against; "not run" shows gaps
-        labels = [v.label for v in variants() if v.table == table or
-                  (table in ("metric", "ndtc") and v.label in ("fp32", "w4a8 ndtc")) or
-                  (table == "calib" and v.label in ("fp32", "w8a8 ndtc", "w4a8 ndtc"))]
+    for table, (title, compared) in TABLES.items():
+        # planned rows, with the main-table rows the table compares against; "not run" shows gaps
+        labels = [v.label for v in variants() if v.table == table or v.label in compared]
         head = ["variant"]
         for s in samplers:
             head += [f"{s} {b}: FD / PSNR / SSIM" for b in backends]

@@ -375,7 +375,7 @@ class Worker:
                     if (op["model"], precision) not in self.provider.keys:
                         continue
                     fresh = await in_thread(self.provider.requantize, op["model"], precision,
-                                                    op.get("calibration"))
+                                            op.get("calibration"))
                     result["models"].append({"precision": precision, "version": fresh.version,
                                              "calibration_hash": fresh.calibration_hash})
                 self.metrics.requantizations.labels("ok").inc()
