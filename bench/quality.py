@@ -46,12 +46,15 @@ SAMPLERS = {"ddim25": ("ddim", 25), "ddim100": ("ddim", 100), "ddpm1000": ("ddpm
 READING_MARKER = "<!-- reading: written by hand, kept by bench/quality.py -->"
 METHODS = ("ndtc", "ndtc_code", "uniform", "single_step", "real_noised")
 MAX_CALIBRATION_STEPS = 100
+PRIMARY_BACKEND = "int8-x86"  # every row runs on it; `fake` rows where the simulation is compared
 DDIM100 = {"sampler": "ddim", "steps": 100}
 # table -> (title, main-table rows shown beside its own for comparison)
 TABLES = {
     "main": ("Calibration methods", ()),
     "metric": ("Ablation: scale-search metric (W4A8, NDTC)", ("fp32", "w4a8 ndtc")),
     "ndtc": ("Ablation: NDTC mu / sigma (W4A8; fractions of the steps from x_0)", ("fp32", "w4a8 ndtc")),
+    "seed": ("Spread over calibration seeds (W8A8; seed 0 is the main table's row)",
+             ("fp32", "w8a8 ndtc", "w8a8 uniform", "w8a8 single_step")),
     "calib": ("Calibration sampler differs from the serving one (trajectories from DDIM-100)",
               ("fp32", "w8a8 ndtc", "w4a8 ndtc")),
 }
@@ -85,6 +88,9 @@ def variants() -> list[Variant]:
     for mu, sigma in ((0.5, 0.35), (0.25, 0.25), (0.1, 0.2), (0.4, 0.8)):
         out.append(Variant(f"w4a8 ndtc mu={mu} sigma={sigma}", "w4a8",
                            {"method": "ndtc", "mu": mu, "sigma": sigma}, "ndtc"))
+    for method in ("ndtc", "uniform", "single_step"):  # do the W8A8 differences between methods survive a reseed?
+        out += [Variant(f"w8a8 {method} seed={seed}", "w8a8", {"method": method, "seed": seed}, "seed")
+                for seed in (1, 2)]
     for precision in ("w8a8", "w4a8"):  # what a service calibrated once for DDIM-100 serves at other step counts
         out.append(Variant(f"{precision} ndtc, calibrated on ddim100", precision, {"method": "ndtc", **DDIM100},
                            "calib"))
@@ -174,23 +180,23 @@ def render(results: dict[str, dict]) -> str:
         "",
     ]
     for table, (title, compared) in TABLES.items():
-        # planned rows, with the main-table rows the table compares against; "not run" shows gaps
+        own = [v.label for v in variants() if v.table == table]
         labels = [v.label for v in variants() if v.table == table or v.label in compared]
-        head = ["variant"]
-        for s in samplers:
-            head += [f"{s} {b}: FD / PSNR / SSIM" for b in backends]
+        columns = [(s, b) for s in samplers for b in backends
+                   if any(f"{s}|{label}|{b}" in results for label in own)
+                   or (table == "main" and b == PRIMARY_BACKEND)]  # the main table shows its gaps as "not run"
+        head = ["variant"] + [f"{s} {b}: FD / PSNR / SSIM" for s, b in columns]
         lines += [f"## {title}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for label in labels:
             cells = [label]
-            for s in samplers:
-                for b in backends:
-                    r = results.get(f"{s}|{label}|{b}") or results.get(f"{s}|{label}|eager")
-                    if r is None:
-                        cells.append("not run")
-                    elif r["precision"] == "fp32":
-                        cells.append(f"{r['fd']:.2f}")
-                    else:
-                        cells.append(f"{r['fd']:.2f} / {r['psnr']:.1f} / {r['ssim']:.3f}")
+            for s, b in columns:
+                r = results.get(f"{s}|{label}|{b}") or results.get(f"{s}|{label}|eager")
+                if r is None:
+                    cells.append("not run")
+                elif r["precision"] == "fp32":
+                    cells.append(f"{r['fd']:.2f}")
+                else:
+                    cells.append(f"{r['fd']:.2f} / {r['psnr']:.1f} / {r['ssim']:.3f}")
             lines.append("| " + " | ".join(cells) + " |")
         lines.append("")
     return "\n".join(lines)
@@ -203,14 +209,16 @@ def plot(results: dict[str, dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     rows = [r for r in results.values() if r["table"] == "main"]
-    samplers = [s for s in SAMPLERS if any(r["sampler"] == s for r in rows)]
+    labels = [v.label for v in variants() if v.table == "main" and v.precision != "fp32"]  # one fixed x order
+    samplers = [s for s in SAMPLERS if any(r["sampler"] == s and r["precision"] != "fp32" for r in rows)]
     fig, axes = plt.subplots(1, len(samplers), figsize=(6 * len(samplers), 4), squeeze=False)
     for ax, s in zip(axes[0], samplers, strict=True):
         sub = [r for r in rows if r["sampler"] == s]
         fp = next((r["fd"] for r in sub if r["precision"] == "fp32"), None)
         for b, marker in (("fake", "o"), ("int8-x86", "s")):
             pts = [r for r in sub if r["backend"] == b]
-            ax.scatter([r["label"] for r in pts], [r["fd"] for r in pts], marker=marker, label=b)
+            ax.scatter([labels.index(r["label"]) for r in pts], [r["fd"] for r in pts], marker=marker, label=b)
+        ax.set_xticks(range(len(labels)), labels)
         if fp is not None:
             ax.axhline(fp, color="gray", ls="--", label="fp32")
         ax.set_title(f"FD by calibration method, {s}")

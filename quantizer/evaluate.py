@@ -29,27 +29,40 @@ def generate_in_batches(unet: torch.nn.Module, scheduler_config: dict, seeds: li
     """Like `sample`, with one progress bar over every denoising step of every batch.
 
     With `cache_dir`, each finished batch is saved there (one safetensors file per seed range) and reused on the
-    next call: a DDPM-1000 evaluation that outlives a session resumes at the batch it was in. The caller keys the
-    directory by everything the samples depend on (weights, precision, sampler, steps, eta); per-image seeds make
-    a batch's images independent of how the rest was batched.
+    next call: a DDPM-1000 evaluation that outlives a session resumes at the batch it was in, whatever batch size
+    either call used. The caller keys the directory by everything the samples depend on (weights, precision,
+    sampler, steps, eta); per-image seeds make a batch's images independent of how the rest was batched.
     """
+    cached = _cached_images(cache_dir) if cache_dir is not None else {}
     n_batches = -(-len(seeds) // batch_size)
     with tqdm(total=n_batches * steps, desc=f"{sampler}-{steps} x{len(seeds)}", unit="step") as bar:
         outputs = []
         for start in range(0, len(seeds), batch_size):
             chunk = seeds[start:start + batch_size]
-            path = None if cache_dir is None else Path(cache_dir) / f"seeds-{chunk[0]}-{chunk[-1]}.safetensors"
-            if path is not None and path.exists():
-                outputs.append(load_file(path)["samples"])
+            if all(seed in cached for seed in chunk):
+                outputs.append(torch.stack([cached[seed] for seed in chunk]))
                 bar.update(steps)
                 continue
             batch = sample(unet, scheduler_config, chunk, sampler=sampler, steps=steps, eta=eta,
                            batch_size=batch_size, callback=lambda *_: bar.update(1))
-            if path is not None:
+            if cache_dir is not None:
+                path = Path(cache_dir) / f"seeds-{chunk[0]}-{chunk[-1]}.safetensors"
                 path.parent.mkdir(parents=True, exist_ok=True)
                 atomic_write(path, lambda tmp, b=batch: save_file({"samples": b.contiguous()}, str(tmp)))
             outputs.append(batch)
         return torch.cat(outputs)
+
+
+def _cached_images(cache_dir: str | Path) -> dict[int, torch.Tensor]:
+    """Seed -> image from every finished batch file; files whose size does not match the seed range in their name
+    (a batch of non-consecutive seeds) are left out rather than guessed at."""
+    images: dict[int, torch.Tensor] = {}
+    for path in sorted(Path(cache_dir).glob("seeds-*-*.safetensors")):
+        first, last = (int(part) for part in path.name.removesuffix(".safetensors").split("-")[1:3])
+        batch = load_file(path)["samples"]
+        if len(batch) == last - first + 1:
+            images.update(zip(range(first, last + 1), batch, strict=True))
+    return images
 
 
 def samples_cache_dir(root: str | Path, diffusion: DiffusionModel, variant: str, sampler: str, steps: int,

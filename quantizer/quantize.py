@@ -177,14 +177,9 @@ def _swap_modules(unet: nn.Module, qcfg: QuantConfig) -> list:
         for name, module in unet.named_modules():
             if isinstance(module, Attention) and not _skipped(name, qcfg.skip):
                 previous = module.processor
-                module.set_processor(QuantAttnProcessor(qcfg.act_bits).to(_device_of(module)))
+                module.set_processor(QuantAttnProcessor(qcfg.act_bits).to(next(module.parameters()).device))
                 undo.append(lambda m=module, p=previous: m.set_processor(p))
     return undo
-
-
-def _device_of(module: nn.Module) -> torch.device:
-    param = next(module.parameters(), None)
-    return param.device if param is not None else torch.device("cpu")
 
 
 def _calibrate(unet: nn.Module, qcfg: QuantConfig, calibration: CalibrationSet, progress: bool) -> None:

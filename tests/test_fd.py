@@ -56,5 +56,8 @@ def test_generate_in_batches_resumes_from_finished_batches(tiny_unet, scheduler_
         again = generate_in_batches(tiny_unet, scheduler_config, seeds, "ddim", 3, batch_size=2, cache_dir=tmp_path)
         assert calls["n"] == 3 * 3 + 3  # only the missing batch was sampled
         assert torch.equal(first, again)
+        other = generate_in_batches(tiny_unet, scheduler_config, seeds, "ddim", 3, batch_size=4, cache_dir=tmp_path)
+        assert calls["n"] == 3 * 3 + 3  # another batch size still reuses every cached image
+        assert torch.equal(first, other)
     finally:
         handle.remove()

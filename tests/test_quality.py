@@ -36,7 +36,7 @@ def test_ssim_metric():
 def test_w8a8_ndtc_matches_fp_at_30_db_on_builtin_model(builtin_model_dir, tmp_path):
     fp = load_model("fashion-mnist-ddpm")
     # A reduced calibration set (128 samples on DDIM-25 trajectories) keeps the test in seconds;
-    # the full default (1024 on DDIM-100) is what the service and docs/RESULTS.md use.
+    # docs/RESULTS.md uses 1024 samples on the evaluated sampler's trajectories (the service: DDIM-100 by default).
     q = quantize_model(fp, "w8a8", {"method": "ndtc", "n_samples": 128, "steps": 25}, cache_dir=tmp_path,
                        progress=False)
     seeds = list(range(1000, 1016))
