@@ -111,9 +111,10 @@ def save_result(key: str, row: dict) -> None:
 
 
 class Evaluator:
-    def __init__(self, n: int, batch_size: int, samples_root: Path) -> None:
+    def __init__(self, n: int, batch_size: int, samples_root: Path, forward_batch: int) -> None:
         self.model = load_model(None)
         self.n, self.batch_size, self.samples_root = n, batch_size, samples_root
+        self.forward_batch = min(forward_batch, batch_size)
         self.classifier = load_classifier(None)
         self.ref_stats = reference_stats(self.classifier)
         self.real_images = fashion_mnist_tensor("train")[0]
@@ -128,12 +129,12 @@ class Evaluator:
             info["quantize_s"] = round(time.perf_counter() - start, 1)
             info["calibration_hash"] = model.calibration_hash
         unet = build_executor(model.unet, backend if variant.precision != "fp32" else "eager",
-                              max_batch=self.batch_size)
+                              max_batch=self.forward_batch)
         tag = "fp32" if variant.precision == "fp32" else f"{variant.key(sampler, steps)}-{backend}"
         cache = samples_cache_dir(self.samples_root, self.model, tag, sampler, steps)
         start = time.perf_counter()
         x = generate_in_batches(unet, self.model.scheduler_config, list(range(self.n)), sampler, steps,
-                                self.batch_size, cache_dir=cache)
+                                self.batch_size, cache_dir=cache, forward_batch=self.forward_batch)
         info["sampling_s"] = round(time.perf_counter() - start, 1)
         return x, info
 
@@ -235,13 +236,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--backends", default="fake,int8-x86", help="quantized rows run on each of these")
     parser.add_argument("--only", default="*", help="comma list of fnmatch patterns on variant labels")
     parser.add_argument("--n", type=int, default=2000)
-    parser.add_argument("--batch-size", type=int, default=250)
+    parser.add_argument("--batch-size", type=int, default=250, help="images per saved (resumable) batch")
+    parser.add_argument("--forward-batch", type=int, default=64, help="images per UNet pass")
     parser.add_argument("--samples-dir", default="runs/samples")
     parser.add_argument("--render", action="store_true", help="only rewrite the report from the stored rows")
     parser.add_argument("--out", default="docs/RESULTS.md")
     args = parser.parse_args(argv)
     if not args.render:
-        evaluator = Evaluator(args.n, args.batch_size, Path(args.samples_dir))
+        evaluator = Evaluator(args.n, args.batch_size, Path(args.samples_dir), args.forward_batch)
         for s in args.samplers.split(","):
             sampler, steps = SAMPLERS[s]
             for variant in variants():

@@ -25,26 +25,28 @@ def reference_stats(classifier: torch.nn.Module) -> tuple[np.ndarray, np.ndarray
 
 
 def generate_in_batches(unet: torch.nn.Module, scheduler_config: dict, seeds: list[int], sampler: str, steps: int,
-                        batch_size: int, eta: float = 0.0, cache_dir: str | Path | None = None) -> torch.Tensor:
+                        batch_size: int, eta: float = 0.0, cache_dir: str | Path | None = None,
+                        forward_batch: int | None = None) -> torch.Tensor:
     """Like `sample`, with one progress bar over every denoising step of every batch.
 
     With `cache_dir`, each finished batch is saved there (one safetensors file per seed range) and reused on the
     next call: a DDPM-1000 evaluation that outlives a session resumes at the batch it was in, whatever batch size
     either call used. The caller keys the directory by everything the samples depend on (weights, precision,
     sampler, steps, eta); per-image seeds make a batch's images independent of how the rest was batched.
+    forward_batch (default batch_size) splits each saved batch into UNet passes of that size: the int8 kernels
+    run the built-in model 1.5x faster per image at 64 than at 256 (cache-sized activations).
     """
     cached = _cached_images(cache_dir) if cache_dir is not None else {}
-    n_batches = -(-len(seeds) // batch_size)
-    with tqdm(total=n_batches * steps, desc=f"{sampler}-{steps} x{len(seeds)}", unit="step") as bar:
+    with tqdm(total=len(seeds) * steps, desc=f"{sampler}-{steps} x{len(seeds)}", unit="img-step") as bar:
         outputs = []
         for start in range(0, len(seeds), batch_size):
             chunk = seeds[start:start + batch_size]
             if all(seed in cached for seed in chunk):
                 outputs.append(torch.stack([cached[seed] for seed in chunk]))
-                bar.update(steps)
+                bar.update(len(chunk) * steps)
                 continue
             batch = sample(unet, scheduler_config, chunk, sampler=sampler, steps=steps, eta=eta,
-                           batch_size=batch_size, callback=lambda *_: bar.update(1))
+                           batch_size=forward_batch or batch_size, callback=lambda i, n, t, x: bar.update(len(x)))
             if cache_dir is not None:
                 path = Path(cache_dir) / f"seeds-{chunk[0]}-{chunk[-1]}.safetensors"
                 path.parent.mkdir(parents=True, exist_ok=True)

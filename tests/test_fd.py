@@ -59,5 +59,11 @@ def test_generate_in_batches_resumes_from_finished_batches(tiny_unet, scheduler_
         other = generate_in_batches(tiny_unet, scheduler_config, seeds, "ddim", 3, batch_size=4, cache_dir=tmp_path)
         assert calls["n"] == 3 * 3 + 3  # another batch size still reuses every cached image
         assert torch.equal(first, other)
+        split = generate_in_batches(tiny_unet, scheduler_config, seeds, "ddim", 3, batch_size=4,
+                                    cache_dir=tmp_path / "split", forward_batch=1)
+        assert calls["n"] == 3 * 3 + 3 + 5 * 3  # one UNet pass per image and step
+        assert sorted(p.name for p in (tmp_path / "split").iterdir()) == ["seeds-10-13.safetensors",
+                                                                          "seeds-14-14.safetensors"]
+        torch.testing.assert_close(split, first)
     finally:
         handle.remove()
