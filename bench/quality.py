@@ -9,8 +9,9 @@ and rows can be filled over several sessions:
     python bench/quality.py --samplers ddim100,ddpm1000 --only "fp32,w8a8 *"  # more rows, filtered by label
     python bench/quality.py --render                                         # rewrite the report only
 
-Rows are independent: on a 2-core machine two runs with one thread each (OMP_NUM_THREADS=1, `taskset -c 0` and
-`-c 1`, different --only rows) sample ~1.15x faster in total than one run with two threads.
+Rows are independent and results.json updates are locked, so several runs may fill different --only rows side
+by side (on the 2-core machine, two one-thread runs pinned with taskset gave the same total DDPM-1000 throughput
+as one two-thread run: ~750 image-steps/s on the int8 graph).
 
 Per row: FD of N generated images (seeds 0..N-1, the same for every variant) vs the Fashion-MNIST test split
 in the project classifier's penultimate features, and mean PSNR / SSIM of each image against the FP image of
