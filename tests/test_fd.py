@@ -65,5 +65,9 @@ def test_generate_in_batches_resumes_from_finished_batches(tiny_unet, scheduler_
         assert sorted(p.name for p in (tmp_path / "split").iterdir()) == ["seeds-10-13.safetensors",
                                                                           "seeds-14-14.safetensors"]
         torch.testing.assert_close(split, first)
+        bad = (("batch_size", {"batch_size": 0}), ("forward_batch", {"batch_size": 2, "forward_batch": 0}))
+        for field, kwargs in bad:
+            with pytest.raises(ValueError, match=f"{field} must be >= 1"):
+                generate_in_batches(tiny_unet, scheduler_config, seeds, "ddim", 3, **kwargs)
     finally:
         handle.remove()
