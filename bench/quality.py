@@ -41,7 +41,7 @@ from quantizer.evaluate import generate_in_batches, reference_stats, samples_cac
 from quantizer.execution import build_executor
 from quantizer.fd import extract_features, frechet_distance, gaussian_stats
 from quantizer.images import to_uint8
-from quantizer.metrics import psnr, ssim
+from quantizer.metrics import mean_psnr, ssim
 from quantizer.models import DiffusionModel, load_model
 from quantizer.ptq import quantize_model
 
@@ -153,7 +153,7 @@ class Evaluator:
         if variant.precision != "fp32":
             ref, _ = self.samples(variants()[0], "eager", sampler, steps)
             a, b = to_uint8(ref), to_uint8(x)
-            row["psnr"] = round(float(np.mean(np.minimum(psnr(a, b), 100.0))), 2)
+            row["psnr"] = round(mean_psnr(a, b), 2)
             row["ssim"] = round(float(np.mean(ssim(a, b))), 4)
         return row
 

@@ -4,6 +4,8 @@ Both W8A8 models quantize the weights identically (weight scales do not depend o
 difference between two calibration methods is in the per-tensor activation ranges. This takes the ranges of
 `--source` for one group of layers at a time, puts them into the `--target` model, and reports each hybrid's
 mean PSNR against the FP images of the same seeds (cached fp32 samples of the quality report, or sampled here).
+Before that it prints what the ranges are: the FP trajectories' largest x_t (conv_in's input) and, for every layer
+whose clipping range differs by more than 1.5x in width between two of `--compare`'s methods, each method's range.
 
     python bench/range_swap.py --source real_noised --target ndtc --n 128
 """
@@ -12,17 +14,17 @@ from __future__ import annotations
 
 import argparse
 
-import numpy as np
 import torch
 
 from quantizer.data import fashion_mnist_tensor
 from quantizer.evaluate import generate_in_batches, samples_cache_dir
 from quantizer.execution import build_executor
 from quantizer.images import to_uint8
-from quantizer.metrics import psnr
+from quantizer.metrics import mean_psnr
 from quantizer.models import load_model
 from quantizer.ptq import quantize_model
 from quantizer.quant_modules import ActQuantizer
+from quantizer.sampling import sample
 
 PARTS = {  # label -> module-name prefixes whose input ranges are swapped
     "none": (),
@@ -39,6 +41,12 @@ def act_quantizers(unet: torch.nn.Module) -> dict[str, ActQuantizer]:
     return {name: mod for name, mod in unet.named_modules() if isinstance(mod, ActQuantizer)}
 
 
+def clip_range(quantizer: ActQuantizer) -> tuple[float, float]:
+    """The [lo, hi] an activation quantizer represents (asymmetric uint grid)."""
+    scale, zero_point = float(quantizer.scale), int(quantizer.zero_point)
+    return (quantizer.qrange.qmin - zero_point) * scale, (quantizer.qrange.qmax - zero_point) * scale
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--source", default="real_noised", help="calibration method whose ranges are swapped in")
@@ -47,6 +55,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--sampler", default="ddim")
     parser.add_argument("--steps", type=int, default=100, help="sampled and calibrated on")
     parser.add_argument("--n", type=int, default=128, help="images (seeds 0..n-1)")
+    parser.add_argument("--compare", default="ndtc,uniform,real_noised", help="methods whose ranges are listed")
+    parser.add_argument("--trajectory-n", type=int, default=64, help="FP trajectories scanned for the largest x_t")
     parser.add_argument("--backend", default="int8-x86")
     parser.add_argument("--cache-dir", default="runs/calibration-cache")
     parser.add_argument("--samples-dir", default="runs/samples")
@@ -64,6 +74,22 @@ def main(argv: list[str] | None = None) -> None:
     reference = generate_in_batches(model.unet, model.scheduler_config, seeds, args.sampler, args.steps, 250,
                                     cache_dir=samples_cache_dir(args.samples_dir, model, "fp32", args.sampler,
                                                                 args.steps), forward_batch=64)
+    peak: list[tuple[float, int]] = []
+    sample(model.unet, model.scheduler_config, seeds[:args.trajectory_n], args.sampler, args.steps,
+           callback=lambda i, n, t, x: peak.append((float(x.max()), t)))
+    top, at = max(peak)
+    print(f"largest x_t over {args.trajectory_n} FP {args.sampler}-{args.steps} trajectories: {top:.2f} at t={at}\n")
+
+    methods = args.compare.split(",")
+    ranges = {m: {k: clip_range(q) for k, q in act_quantizers(quantized(m)).items()} for m in methods}
+    print("| layer input | " + " | ".join(methods) + " |\n|---|" + "---|" * len(methods))
+    for name in ranges[methods[0]]:
+        widths = [hi - lo for lo, hi in (ranges[m][name] for m in methods)]
+        if max(widths) > 1.5 * min(widths):
+            cells = [f"[{ranges[m][name][0]:.2f}, {ranges[m][name][1]:.2f}]" for m in methods]
+            print(f"| {name.removesuffix('.input_quantizer')} | " + " | ".join(cells) + " |")
+    print()
+
     source = act_quantizers(quantized(args.source))
     print(f"| {args.source} ranges swapped into {args.target}, {args.precision}, {args.sampler}-{args.steps}, "
           f"n={args.n} | PSNR vs FP (dB) |\n|---|---|")
@@ -74,8 +100,7 @@ def main(argv: list[str] | None = None) -> None:
                 quantizer.set_qparams(source[name].scale, source[name].zero_point)
         x = generate_in_batches(build_executor(unet, args.backend, max_batch=64), model.scheduler_config, seeds,
                                 args.sampler, args.steps, 64)
-        value = float(np.mean(np.minimum(psnr(to_uint8(reference), to_uint8(x)), 100.0)))
-        print(f"| {label} | {value:.2f} |", flush=True)
+        print(f"| {label} | {mean_psnr(to_uint8(reference), to_uint8(x)):.2f} |", flush=True)
 
 
 if __name__ == "__main__":

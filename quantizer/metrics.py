@@ -13,6 +13,11 @@ def psnr(reference: np.ndarray, test: np.ndarray, peak: float = 255.0) -> np.nda
         return 10 * np.log10(peak**2 / mse)
 
 
+def mean_psnr(reference: np.ndarray, test: np.ndarray, cap: float = 100.0) -> float:
+    """Mean per-image PSNR, each image capped at `cap` dB: one identical image would make the mean +inf."""
+    return float(np.mean(np.minimum(psnr(reference, test), cap)))
+
+
 def ssim(reference: np.ndarray, test: np.ndarray, peak: float = 255.0) -> np.ndarray:
     """Per-image mean SSIM (Wang et al. 2004: 11x11 Gaussian window, sigma 1.5, K1 0.01, K2 0.03, valid region)
     of uint8 N x H x W x C arrays; channels are averaged. 1.0 for identical images."""
