@@ -10,8 +10,8 @@ and rows can be filled over several sessions:
     python bench/quality.py --render                                         # rewrite the report only
 
 Rows are independent and results.json updates are locked, so several runs may fill different --only rows side
-by side (on the 2-core machine, two one-thread runs pinned with taskset gave the same total DDPM-1000 throughput
-as one two-thread run: ~750 image-steps/s on the int8 graph).
+by side. On the 2-core machine two one-thread runs pinned with taskset showed no more total DDPM-1000 throughput
+in their progress bars than one two-thread run (observed, not benchmarked); one run loses less when stopped.
 
 Per row: FD of N generated images (seeds 0..N-1, the same for every variant) vs the Fashion-MNIST test split
 in the project classifier's penultimate features, and mean PSNR / SSIM of each image against the FP image of

@@ -7,6 +7,8 @@ Run from the repository root; prints a markdown report (and writes it with --out
     python bench/speed.py --out runs/bench-speed.md          # both models, batch 1 and 16 (~25 min, 2 cores)
     python bench/speed.py --quick                            # built-in model, batch 1 and 4, smoke run
     python bench/speed.py --models cifar --batches 16 --profile   # per-operator time, bf16 vs int8 real
+    python bench/speed.py --models builtin --batches 16,32,64,128,256 --variants "int8 real" --gen-repeats 0 \
+        --no-rss                                        # UNet pass size for long (DDPM-1000) sampling runs
 
 Method. Per model, every variant is built first (compile time recorded), then timed *interleaved*: each
 repeat runs every variant once in turn, so a noisy neighbour slows all of them alike; the table gives the
@@ -28,11 +30,12 @@ import json
 import os
 import platform
 import resource
+import shlex
 import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 
 import torch
@@ -78,12 +81,13 @@ def quantized(model: DiffusionModel) -> DiffusionModel:
 
 
 def build_variants(model: DiffusionModel, max_batch: int,
-                   only: str | None = None) -> tuple[dict[str, torch.nn.Module], dict[str, float]]:
-    """Executors for every variant plus each one's build time (quantization excluded, compile included)."""
+                   only: Collection[str] | None = None) -> tuple[dict[str, torch.nn.Module], dict[str, float]]:
+    """Executors for every variant (or those in `only`) plus each one's build time (quantization excluded,
+    compile included)."""
     qmodel = None
     executors, build_s = {}, {}
     for label, precision, backend in VARIANTS:
-        if only is not None and label != only:
+        if only is not None and label not in only:
             continue
         if precision != "fp32" and qmodel is None:
             qmodel = quantized(model)
@@ -132,11 +136,11 @@ class ModelReport:
 
 
 def bench_model(model: DiffusionModel, batches: list[int], repeats: int, gen_repeats: int,
-                rss: dict[str, int]) -> ModelReport:
+                rss: dict[str, int], only: Collection[str] | None = None) -> ModelReport:
     channels = int(model.unet.config.in_channels)
     rows = []
     for batch in batches:
-        executors, build_s = build_variants(model, max_batch=batch)
+        executors, build_s = build_variants(model, max_batch=batch, only=only)
         fwd = time_interleaved({k: unet_call(u, batch, channels) for k, u in executors.items()}, repeats)
         gen = time_interleaved({k: generation_call(u, model.scheduler_config, batch)
                                 for k, u in executors.items()}, gen_repeats) if gen_repeats else {}
@@ -162,7 +166,7 @@ def child_peak_rss(model_name: str, label: str, batch: int) -> int:
 def rss_child(model_name: str, label: str, batch: int) -> None:
     """Like a serving worker: every bucket up to `batch` compiled (then the build-time float copies are freed)."""
     model = cifar_model() if model_name == "cifar10-sized-random" else load_model(model_name)
-    executors, _ = build_variants(model, batch, only=label)
+    executors, _ = build_variants(model, batch, only={label})
     executor = executors[label]
     del executors
     if hasattr(executor, "warmup"):
@@ -184,7 +188,7 @@ def profile(model: DiffusionModel, batch: int, calls: int = 3) -> None:
     from torch.profiler import profile as torch_profile
 
     for label in ("bf16 compiled", "int8 real"):
-        executors, _ = build_variants(model, batch, only=label)
+        executors, _ = build_variants(model, batch, only={label})
         run = unet_call(executors[label], batch, int(model.unet.config.in_channels))
         run()
         with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
@@ -215,7 +219,7 @@ def render(reports: list[ModelReport], args: argparse.Namespace) -> str:
     lines = [
         "## Execution backends (bench/speed.py)",
         "",
-        f"Command: `python bench/speed.py {' '.join(sys.argv[1:])}`  ",
+        f"Command: `python bench/speed.py {shlex.join(sys.argv[1:])}`  ",
         f"Machine: {cpu_summary()}; torch {torch.__version__}, {torch.get_num_threads()} threads; "
         f"{args.repeats} interleaved repeats per UNet forward, {args.gen_repeats} per DDIM-50 generation (medians).",
         "",
@@ -238,6 +242,12 @@ def render(reports: list[ModelReport], args: argparse.Namespace) -> str:
                              f"{by['int8 real']['unet_x']:.2f}x fp32 eager per UNet forward; "
                              f"int8 weights are {by['int8 real']['weights_mb'] / by['fp32 eager']['weights_mb']:.0%} "
                              "of fp32.")
+        if len({r["batch"] for r in rep.rows}) > 1:  # which UNet pass size a long sampling run should use
+            lines.append("")
+            for variant in dict.fromkeys(r["variant"] for r in rep.rows):
+                per_image = ", ".join(f"{r['unet_ms'] / r['batch']:.2f} at batch {r['batch']}"
+                                      for r in rep.rows if r["variant"] == variant)
+                lines.append(f"Per image, {variant}: {per_image} (ms per UNet forward / batch).  ")
         lines.append("")
     return "\n".join(lines)
 
@@ -249,6 +259,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--gen-repeats", type=int, default=3, help="0 skips the DDIM-50 generations")
     parser.add_argument("--no-rss", action="store_true", help="skip the per-variant peak-RSS processes")
+    parser.add_argument("--variants", default=None,
+                        help="comma list of variant labels to run (fp32 eager, the ratios' base, is always run)")
     parser.add_argument("--quick", action="store_true", help="built-in model, batches 1,4, few repeats")
     parser.add_argument("--out", default=None)
     parser.add_argument("--profile", action="store_true",
@@ -261,6 +273,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         args.models, args.batches, args.repeats, args.gen_repeats, args.no_rss = "builtin", "1,4", 3, 1, True
     batches = [int(b) for b in args.batches.split(",")]
+    labels = [label for label, _, _ in VARIANTS]
+    only = None
+    if args.variants is not None:
+        only = {"fp32 eager", *(v.strip() for v in args.variants.split(","))}
+        if unknown := sorted(only - set(labels)):
+            parser.error(f"--variants: unknown {', '.join(unknown)}; choose from {', '.join(labels)}")
     if args.profile:
         key = args.models.split(",")[0]
         profile(cifar_model() if key == "cifar" else load_model(None), batches[0])
@@ -271,8 +289,9 @@ def main(argv: list[str] | None = None) -> int:
         rss = {}
         if not args.no_rss:  # at the largest batch only: each is a separate process that compiles its variant
             name = model.name if key == "cifar" else "fashion-mnist-ddpm"
-            rss = {f"{label}@{max(batches)}": child_peak_rss(name, label, max(batches)) for label, _, _ in VARIANTS}
-        reports.append(bench_model(model, batches, args.repeats, args.gen_repeats, rss))
+            rss = {f"{label}@{max(batches)}": child_peak_rss(name, label, max(batches))
+                   for label in labels if only is None or label in only}
+        reports.append(bench_model(model, batches, args.repeats, args.gen_repeats, rss, only))
         print(render(reports, args), flush=True)
     text = render(reports, args)
     if args.out:

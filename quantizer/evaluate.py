@@ -34,7 +34,8 @@ def generate_in_batches(unet: torch.nn.Module, scheduler_config: dict, seeds: li
     either call used. The caller keys the directory by everything the samples depend on (weights, precision,
     sampler, steps, eta); per-image seeds make a batch's images independent of how the rest was batched.
     forward_batch (default batch_size) splits each saved batch into UNet passes of that size: on the 2-core CI
-    machine the int8 graph ran the built-in model 1.55x faster per image at 64 than at 256.
+    machine the built-in model's int8 graph takes 1.15 ms per image in passes of 64 and 1.66 ms in passes of 256
+    (docs/BENCHMARKS.md, "UNet pass size").
     """
     forward_batch = batch_size if forward_batch is None else forward_batch
     for name, value in (("batch_size", batch_size), ("forward_batch", forward_batch)):
