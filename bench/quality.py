@@ -61,6 +61,7 @@ TABLES = {
              ("fp32", "w8a8 ndtc", "w8a8 uniform", "w8a8 single_step")),
     "calib": ("Calibration sampler differs from the serving one (trajectories from DDIM-100)",
               ("fp32", "w8a8 ndtc", "w4a8 ndtc")),
+    "a6": ("6-bit activations (W8A6)", ("fp32", "w8a8 ndtc", "w8a8 uniform")),
 }
 
 
@@ -98,6 +99,8 @@ def variants() -> list[Variant]:
     for precision in ("w8a8", "w4a8"):  # what a service calibrated once for DDIM-100 serves at other step counts
         out.append(Variant(f"{precision} ndtc, calibrated on ddim100", precision, {"method": "ndtc", **DDIM100},
                            "calib"))
+    for method in ("ndtc", "uniform"):  # the "W8A6 if cheap": on the int8 kernels, 6-bit grids fit u8
+        out.append(Variant(f"w8a6 {method}", "w8a6", {"method": method}, "a6"))
     return out
 
 

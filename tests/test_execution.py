@@ -138,6 +138,16 @@ def test_backend_resolution_and_errors(tiny_unet, fake_w8a8):
 
 
 @needs_int8
+def test_int8_kernels_run_narrower_grids_like_the_simulation(tiny_unet, calib):
+    """4-bit weights and 6-bit activations sit on the kernels' 8-bit grids (RESULTS.md's W8A6 rows run so)."""
+    fake = quantize_(copy.deepcopy(tiny_unet), PTQ4DMConfig(quant=QuantConfig(weight_bits=4, act_bits=6, **FAST)),
+                     calibration=calib, progress=False)
+    real, simulated = per_sample(build_executor(fake, "int8-x86", max_batch=1), calib), per_sample(fake, calib)
+    assert rel_error(real, simulated) < INT8_VS_FAKE_BOUND
+    assert rel_error(real, simulated) < rel_error(simulated, per_sample(tiny_unet, calib))
+
+
+@needs_int8
 def test_int8_rejects_grids_its_kernels_cannot_hold(tiny_unet, calib):
     a16 = quantize_(copy.deepcopy(tiny_unet), PTQ4DMConfig(quant=QuantConfig(act_bits=16, **FAST)),
                     calibration=calib, progress=False)
