@@ -1,9 +1,11 @@
 """Quality report of PTQ4DM on the built-in model: our version of the paper's Table 5 and its ablations.
 
-Writes docs/RESULTS.md (and docs/results_fd.png) from runs/quality/results.json. Every (sampler, variant) row
-is computed once and stored as soon as it is done; the samples behind it are kept per batch under
-runs/samples (see quantizer.evaluate.generate_in_batches), so an interrupted run resumes where it stopped
-and rows can be filled over several sessions:
+Writes docs/RESULTS.md (and docs/results_fd.png) from docs/results.json. Every (sampler, variant) row is
+computed once and stored in that committed file as soon as it is done, so rows accumulate over sessions and
+machines; the samples behind a row are kept per batch under runs/samples (see
+quantizer.evaluate.generate_in_batches), so an interrupted run resumes where it stopped on the same machine.
+The FP images that PSNR/SSIM compare against are also committed, as uint8 batches under bench/references/:
+a DDPM-1000 FP reference costs ~1.5 h of this CPU, and the comparison is in uint8 anyway.
 
     python bench/quality.py --samplers ddim25 --out docs/RESULTS.md            # one sampler, every variant
     python bench/quality.py --samplers ddim100,ddpm1000 --only "fp32,w8a8 *"  # more rows, filtered by label
@@ -45,7 +47,8 @@ from quantizer.metrics import mean_psnr, ssim
 from quantizer.models import DiffusionModel, load_model
 from quantizer.ptq import quantize_model
 
-RESULTS_JSON = Path("runs/quality/results.json")
+RESULTS_JSON = Path("docs/results.json")
+REFERENCES = Path("bench/references")
 SAMPLERS = {"ddim25": ("ddim", 25), "ddim100": ("ddim", 100), "ddpm1000": ("ddpm", 1000)}
 READING_MARKER = "<!-- reading: written by hand, kept by bench/quality.py -->"
 METHODS = ("ndtc", "ndtc_code", "uniform", "single_step", "real_noised")
@@ -115,19 +118,21 @@ def save_result(key: str, row: dict) -> None:
         fcntl.flock(lock, fcntl.LOCK_EX)
         results = load_results()
         results[key] = row
-        atomic_write(RESULTS_JSON, lambda tmp: tmp.write_text(json.dumps(results, indent=1, sort_keys=True)))
+        atomic_write(RESULTS_JSON, lambda tmp: tmp.write_text(json.dumps(results, indent=1, sort_keys=True) + "\n"))
 
 
 class Evaluator:
-    def __init__(self, n: int, batch_size: int, samples_root: Path, forward_batch: int) -> None:
+    def __init__(self, n: int, batch_size: int, samples_root: Path, forward_batch: int,
+                 references: Path = REFERENCES) -> None:
         self.model = load_model(None)
-        self.n, self.batch_size, self.samples_root = n, batch_size, samples_root
+        self.n, self.batch_size, self.samples_root, self.references = n, batch_size, samples_root, references
         self.forward_batch = min(forward_batch, batch_size)
         self.classifier = load_classifier(None)
         self.ref_stats = reference_stats(self.classifier)
         self.real_images = fashion_mnist_tensor("train")[0]
 
-    def samples(self, variant: Variant, backend: str, sampler: str, steps: int) -> tuple[torch.Tensor, dict]:
+    def samples(self, variant: Variant, backend: str, sampler: str, steps: int,
+                seeds: range | None = None) -> tuple[torch.Tensor, dict]:
         info: dict[str, Any] = {}
         model: DiffusionModel = self.model
         if variant.precision != "fp32":
@@ -141,24 +146,69 @@ class Evaluator:
         tag = "fp32" if variant.precision == "fp32" else f"{variant.key(sampler, steps)}-{backend}"
         cache = samples_cache_dir(self.samples_root, self.model, tag, sampler, steps)
         start = time.perf_counter()
-        x = generate_in_batches(unet, self.model.scheduler_config, list(range(self.n)), sampler, steps,
-                                self.batch_size, cache_dir=cache, forward_batch=self.forward_batch)
+        seeds = range(self.n) if seeds is None else seeds
+        x = generate_in_batches(unet, self.model.scheduler_config, list(seeds), sampler, steps, self.batch_size,
+                                cache_dir=cache, forward_batch=self.forward_batch)
         info["sampling_s"] = round(time.perf_counter() - start, 1)
         return x, info
 
+    def reference(self, sampler: str, steps: int) -> np.ndarray:
+        """uint8 FP images of seeds 0..n-1 from the committed store; each batch it lacks is sampled (or taken
+        from runs/samples) and stored there as soon as it is done, so a session cut short keeps what it made."""
+        store = samples_cache_dir(self.references, self.model, "fp32-uint8", sampler, steps)
+        images = load_uint8_batches(store)
+        for start in range(0, self.n, self.batch_size):
+            seeds = range(start, min(start + self.batch_size, self.n))
+            if any(seed not in images for seed in seeds):
+                x, _ = self.samples(variants()[0], "eager", sampler, steps, seeds)
+                images.update(zip(seeds, to_uint8(x), strict=True))
+                save_uint8_batch(store, seeds, images)
+        return np.stack([images[seed] for seed in range(self.n)])
+
     def row(self, variant: Variant, backend: str, sampler: str, steps: int) -> dict:
+        ref = self.reference(sampler, steps) if variant.precision != "fp32" else None  # the FP run first: durable
         x, info = self.samples(variant, backend, sampler, steps)
         fd = frechet_distance(*gaussian_stats(extract_features(self.classifier, x)), *self.ref_stats)
         row = {"label": variant.label, "table": variant.table, "precision": variant.precision,
                "overrides": variant.calibration(sampler, steps),
                "backend": backend if variant.precision != "fp32" else "eager",
                "sampler": f"{sampler}{steps}", "n": self.n, "seeds": f"0..{self.n - 1}", "fd": round(fd, 3), **info}
-        if variant.precision != "fp32":
-            ref, _ = self.samples(variants()[0], "eager", sampler, steps)
-            a, b = to_uint8(ref), to_uint8(x)
+        if ref is not None:
+            a, b = ref, to_uint8(x)
             row["psnr"] = round(mean_psnr(a, b), 2)
             row["ssim"] = round(float(np.mean(ssim(a, b))), 4)
         return row
+
+
+def save_uint8_batch(store: Path, seeds: range, images: dict[int, np.ndarray]) -> None:
+    """One compressed file per seed range (N x H x W x C uint8), written atomically; an existing one is kept."""
+    path = store / f"seeds-{seeds[0]}-{seeds[-1]}.npz"
+    if not path.exists():
+        store.mkdir(parents=True, exist_ok=True)
+        batch = np.stack([images[seed] for seed in seeds])
+        atomic_write(path, lambda tmp: tmp.write_bytes(_npz_bytes(batch)))
+
+
+def _npz_bytes(batch: np.ndarray) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    np.savez_compressed(buf, images=batch)
+    return buf.getvalue()
+
+
+def load_uint8_batches(store: Path) -> dict[int, np.ndarray]:
+    """Seed -> uint8 image from every file of the store; a file whose length does not match its name is skipped."""
+    images: dict[int, np.ndarray] = {}
+    for path in sorted(store.glob("seeds-*-*.npz")):
+        first, last = (int(part) for part in path.stem.split("-")[1:3])
+        with np.load(path) as data:
+            batch = data["images"]
+        if len(batch) == last - first + 1:
+            images.update(zip(range(first, last + 1), batch, strict=True))
+        else:
+            print(f"{path}: {len(batch)} images for seeds {first}..{last}, skipped", file=sys.stderr)
+    return images
 
 
 def render(results: dict[str, dict]) -> str:
@@ -171,8 +221,9 @@ def render(results: dict[str, dict]) -> str:
         "",
         "Tables generated by `bench/quality.py` (the reading at the end is written by hand). Every planned row: "
         "`python bench/quality.py --samplers ddim25,ddim100,ddpm1000`; `--only` picks rows by label, `--render` "
-        f"rewrites this file from the stored rows. Rows accumulate in `{RESULTS_JSON}` (not committed) and an "
-        "interrupted run resumes from its finished sample batches.",
+        f"rewrites this file from the stored rows. Rows accumulate in `{RESULTS_JSON}` (committed; rows up to "
+        "2026-11-25 were rebuilt from this file's own tables, so they carry its rounding) and an interrupted run "
+        "resumes from its finished sample batches.",
         "",
         f"FD: Frechet distance between N={', '.join(map(str, n_values))} generated images (seeds 0..N-1, the same "
         "for every row) and the 10,000 test images, in the penultimate features of the project's Fashion-MNIST "
@@ -247,11 +298,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=250, help="images per saved (resumable) batch")
     parser.add_argument("--forward-batch", type=int, default=64, help="images per UNet pass")
     parser.add_argument("--samples-dir", default="runs/samples")
+    parser.add_argument("--references-dir", default=str(REFERENCES), help="committed uint8 FP images for PSNR/SSIM")
     parser.add_argument("--render", action="store_true", help="only rewrite the report from the stored rows")
     parser.add_argument("--out", default="docs/RESULTS.md")
     args = parser.parse_args(argv)
     if not args.render:
-        evaluator = Evaluator(args.n, args.batch_size, Path(args.samples_dir), args.forward_batch)
+        evaluator = Evaluator(args.n, args.batch_size, Path(args.samples_dir), args.forward_batch,
+                              Path(args.references_dir))
         for s in args.samplers.split(","):
             sampler, steps = SAMPLERS[s]
             for variant in variants():

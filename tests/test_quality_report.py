@@ -1,0 +1,66 @@
+"""bench/quality.py's stored state: the committed rows behind docs/RESULTS.md and the committed FP references.
+
+Why: the report's rows and its DDPM-1000 FP images take hours of this CPU each; both used to live only under
+runs/, which a new machine does not have, so a later `--render` would have emptied the report.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_committed_rows_render_to_the_committed_report():
+    from bench.quality import READING_MARKER, RESULTS_JSON, render
+
+    results = json.loads((ROOT / RESULTS_JSON).read_text())
+    report = (ROOT / "docs" / "RESULTS.md").read_text()
+    assert READING_MARKER in report
+    assert render(results) + "\n" == report.split(READING_MARKER)[0], "re-run: python bench/quality.py --render"
+
+
+def test_uint8_batches_round_trip_and_a_short_file_is_skipped(tmp_path, capsys):
+    from bench.quality import load_uint8_batches, save_uint8_batch
+
+    rng = np.random.default_rng(0)
+    images = {seed: rng.integers(0, 256, (4, 4, 1), dtype=np.uint8) for seed in range(5)}
+    save_uint8_batch(tmp_path, range(0, 3), images)
+    save_uint8_batch(tmp_path, range(3, 5), images)
+    np.savez_compressed(tmp_path / "seeds-5-9.npz", images=np.zeros((2, 4, 4, 1), np.uint8))  # 2 images, 5 seeds
+
+    loaded = load_uint8_batches(tmp_path)
+    assert sorted(loaded) == list(range(5))
+    assert all(np.array_equal(loaded[seed], images[seed]) for seed in range(5))
+    assert "seeds-5-9.npz: 2 images for seeds 5..9, skipped" in capsys.readouterr().err
+
+
+@pytest.mark.usefixtures("builtin_model_dir")
+def test_fp_reference_is_stored_per_batch_and_reused_without_sampling(tmp_path):
+    from bench.quality import Evaluator
+    from quantizer.images import to_uint8
+    from quantizer.sampling import sample
+
+    evaluator = Evaluator(n=3, batch_size=2, samples_root=tmp_path / "samples", forward_batch=2,
+                          references=tmp_path / "references")
+    calls = []
+    evaluator.model.unet.register_forward_hook(lambda *args: calls.append(1))
+
+    first = evaluator.reference("ddim", 2)
+    assert len(calls) == 2 * 2  # two batches (seeds 0-1, 2) x two steps
+    stored = sorted(p.name for p in (tmp_path / "references").rglob("*.npz"))
+    assert stored == ["seeds-0-1.npz", "seeds-2-2.npz"]
+    model = evaluator.model
+    expected = to_uint8(sample(model.unet, model.scheduler_config, [0, 1, 2], sampler="ddim", steps=2))
+    assert first.dtype == np.uint8 and np.array_equal(first, expected)
+
+    calls.clear()
+    fresh = Evaluator(n=3, batch_size=2, samples_root=tmp_path / "other-samples", forward_batch=2,
+                      references=tmp_path / "references")
+    fresh.model.unet.register_forward_hook(lambda *args: calls.append(1))
+    assert np.array_equal(fresh.reference("ddim", 2), first)
+    assert calls == []  # read from the store: no UNet forward
