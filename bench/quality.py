@@ -5,7 +5,8 @@ computed once and stored in that committed file as soon as it is done, so rows a
 machines; the samples behind a row are kept per batch under runs/samples (see
 quantizer.evaluate.generate_in_batches), so an interrupted run resumes where it stopped on the same machine.
 The FP images that PSNR/SSIM compare against are also committed, as uint8 batches under bench/references/:
-a DDPM-1000 FP reference costs ~1.5 h of this CPU, and the comparison is in uint8 anyway.
+a DDPM-1000 FP reference costs ~3 h of this CPU (eight batches of 250 at ~21 min, fp32 eager, 2 threads,
+2026-11-30), and the comparison is in uint8 anyway.
 
     python bench/quality.py --samplers ddim25 --out docs/RESULTS.md            # one sampler, every variant
     python bench/quality.py --samplers ddim100,ddpm1000 --only "fp32,w8a8 *"  # more rows, filtered by label
@@ -26,6 +27,7 @@ from __future__ import annotations
 import argparse
 import fcntl
 import fnmatch
+import io
 import json
 import sys
 import time
@@ -39,7 +41,13 @@ import torch
 from quantizer.cache import atomic_write, cache_key
 from quantizer.classifier import load_classifier
 from quantizer.data import fashion_mnist_tensor
-from quantizer.evaluate import generate_in_batches, reference_stats, samples_cache_dir
+from quantizer.evaluate import (
+    generate_in_batches,
+    reference_stats,
+    samples_cache_dir,
+    seed_batch_files,
+    seed_batch_path,
+)
 from quantizer.execution import build_executor
 from quantizer.fd import extract_features, frechet_distance, gaussian_stats
 from quantizer.images import to_uint8
@@ -161,8 +169,9 @@ class Evaluator:
             seeds = range(start, min(start + self.batch_size, self.n))
             if any(seed not in images for seed in seeds):
                 x, _ = self.samples(variants()[0], "eager", sampler, steps, seeds)
-                images.update(zip(seeds, to_uint8(x), strict=True))
-                save_uint8_batch(store, seeds, images)
+                batch = to_uint8(x)
+                images.update(zip(seeds, batch, strict=True))
+                save_uint8_batch(store, seeds, batch)
         return np.stack([images[seed] for seed in range(self.n)])
 
     def row(self, variant: Variant, backend: str, sampler: str, steps: int) -> dict:
@@ -180,18 +189,16 @@ class Evaluator:
         return row
 
 
-def save_uint8_batch(store: Path, seeds: range, images: dict[int, np.ndarray]) -> None:
+def save_uint8_batch(store: Path, seeds: range, batch: np.ndarray) -> None:
     """One compressed file per seed range (N x H x W x C uint8), written atomically; an existing one is kept."""
-    path = store / f"seeds-{seeds[0]}-{seeds[-1]}.npz"
+    path = seed_batch_path(store, seeds, ".npz")
     if not path.exists():
         store.mkdir(parents=True, exist_ok=True)
-        batch = np.stack([images[seed] for seed in seeds])
         atomic_write(path, lambda tmp: tmp.write_bytes(_npz_bytes(batch)))
 
 
 def _npz_bytes(batch: np.ndarray) -> bytes:
-    import io
-
+    """np.savez_compressed into memory: given a path it would append .npz to atomic_write's temp name."""
     buf = io.BytesIO()
     np.savez_compressed(buf, images=batch)
     return buf.getvalue()
@@ -200,14 +207,13 @@ def _npz_bytes(batch: np.ndarray) -> bytes:
 def load_uint8_batches(store: Path) -> dict[int, np.ndarray]:
     """Seed -> uint8 image from every file of the store; a file whose length does not match its name is skipped."""
     images: dict[int, np.ndarray] = {}
-    for path in sorted(store.glob("seeds-*-*.npz")):
-        first, last = (int(part) for part in path.stem.split("-")[1:3])
+    for path, seeds in seed_batch_files(store, ".npz"):
         with np.load(path) as data:
             batch = data["images"]
-        if len(batch) == last - first + 1:
-            images.update(zip(range(first, last + 1), batch, strict=True))
+        if len(batch) == len(seeds):
+            images.update(zip(seeds, batch, strict=True))
         else:
-            print(f"{path}: {len(batch)} images for seeds {first}..{last}, skipped", file=sys.stderr)
+            print(f"{path}: {len(batch)} images for seeds {seeds[0]}..{seeds[-1]}, skipped", file=sys.stderr)
     return images
 
 

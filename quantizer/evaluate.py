@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -53,7 +54,7 @@ def generate_in_batches(unet: torch.nn.Module, scheduler_config: dict, seeds: li
             batch = sample(unet, scheduler_config, chunk, sampler=sampler, steps=steps, eta=eta,
                            batch_size=forward_batch, callback=lambda i, n, t, x: bar.update(len(x)))
             if cache_dir is not None:
-                path = Path(cache_dir) / f"seeds-{chunk[0]}-{chunk[-1]}.safetensors"
+                path = seed_batch_path(cache_dir, chunk, ".safetensors")
                 path.parent.mkdir(parents=True, exist_ok=True)
                 atomic_write(path, lambda tmp, b=batch: save_file({"samples": b.contiguous()}, str(tmp)))
             outputs.append(batch)
@@ -64,12 +65,23 @@ def _cached_images(cache_dir: str | Path) -> dict[int, torch.Tensor]:
     """Seed -> image from every finished batch file; files whose size does not match the seed range in their name
     (a batch of non-consecutive seeds) are left out rather than guessed at."""
     images: dict[int, torch.Tensor] = {}
-    for path in sorted(Path(cache_dir).glob("seeds-*-*.safetensors")):
-        first, last = (int(part) for part in path.name.removesuffix(".safetensors").split("-")[1:3])
+    for path, seeds in seed_batch_files(cache_dir, ".safetensors"):
         batch = load_file(path)["samples"]
-        if len(batch) == last - first + 1:
-            images.update(zip(range(first, last + 1), batch, strict=True))
+        if len(batch) == len(seeds):
+            images.update(zip(seeds, batch, strict=True))
     return images
+
+
+def seed_batch_path(directory: str | Path, seeds: Sequence[int], suffix: str) -> Path:
+    """A batch file named by its seed range: `seeds-FIRST-LAST<suffix>` (the one naming every batch store uses)."""
+    return Path(directory) / f"seeds-{seeds[0]}-{seeds[-1]}{suffix}"
+
+
+def seed_batch_files(directory: str | Path, suffix: str) -> Iterator[tuple[Path, range]]:
+    """Every `seed_batch_path` file in a directory with the seeds its name covers, in name order."""
+    for path in sorted(Path(directory).glob(f"seeds-*-*{suffix}")):
+        first, last = (int(part) for part in path.name.removesuffix(suffix).split("-")[1:3])
+        yield path, range(first, last + 1)
 
 
 def samples_cache_dir(root: str | Path, diffusion: DiffusionModel, variant: str, sampler: str, steps: int,

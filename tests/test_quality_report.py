@@ -28,9 +28,9 @@ def test_uint8_batches_round_trip_and_a_short_file_is_skipped(tmp_path, capsys):
     from bench.quality import load_uint8_batches, save_uint8_batch
 
     rng = np.random.default_rng(0)
-    images = {seed: rng.integers(0, 256, (4, 4, 1), dtype=np.uint8) for seed in range(5)}
-    save_uint8_batch(tmp_path, range(0, 3), images)
-    save_uint8_batch(tmp_path, range(3, 5), images)
+    images = rng.integers(0, 256, (5, 4, 4, 1), dtype=np.uint8)
+    save_uint8_batch(tmp_path, range(0, 3), images[:3])
+    save_uint8_batch(tmp_path, range(3, 5), images[3:])
     np.savez_compressed(tmp_path / "seeds-5-9.npz", images=np.zeros((2, 4, 4, 1), np.uint8))  # 2 images, 5 seeds
 
     loaded = load_uint8_batches(tmp_path)
