@@ -115,18 +115,18 @@ def variants() -> list[Variant]:
     return out
 
 
-def load_results() -> dict[str, dict]:
-    return json.loads(RESULTS_JSON.read_text()) if RESULTS_JSON.exists() else {}
+def load_results(path: Path = RESULTS_JSON) -> dict[str, dict]:
+    return json.loads(path.read_text()) if path.exists() else {}
 
 
-def save_result(key: str, row: dict) -> None:
+def save_result(key: str, row: dict, path: Path = RESULTS_JSON) -> None:
     """Read-modify-write under a lock: several runs (one per core) may fill rows of the same file."""
-    RESULTS_JSON.parent.mkdir(parents=True, exist_ok=True)
-    with open(RESULTS_JSON.with_suffix(".lock"), "w") as lock:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_suffix(".lock"), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        results = load_results()
+        results = load_results(path)
         results[key] = row
-        atomic_write(RESULTS_JSON, lambda tmp: tmp.write_text(json.dumps(results, indent=1, sort_keys=True) + "\n"))
+        atomic_write(path, lambda tmp: tmp.write_text(json.dumps(results, indent=1, sort_keys=True) + "\n"))
 
 
 class Evaluator:
@@ -305,10 +305,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--forward-batch", type=int, default=64, help="images per UNet pass")
     parser.add_argument("--samples-dir", default="runs/samples")
     parser.add_argument("--references-dir", default=str(REFERENCES), help="committed uint8 FP images for PSNR/SSIM")
+    parser.add_argument("--results", default=str(RESULTS_JSON),
+                        help="where rows are stored; a side check (another --n) keeps its rows out of the report's")
     parser.add_argument("--render", action="store_true", help="only rewrite the report from the stored rows")
     parser.add_argument("--out", default="docs/RESULTS.md")
     args = parser.parse_args(argv)
+    store = Path(args.results)
     if not args.render:
+        # Row keys do not hold N: rows of another N in one store would be skipped as done or sit among them.
+        other_n = sorted({row["n"] for row in load_results(store).values()} - {args.n})
+        if other_n:
+            parser.error(f"--n {args.n} differs from the N={other_n} of the rows in {store}: pass another --results")
         evaluator = Evaluator(args.n, args.batch_size, Path(args.samples_dir), args.forward_batch,
                               Path(args.references_dir))
         for s in args.samplers.split(","):
@@ -318,12 +325,12 @@ def main(argv: list[str] | None = None) -> int:
                     continue
                 for backend in (["eager"] if variant.precision == "fp32" else args.backends.split(",")):
                     key = f"{s}|{variant.label}|{backend}"
-                    if key in load_results():
+                    if key in load_results(store):
                         continue
                     row = evaluator.row(variant, backend, sampler, steps)
-                    save_result(key, row)
+                    save_result(key, row, store)
                     print(json.dumps(row), flush=True)
-    results = load_results()
+    results = load_results(store)
     out = Path(args.out)
     reading = ""  # the hand-written part below READING_MARKER survives regeneration
     if out.exists() and READING_MARKER in out.read_text():

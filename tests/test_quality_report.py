@@ -24,6 +24,17 @@ def test_committed_rows_render_to_the_committed_report():
     assert render(results) + "\n" == report.split(READING_MARKER)[0], "re-run: python bench/quality.py --render"
 
 
+def test_a_run_of_another_n_is_refused_on_a_store_of_n_2000(tmp_path, capsys):
+    """Row keys hold no N: a `--n 250` side check would otherwise skip or mix in among the report's rows."""
+    from bench.quality import RESULTS_JSON, main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["--n", "250", "--results", str(ROOT / RESULTS_JSON), "--out", str(tmp_path / "R.md")])
+    assert exc.value.code == 2
+    assert "--n 250 differs from the N=[2000]" in capsys.readouterr().err
+    assert not (tmp_path / "R.md").exists()
+
+
 def test_uint8_batches_round_trip_and_a_short_file_is_skipped(tmp_path, capsys):
     from bench.quality import load_uint8_batches, save_uint8_batch
 
