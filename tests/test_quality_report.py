@@ -52,7 +52,7 @@ def test_uint8_batches_round_trip_and_a_short_file_is_skipped(tmp_path, capsys):
 
 @pytest.mark.usefixtures("builtin_model_dir")
 def test_fp_reference_is_stored_per_batch_and_reused_without_sampling(tmp_path):
-    from bench.quality import Evaluator
+    from bench.quality import Evaluator, variants
     from quantizer.images import to_uint8
     from quantizer.sampling import sample
 
@@ -68,6 +68,10 @@ def test_fp_reference_is_stored_per_batch_and_reused_without_sampling(tmp_path):
     model = evaluator.model
     expected = to_uint8(sample(model.unet, model.scheduler_config, [0, 1, 2], sampler="ddim", steps=2))
     assert first.dtype == np.uint8 and np.array_equal(first, expected)
+
+    calls.clear()  # the float samples behind the store stay in runs/samples: a row resumed there says so
+    x, info = evaluator.samples(variants()[0], "eager", "ddim", 2)
+    assert calls == [] and info["cached_seeds"] == 3 and np.array_equal(to_uint8(x), first)
 
     calls.clear()
     fresh = Evaluator(n=3, batch_size=2, samples_root=tmp_path / "other-samples", forward_batch=2,
