@@ -155,11 +155,10 @@ class Evaluator:
         cache = samples_cache_dir(self.samples_root, self.model, tag, sampler, steps)
         start = time.perf_counter()
         seeds = range(self.n) if seeds is None else seeds
-        # a row resumed from runs/samples times only what it sampled: say how much it did not
-        cached = {seed for _, batch in seed_batch_files(cache, ".safetensors") for seed in batch}
-        info["cached_seeds"] = len(cached.intersection(seeds))
+        cached: list[int] = []  # a row resumed from runs/samples times only what it sampled: say how much it did not
         x = generate_in_batches(unet, self.model.scheduler_config, list(seeds), sampler, steps, self.batch_size,
-                                cache_dir=cache, forward_batch=self.forward_batch)
+                                cache_dir=cache, forward_batch=self.forward_batch, on_cached=cached.extend)
+        info["cached_seeds"] = len(cached)
         info["sampling_s"] = round(time.perf_counter() - start, 1)
         return x, info
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +27,8 @@ def reference_stats(classifier: torch.nn.Module) -> tuple[np.ndarray, np.ndarray
 
 def generate_in_batches(unet: torch.nn.Module, scheduler_config: dict, seeds: list[int], sampler: str, steps: int,
                         batch_size: int, eta: float = 0.0, cache_dir: str | Path | None = None,
-                        forward_batch: int | None = None) -> torch.Tensor:
+                        forward_batch: int | None = None,
+                        on_cached: Callable[[Sequence[int]], None] | None = None) -> torch.Tensor:
     """Like `sample`, with one progress bar over every denoising step of every batch.
 
     With `cache_dir`, each finished batch is saved there (one safetensors file per seed range) and reused on the
@@ -36,7 +37,8 @@ def generate_in_batches(unet: torch.nn.Module, scheduler_config: dict, seeds: li
     sampler, steps, eta); per-image seeds make a batch's images independent of how the rest was batched.
     forward_batch (default batch_size) splits each saved batch into UNet passes of that size: on the 2-core CI
     machine the built-in model's int8 graph takes 1.15 ms per image in passes of 64 and 1.66 ms in passes of 256
-    (docs/BENCHMARKS.md, "UNet pass size").
+    (docs/BENCHMARKS.md, "UNet pass size"). on_cached gets the seeds of each batch taken from the cache, so a
+    caller timing the call knows how much of it was not sampled.
     """
     forward_batch = batch_size if forward_batch is None else forward_batch
     for name, value in (("batch_size", batch_size), ("forward_batch", forward_batch)):
@@ -50,6 +52,8 @@ def generate_in_batches(unet: torch.nn.Module, scheduler_config: dict, seeds: li
             if all(seed in cached for seed in chunk):
                 outputs.append(torch.stack([cached[seed] for seed in chunk]))
                 bar.update(len(chunk) * steps)
+                if on_cached is not None:
+                    on_cached(chunk)
                 continue
             batch = sample(unet, scheduler_config, chunk, sampler=sampler, steps=steps, eta=eta,
                            batch_size=forward_batch, callback=lambda i, n, t, x: bar.update(len(x)))

@@ -53,8 +53,11 @@ def test_generate_in_batches_resumes_from_finished_batches(tiny_unet, scheduler_
         assert files == ["seeds-10-11.safetensors", "seeds-12-13.safetensors", "seeds-14-14.safetensors"]
         assert calls["n"] == 3 * 3
         (tmp_path / "seeds-12-13.safetensors").unlink()  # an interrupted run: one batch missing
-        again = generate_in_batches(tiny_unet, scheduler_config, seeds, "ddim", 3, batch_size=2, cache_dir=tmp_path)
+        reused: list[int] = []
+        again = generate_in_batches(tiny_unet, scheduler_config, seeds, "ddim", 3, batch_size=2, cache_dir=tmp_path,
+                                    on_cached=reused.extend)
         assert calls["n"] == 3 * 3 + 3  # only the missing batch was sampled
+        assert reused == [10, 11, 14]  # and the caller is told which seeds were not
         assert torch.equal(first, again)
         other = generate_in_batches(tiny_unet, scheduler_config, seeds, "ddim", 3, batch_size=4, cache_dir=tmp_path)
         assert calls["n"] == 3 * 3 + 3  # another batch size still reuses every cached image
