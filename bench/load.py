@@ -1,6 +1,6 @@
 """Load benchmark of the service: images/s, latency and queue overhead through real processes, vs offline sampling.
 
-Why: the service must not cost much over calling `quantizer.sampling.sample` directly (targets: >= 0.9x the
+Why: the service must not cost much over calling `quantizer.diffusion.sampling.sample` directly (targets: >= 0.9x the
 offline images/s, queue overhead < 5 ms p50). Run it from the repository root; it prints a markdown fragment
 for docs/BENCHMARKS.md (and writes it with --out):
 
@@ -54,7 +54,7 @@ from typing import TYPE_CHECKING
 import httpx
 import numpy as np
 
-from quantizer.models import BUILTIN_MODEL_NAME
+from quantizer.diffusion.models import BUILTIN_MODEL_NAME
 from service.testing import RedisServer, free_port
 
 if TYPE_CHECKING:
@@ -394,7 +394,7 @@ def _offline_child(cfg: BenchConfig, threads: int, batch: int, batches: int, job
     try:
         import torch
 
-        from quantizer.sampling import sample
+        from quantizer.diffusion.sampling import sample
         from service.provider import ModelProvider
         from service.settings import ServiceSettings
 
@@ -553,7 +553,8 @@ def render(result: BenchResult) -> str:
         lines.append(f"| {r.workers} | {r.clients} | {r.images} | {r.images_per_s:.2f} | {off:.2f} | {r.ratio:.2f} "
                      f"| {r.mean_batch:.1f} | {_s(pct(e2e, 50))} | {_s(pct(e2e, 99))} | {_s(pct(svc, 50))} "
                      f"| {_s(pct(svc, 99))} | {_s(pct(wait, 50))} | {cores} |")
-    lines += ["", "Offline `quantizer.sampling.sample` on the served UNet (spawned processes started together):", "",
+    lines += ["", "Offline `quantizer.diffusion.sampling.sample` on the served UNet (spawned processes started "
+              "together):", "",
               "| processes x threads | batch | images | images/s | compared with |",
               "| --- | ---: | ---: | ---: | --- |"]
     for r in result.loads:

@@ -14,9 +14,9 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from quantizer.evaluate import generate_in_batches  # noqa: E402
-from quantizer.images import grid, png_bytes, to_uint8  # noqa: E402
-from quantizer.models import load_model  # noqa: E402
+from quantizer.diffusion.images import grid, png_bytes, to_uint8  # noqa: E402
+from quantizer.diffusion.models import load_model  # noqa: E402
+from quantizer.evaluation.evaluate import generate_in_batches  # noqa: E402
 
 
 def plot_loss(log: Path, out: Path) -> None:

@@ -1,4 +1,4 @@
-"""The int8 route decision: ONNX Runtime QDQ vs PT2E + inductor (what quantizer.int8_x86 uses), same run.
+"""The int8 route decision: ONNX Runtime QDQ vs PT2E + inductor (what quantizer.execution.int8_x86 uses), same run.
 
 Why: the issue left the x86 int8 route open ("pick by measurement"). ONNX Runtime can run QDQ int8 models with
 externally supplied scales (TensorQuantOverrides); PT2E lowers to oneDNN through inductor. This script times
@@ -25,8 +25,8 @@ import numpy as np
 import torch
 from speed import build_variants, cifar_model  # bench/ is the script's directory
 
-from quantizer.int8_x86 import UNetForward
-from quantizer.models import load_model
+from quantizer.diffusion.models import load_model
+from quantizer.execution.int8_x86 import UNetForward
 
 
 def ort_int8_session(unet: torch.nn.Module, batch: int, workdir: Path, threads: int):  # noqa: ANN201

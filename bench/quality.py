@@ -3,7 +3,7 @@
 Writes docs/RESULTS.md (and docs/results_fd.png) from docs/results.json. Every (sampler, variant) row is
 computed once and stored in that committed file as soon as it is done, so rows accumulate over sessions and
 machines; the samples behind a row are kept per batch under runs/samples (see
-quantizer.evaluate.generate_in_batches), so an interrupted run resumes where it stopped on the same machine.
+quantizer.evaluation.evaluate.generate_in_batches), so an interrupted run resumes where it stopped on the same machine.
 The FP images that PSNR/SSIM compare against are also committed, as uint8 batches under bench/references/:
 a DDPM-1000 FP reference costs ~3 h of this CPU (eight batches of 250 at ~21 min, fp32 eager, 2 threads,
 2026-11-30), and the comparison is in uint8 anyway.
@@ -38,22 +38,22 @@ from typing import Any
 import numpy as np
 import torch
 
-from quantizer.cache import atomic_write, cache_key
-from quantizer.classifier import load_classifier
-from quantizer.data import fashion_mnist_tensor
-from quantizer.evaluate import (
+from quantizer.diffusion.images import to_uint8
+from quantizer.diffusion.models import DiffusionModel, load_model
+from quantizer.evaluation.classifier import load_classifier
+from quantizer.evaluation.data import fashion_mnist_tensor
+from quantizer.evaluation.evaluate import (
     generate_in_batches,
     reference_stats,
     samples_cache_dir,
     seed_batch_files,
     seed_batch_path,
 )
-from quantizer.execution import build_executor
-from quantizer.fd import extract_features, frechet_distance, gaussian_stats
-from quantizer.images import to_uint8
-from quantizer.metrics import mean_psnr, ssim
-from quantizer.models import DiffusionModel, load_model
-from quantizer.ptq import quantize_model
+from quantizer.evaluation.fd import extract_features, frechet_distance, gaussian_stats
+from quantizer.evaluation.metrics import mean_psnr, ssim
+from quantizer.execution.executor import build_executor
+from quantizer.ptq.cache import atomic_write, cache_key
+from quantizer.ptq.pipeline import quantize_model
 
 RESULTS_JSON = Path("docs/results.json")
 REFERENCES = Path("bench/references")

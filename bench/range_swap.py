@@ -16,15 +16,15 @@ import argparse
 
 import torch
 
-from quantizer.data import fashion_mnist_tensor
-from quantizer.evaluate import generate_in_batches, samples_cache_dir
-from quantizer.execution import build_executor
-from quantizer.images import to_uint8
-from quantizer.metrics import mean_psnr
-from quantizer.models import load_model
-from quantizer.ptq import quantize_model
-from quantizer.quant_modules import ActQuantizer
-from quantizer.sampling import sample
+from quantizer.diffusion.images import to_uint8
+from quantizer.diffusion.models import load_model
+from quantizer.diffusion.sampling import sample
+from quantizer.evaluation.data import fashion_mnist_tensor
+from quantizer.evaluation.evaluate import generate_in_batches, samples_cache_dir
+from quantizer.evaluation.metrics import mean_psnr
+from quantizer.execution.executor import build_executor
+from quantizer.ptq.pipeline import quantize_model
+from quantizer.ptq.quant_modules import ActQuantizer
 
 PARTS = {  # label -> module-name prefixes whose input ranges are swapped
     "none": (),

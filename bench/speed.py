@@ -13,7 +13,7 @@ Run from the repository root; prints a markdown report (and writes it with --out
 Method. Per model, every variant is built first (compile time recorded), then timed *interleaved*: each
 repeat runs every variant once in turn, so a noisy neighbour slows all of them alike; the table gives the
 median and ratios against fp32 eager of the same run. "UNet" times one forward at a mid-trajectory timestep;
-"DDIM-50" one full generation through `quantizer.sampling.sample` (scheduler steps included). Memory:
+"DDIM-50" one full generation through `quantizer.diffusion.sampling.sample` (scheduler steps included). Memory:
 "weights" is bytes of the tensors the variant computes with (for compiled graphs, the graph's constants);
 "peak RSS" is measured in a separate process per variant that builds it, compiles every batch bucket up to the
 largest batch (as a worker does) and runs one forward.
@@ -41,10 +41,10 @@ from dataclasses import dataclass
 import torch
 from diffusers import UNet2DModel
 
-from quantizer.execution import build_executor, weight_bytes
-from quantizer.models import DiffusionModel, load_model
-from quantizer.ptq import quantize_model
-from quantizer.sampling import sample
+from quantizer.diffusion.models import DiffusionModel, load_model
+from quantizer.diffusion.sampling import sample
+from quantizer.execution.executor import build_executor, weight_bytes
+from quantizer.ptq.pipeline import quantize_model
 
 # google/ddpm-cifar10-32's architecture (35.7M parameters; single-head attention at 16x16, as in DDPM).
 CIFAR_UNET_CONFIG = {

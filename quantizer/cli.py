@@ -8,9 +8,9 @@ import os
 import random
 from pathlib import Path
 
-from quantizer.cache import DEFAULT_CALIBRATION_CACHE_DIR
-from quantizer.execution import BACKENDS
-from quantizer.sampling import SAMPLERS
+from quantizer.diffusion.sampling import SAMPLERS
+from quantizer.execution.executor import BACKENDS
+from quantizer.ptq.cache import DEFAULT_CALIBRATION_CACHE_DIR
 
 
 def _positive_int(text: str) -> int:
@@ -30,17 +30,17 @@ def _calibration_overrides(args: argparse.Namespace) -> dict:
 
 
 def _load_at_precision(args: argparse.Namespace):  # noqa: ANN202 - DiffusionModel or QuantizedModel
-    from quantizer.models import load_model
-    from quantizer.ptq import quantize_model
+    from quantizer.diffusion.models import load_model
+    from quantizer.ptq.pipeline import quantize_model
 
     model = load_model(args.model)
     return quantize_model(model, args.precision, _calibration_overrides(args), cache_dir=args.cache_dir)
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from quantizer.evaluate import generate_in_batches
-    from quantizer.images import grid, png_bytes, to_uint8
-    from quantizer.sampling import validate_request
+    from quantizer.diffusion.images import grid, png_bytes, to_uint8
+    from quantizer.diffusion.sampling import validate_request
+    from quantizer.evaluation.evaluate import generate_in_batches
 
     model = _load_at_precision(args)
     validate_request(args.sampler, args.steps, args.eta, args.n, model.num_train_timesteps)
@@ -48,7 +48,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     seeds = [seed + k for k in range(args.n)]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    from quantizer.execution import build_executor
+    from quantizer.execution.executor import build_executor
 
     unet = build_executor(model.unet, args.backend, max_batch=args.batch_size)
     samples = generate_in_batches(unet, model.scheduler_config, seeds, args.sampler, args.steps,
@@ -65,7 +65,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_quantize(args: argparse.Namespace) -> int:
-    from quantizer.quant_modules import QuantLayer
+    from quantizer.ptq.quant_modules import QuantLayer
 
     model = _load_at_precision(args)
     if args.precision == "fp32":
@@ -83,7 +83,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from quantizer.train import TrainConfig, train
+    from quantizer.evaluation.train import TrainConfig, train
 
     cfg = TrainConfig(output_dir=args.out, checkpoint_dir=args.checkpoint_dir, steps=args.steps,
                       batch_size=args.batch_size, lr=args.lr, seed=args.seed, max_minutes=args.max_minutes)
@@ -92,7 +92,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_train_classifier(args: argparse.Namespace) -> int:
-    from quantizer.classifier import ClassifierTrainConfig, train_classifier
+    from quantizer.evaluation.classifier import ClassifierTrainConfig, train_classifier
 
     _, acc = train_classifier(ClassifierTrainConfig(epochs=args.epochs, seed=args.seed, output=args.out))
     print(json.dumps({"test_accuracy": round(acc, 4), "out": args.out}))
@@ -100,7 +100,7 @@ def cmd_train_classifier(args: argparse.Namespace) -> int:
 
 
 def cmd_eval_fd(args: argparse.Namespace) -> int:
-    from quantizer.evaluate import evaluate_fd, evaluate_fd_real
+    from quantizer.evaluation.evaluate import evaluate_fd, evaluate_fd_real
 
     if args.real:
         print(json.dumps(evaluate_fd_real(n=args.n, seed=args.seed, classifier=args.classifier)))
@@ -113,8 +113,8 @@ def cmd_eval_fd(args: argparse.Namespace) -> int:
 
 
 def _add_precision_args(p: argparse.ArgumentParser) -> None:
-    from quantizer.config import CALIBRATION_METHODS
-    from quantizer.scale_search import METRICS
+    from quantizer.ptq.config import CALIBRATION_METHODS
+    from quantizer.ptq.scale_search import METRICS
 
     p.add_argument("--precision", default="fp32", help="fp32, w8a8, w4a8, w8a6, w8a16 (any w<b>a<b>)")
     p.add_argument("--cache-dir", default=DEFAULT_CACHE_DIR,
@@ -127,8 +127,8 @@ def _add_precision_args(p: argparse.ArgumentParser) -> None:
 
 
 def add_quantizer_commands(sub: argparse._SubParsersAction) -> None:
-    from quantizer.classifier import BUILTIN_CLASSIFIER
-    from quantizer.models import BUILTIN_MODEL_NAME
+    from quantizer.diffusion.models import BUILTIN_MODEL_NAME
+    from quantizer.evaluation.classifier import BUILTIN_CLASSIFIER
 
     g = sub.add_parser("generate", help="sample PNGs from a model")
     g.add_argument("--model", default=BUILTIN_MODEL_NAME, help="built-in name, local diffusers dir, or hub id")

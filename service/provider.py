@@ -15,11 +15,11 @@ from typing import Any
 
 import torch
 
-from quantizer.cache import hash_state_dict
-from quantizer.config import PRECISION_PRESETS
-from quantizer.execution import build_executor
-from quantizer.models import DiffusionModel, load_model
-from quantizer.sampling import sample
+from quantizer.diffusion.models import DiffusionModel, load_model
+from quantizer.diffusion.sampling import sample
+from quantizer.execution.executor import build_executor
+from quantizer.ptq.cache import hash_state_dict
+from quantizer.ptq.config import PRECISION_PRESETS
 
 log = logging.getLogger(__name__)
 
@@ -149,7 +149,7 @@ def quantize(model: DiffusionModel, precision: str, overrides: dict[str, Any],
     """The hook to the quantizer's PTQ entry point: the fake-quant model, which `build_executor` then lowers."""
     if precision not in available_precisions():
         raise ValueError(f"precision {precision!r} is not available (served: {', '.join(available_precisions())})")
-    from quantizer.ptq import quantize_model
+    from quantizer.ptq.pipeline import quantize_model
 
     result = quantize_model(model, precision, overrides or None, cache_dir, progress=False)
     return result.unet, result.calibration_hash, bool(result.cache_hit)

@@ -11,8 +11,8 @@ from typing import Annotated, Any
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from quantizer.cache import DEFAULT_CALIBRATION_CACHE_DIR
-from quantizer.models import BUILTIN_MODEL_NAME
+from quantizer.diffusion.models import BUILTIN_MODEL_NAME
+from quantizer.ptq.cache import DEFAULT_CALIBRATION_CACHE_DIR
 
 CommaList = Annotated[list[str], NoDecode]
 

@@ -18,8 +18,8 @@ from typing import TypeVar
 
 import numpy as np
 
-from quantizer.images import png_bytes, to_uint8
-from quantizer.sampling import sample, validate_request
+from quantizer.diffusion.images import png_bytes, to_uint8
+from quantizer.diffusion.sampling import sample, validate_request
 from service.batching import ImageSlot, group_compatible, pack_passes, passes_per_job
 from service.jobs import ACTIVE, JobRecord, stream_name
 from service.metrics import Metrics

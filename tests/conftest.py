@@ -8,8 +8,8 @@ import pytest
 import torch
 from diffusers import UNet2DModel
 
-from quantizer.models import BUILTIN_MODEL_DIR
-from quantizer.train import DEFAULT_SCHEDULER_CONFIG
+from quantizer.diffusion.models import BUILTIN_MODEL_DIR
+from quantizer.evaluation.train import DEFAULT_SCHEDULER_CONFIG
 
 # Tiny models gain nothing from intra-op threads, and on a 2-core machine two OpenMP threads stall badly
 # whenever another process (a worker under test, a background job) holds a core.

@@ -14,7 +14,7 @@ pytest_plugins = ["service.testing"]
 
 def test_selected_variants_are_timed_and_reported_per_image(tiny_model_dir, monkeypatch, tmp_path):
     from bench.speed import bench_model, render
-    from quantizer.models import load_model
+    from quantizer.diffusion.models import load_model
 
     monkeypatch.chdir(tmp_path)  # the benchmark's calibration cache goes under ./runs
     model = load_model(str(tiny_model_dir))

@@ -15,12 +15,12 @@ import pytest
 import safetensors.torch
 import torch
 
-from quantizer import ptq
-from quantizer.cache import CacheCorruptionWarning, CalibrationCache, cache_key, hash_state_dict
-from quantizer.config import CalibrationConfig, PTQ4DMConfig, QuantConfig
-from quantizer.models import DiffusionModel
-from quantizer.ptq import cache_key_parts, quantize_model
-from quantizer.quant_modules import QuantLayer
+from quantizer.diffusion.models import DiffusionModel
+from quantizer.ptq import pipeline as ptq
+from quantizer.ptq.cache import CacheCorruptionWarning, CalibrationCache, cache_key, hash_state_dict
+from quantizer.ptq.config import CalibrationConfig, PTQ4DMConfig, QuantConfig
+from quantizer.ptq.pipeline import cache_key_parts, quantize_model
+from quantizer.ptq.quant_modules import QuantLayer
 
 REPO = Path(__file__).resolve().parents[1]
 CALIB = CalibrationConfig(method="ndtc", n_samples=8, steps=8, batch_size=4)
@@ -224,7 +224,7 @@ def test_model_hash_is_deterministic_and_weight_sensitive(tiny_unet):
 
 WRITER = textwrap.dedent("""
     import pathlib, sys, time, torch
-    from quantizer.cache import CalibrationCache, _versions
+    from quantizer.ptq.cache import CalibrationCache, _versions
     directory, value, rounds, barrier = sys.argv[1], float(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
     stats = {f"t{i}": torch.full((20000,), value) for i in range(8)}
     stats["bits"] = torch.tensor(int(value))

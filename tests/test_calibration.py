@@ -6,14 +6,14 @@ import pytest
 import torch
 from diffusers import DDPMScheduler
 
-from quantizer.calibration import (
+from quantizer.diffusion.sampling import sample
+from quantizer.ptq.calibration import (
     build_calibration_set,
     draw_step_indices,
     sample_shape,
     sampler_timesteps,
 )
-from quantizer.config import CalibrationConfig
-from quantizer.sampling import sample
+from quantizer.ptq.config import CalibrationConfig
 
 
 @pytest.fixture()
@@ -79,7 +79,7 @@ def test_uniform_and_single_step_positions(scheduler_config):
 
 @pytest.mark.parametrize("method", ["ndtc", "uniform", "ndtc_code"])
 def test_recorded_inputs_are_the_fp_samplers_own_trajectories(tiny_unet, scheduler_config, method):
-    """Each x_t must equal what quantizer.sampling.sample feeds the UNet at that step for that seed."""
+    """Each x_t must equal what quantizer.diffusion.sampling.sample feeds the UNet at that step for that seed."""
     steps = 10
     cfg = CalibrationConfig(method=method, n_samples=7, mu=0.3, sigma=0.3, steps=steps, batch_size=3, seed=4)
     calib = build_calibration_set(tiny_unet, scheduler_config, cfg, progress=False)

@@ -6,7 +6,7 @@ import struct
 import numpy as np
 import pytest
 
-from quantizer.data import FASHION_MNIST_DIR, load_fashion_mnist, to_model_space
+from quantizer.evaluation.data import FASHION_MNIST_DIR, load_fashion_mnist, to_model_space
 
 
 def _write_idx(path, array: np.ndarray) -> None:

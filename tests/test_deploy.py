@@ -348,7 +348,7 @@ def test_installed_wheel_serves_the_builtin_model(tmp_path):
     env.pop("PYTHONPATH", None)
     assert Path(env["PTQ4DM_MODELS_DIR"], "fashion-mnist-ddpm", "unet", "config.json").is_file()
     cwd = tmp_path  # outside the checkout: nothing may come from the repository
-    where = subprocess.run([str(python), "-c", "import quantizer.models as m, service; "
+    where = subprocess.run([str(python), "-c", "import quantizer.diffusion.models as m, service; "
                             "print(m.__file__); print(service.__file__); print(m.BUILTIN_MODEL_DIR)"],
                            cwd=cwd, env=env, capture_output=True, text=True, check=True, timeout=120)
     for line in where.stdout.split()[:2]:
@@ -385,7 +385,8 @@ def test_installed_wheel_serves_the_builtin_model(tmp_path):
 # -- models found outside the checkout ----------------------------------------------------------------------------
 
 def _builtin_paths(env: dict[str, str]) -> list[str]:
-    code = ("from quantizer.models import BUILTIN_MODEL_DIR; from quantizer.classifier import BUILTIN_CLASSIFIER; "
+    code = ("from quantizer.diffusion.models import BUILTIN_MODEL_DIR; "
+            "from quantizer.evaluation.classifier import BUILTIN_CLASSIFIER; "
             "print(BUILTIN_MODEL_DIR); print(BUILTIN_CLASSIFIER)")
     environ = {k: v for k, v in os.environ.items() if k != "PTQ4DM_MODELS_DIR"}
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, env={**environ, **env}, capture_output=True,
@@ -401,7 +402,7 @@ def test_models_dir_defaults_to_the_checkout_and_follows_the_env_var(tmp_path):
 
 
 def test_missing_builtin_model_names_the_env_var(tmp_path):
-    code = "from quantizer.models import load_model; load_model('fashion-mnist-ddpm')"
+    code = "from quantizer.diffusion.models import load_model; load_model('fashion-mnist-ddpm')"
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120,
                             env={**os.environ, "PTQ4DM_MODELS_DIR": str(tmp_path)})
     assert result.returncode != 0 and "PTQ4DM_MODELS_DIR" in result.stderr

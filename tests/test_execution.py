@@ -8,9 +8,8 @@ import pytest
 import torch
 from test_quantize import FAST, rel_error
 
-from quantizer.calibration import CalibrationSet, build_calibration_set
-from quantizer.config import CalibrationConfig, PTQ4DMConfig, QuantConfig
-from quantizer.execution import (
+from quantizer.diffusion.sampling import sample
+from quantizer.execution.executor import (
     BACKENDS,
     BackendUnavailable,
     ExecutableUNet,
@@ -20,9 +19,10 @@ from quantizer.execution import (
     resolve_backend,
     weight_bytes,
 )
-from quantizer.int8_x86 import int8_supported, native_bf16
-from quantizer.quantize import quantize_
-from quantizer.sampling import sample
+from quantizer.execution.int8_x86 import int8_supported, native_bf16
+from quantizer.ptq.calibration import CalibrationSet, build_calibration_set
+from quantizer.ptq.config import CalibrationConfig, PTQ4DMConfig, QuantConfig
+from quantizer.ptq.quantize import quantize_
 
 # Documented bound (docs/BENCHMARKS.md): relative L2 between int8-x86 and fake-quant UNet outputs. The two
 # differ only in rounding order inside the kernels (int32 accumulation, requantization with a reciprocal

@@ -3,7 +3,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from quantizer.fake_quant import (
+from quantizer.ptq.fake_quant import (
     ACT_BITS,
     WEIGHT_BITS,
     act_range,

@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 import torch
 
-from quantizer.classifier import BUILTIN_CLASSIFIER, accuracy, load_classifier
-from quantizer.data import FASHION_MNIST_DIR, fashion_mnist_tensor
-from quantizer.fd import fd_between, frechet_distance
+from quantizer.evaluation.classifier import BUILTIN_CLASSIFIER, accuracy, load_classifier
+from quantizer.evaluation.data import FASHION_MNIST_DIR, fashion_mnist_tensor
+from quantizer.evaluation.fd import fd_between, frechet_distance
 
 needs_data = pytest.mark.skipif(not FASHION_MNIST_DIR.exists(), reason="Debian dataset-fashion-mnist not installed")
 
@@ -42,7 +42,7 @@ def test_fd_separates_real_from_corrupted_images():
 
 
 def test_generate_in_batches_resumes_from_finished_batches(tiny_unet, scheduler_config, tmp_path):
-    from quantizer.evaluate import generate_in_batches
+    from quantizer.evaluation.evaluate import generate_in_batches
 
     calls = {"n": 0}
     handle = tiny_unet.register_forward_pre_hook(lambda *_: calls.__setitem__("n", calls["n"] + 1))

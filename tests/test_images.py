@@ -6,7 +6,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from quantizer.images import grid, png_bytes, to_uint8
+from quantizer.diffusion.images import grid, png_bytes, to_uint8
 
 
 def test_to_uint8_maps_range_endpoints():

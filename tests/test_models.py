@@ -4,8 +4,8 @@ import pytest
 import torch
 from diffusers import DDPMScheduler, UNet2DModel
 
-from quantizer.models import BUILTIN_MODEL_NAME, load_model
-from quantizer.sampling import sample
+from quantizer.diffusion.models import BUILTIN_MODEL_NAME, load_model
+from quantizer.diffusion.sampling import sample
 
 
 def test_builtin_model_loads_with_diffusers(builtin_model_dir):

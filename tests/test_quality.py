@@ -5,11 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from quantizer.images import to_uint8
-from quantizer.metrics import psnr, ssim
-from quantizer.models import load_model
-from quantizer.ptq import quantize_model
-from quantizer.sampling import sample
+from quantizer.diffusion.images import to_uint8
+from quantizer.diffusion.models import load_model
+from quantizer.diffusion.sampling import sample
+from quantizer.evaluation.metrics import psnr, ssim
+from quantizer.ptq.pipeline import quantize_model
 
 
 def test_psnr_metric():

@@ -53,8 +53,8 @@ def test_uint8_batches_round_trip_and_a_short_file_is_skipped(tmp_path, capsys):
 @pytest.mark.usefixtures("builtin_model_dir")
 def test_fp_reference_is_stored_per_batch_and_reused_without_sampling(tmp_path):
     from bench.quality import Evaluator, variants
-    from quantizer.images import to_uint8
-    from quantizer.sampling import sample
+    from quantizer.diffusion.images import to_uint8
+    from quantizer.diffusion.sampling import sample
 
     evaluator = Evaluator(n=3, batch_size=2, samples_root=tmp_path / "samples", forward_batch=2,
                           references=tmp_path / "references")

@@ -7,17 +7,17 @@ import torch
 from diffusers.models.attention_processor import Attention
 from torch import nn
 
-from quantizer.calibration import CalibrationSet, build_calibration_set
-from quantizer.config import (
+from quantizer.ptq.calibration import CalibrationSet, build_calibration_set
+from quantizer.ptq.config import (
     CalibrationConfig,
     PTQ4DMConfig,
     QuantConfig,
     parse_precision,
     quant_config_for,
 )
-from quantizer.ptq import build_config
-from quantizer.quant_modules import ActQuantizer, QuantAttnProcessor, QuantConv2d, QuantLayer, QuantLinear
-from quantizer.quantize import export_stats, load_stats, quantize_, set_mode
+from quantizer.ptq.pipeline import build_config
+from quantizer.ptq.quant_modules import ActQuantizer, QuantAttnProcessor, QuantConv2d, QuantLayer, QuantLinear
+from quantizer.ptq.quantize import export_stats, load_stats, quantize_, set_mode
 
 FAST = {"n_candidates": 20, "act_samples": 4096}
 

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from quantizer.images import to_uint8
-from quantizer.sampling import sample
+from quantizer.diffusion.images import to_uint8
+from quantizer.diffusion.sampling import sample
 
 
 @pytest.mark.parametrize(("sampler", "eta"), [("ddpm", 0.0), ("ddim", 0.0), ("ddim", 1.0)])
@@ -101,7 +101,7 @@ def test_bad_arguments_raise_value_error_naming_them(tiny_unet, scheduler_config
 
 def test_full_length_ddpm_steps_is_valid(tiny_unet, scheduler_config):
     """steps == T is the upper bound and must be accepted (checked through validation only: it is slow)."""
-    from quantizer.sampling import validate_request
+    from quantizer.diffusion.sampling import validate_request
 
     validate_request("ddpm", 1000, 0.0, 1, 1000)
     with pytest.raises(ValueError, match="steps"):

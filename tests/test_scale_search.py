@@ -3,8 +3,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from quantizer.fake_quant import act_range, affine_qparams, fake_quantize, symmetric_scale, weight_range
-from quantizer.scale_search import (
+from quantizer.ptq.fake_quant import act_range, affine_qparams, fake_quantize, symmetric_scale, weight_range
+from quantizer.ptq.scale_search import (
     METRICS,
     candidate_fractions,
     quant_error,

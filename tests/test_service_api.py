@@ -16,9 +16,9 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from quantizer.images import to_uint8
-from quantizer.models import load_model
-from quantizer.sampling import sample
+from quantizer.diffusion.images import to_uint8
+from quantizer.diffusion.models import load_model
+from quantizer.diffusion.sampling import sample
 from service.api import create_app
 from service.settings import ServiceSettings
 

@@ -10,8 +10,8 @@ import pytest
 from test_service_admin import AUTH, TOKEN, wait_operation
 from test_service_api import client_for, decode, make_settings, wait_ready
 
-from quantizer.int8_x86 import int8_supported
-from quantizer.metrics import psnr
+from quantizer.evaluation.metrics import psnr
+from quantizer.execution.int8_x86 import int8_supported
 from service.metrics import Metrics
 from service.provider import ModelProvider, available_precisions
 from service.settings import ServiceSettings

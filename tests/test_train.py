@@ -5,8 +5,8 @@ import torch
 from conftest import TINY_UNET_CONFIG
 from diffusers import UNet2DModel
 
-from quantizer.data import FASHION_MNIST_DIR
-from quantizer.train import TrainConfig, train
+from quantizer.evaluation.data import FASHION_MNIST_DIR
+from quantizer.evaluation.train import TrainConfig, train
 
 pytestmark = pytest.mark.skipif(not FASHION_MNIST_DIR.exists(), reason="Debian dataset-fashion-mnist not installed")
 

@@ -11,12 +11,12 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from quantizer.cache import atomic_write, hash_state_dict
-from quantizer.classifier import load_classifier
-from quantizer.data import FASHION_MNIST_CLASSES, fashion_mnist_tensor
-from quantizer.fd import extract_features, frechet_distance, gaussian_stats
-from quantizer.models import DiffusionModel, load_model
-from quantizer.sampling import sample
+from quantizer.diffusion.models import DiffusionModel, load_model
+from quantizer.diffusion.sampling import sample
+from quantizer.evaluation.classifier import load_classifier
+from quantizer.evaluation.data import FASHION_MNIST_CLASSES, fashion_mnist_tensor
+from quantizer.evaluation.fd import extract_features, frechet_distance, gaussian_stats
+from quantizer.ptq.cache import atomic_write, hash_state_dict
 
 
 def reference_stats(classifier: torch.nn.Module) -> tuple[np.ndarray, np.ndarray]:

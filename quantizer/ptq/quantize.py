@@ -19,9 +19,9 @@ from diffusers.models.attention_processor import Attention
 from torch import nn
 from tqdm.auto import tqdm
 
-from quantizer.calibration import CalibrationSet
-from quantizer.config import PTQ4DMConfig, QuantConfig
-from quantizer.quant_modules import (
+from quantizer.ptq.calibration import CalibrationSet
+from quantizer.ptq.config import PTQ4DMConfig, QuantConfig
+from quantizer.ptq.quant_modules import (
     MAX_VALUES_PER_BATCH,
     ActObserver,
     ActQuantizer,
@@ -31,7 +31,7 @@ from quantizer.quant_modules import (
     QuantLinear,
     WeightQuantizer,
 )
-from quantizer.scale_search import search_act_qparams, search_weight_scale
+from quantizer.ptq.scale_search import search_act_qparams, search_weight_scale
 
 logger = logging.getLogger(__name__)
 

@@ -68,7 +68,7 @@ def fashion_mnist_tensor(split: str = "train", size: int = 32) -> tuple[torch.Te
 
 def load_cifar10(path: Path | None = None) -> tuple[np.ndarray, np.ndarray]:
     """CIFAR-10 test split (N x 32 x 32 x 3 uint8, labels) from ../shared/assets; optional for RGB experiments."""
-    path = path or Path(__file__).resolve().parents[1].parent / "shared" / "assets" / "cifar10_test.npz"
+    path = path or Path(__file__).resolve().parents[3] / "shared" / "assets" / "cifar10_test.npz"
     if not path.exists():
         raise FileNotFoundError(f"CIFAR-10 archive not found at {path}")
     data = np.load(path)

@@ -12,9 +12,9 @@ import re
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from quantizer.fake_quant import ACT_BITS, WEIGHT_BITS, check_bits
-from quantizer.sampling import SAMPLERS
-from quantizer.scale_search import METRICS, SEARCH_METHODS
+from quantizer.diffusion.sampling import SAMPLERS
+from quantizer.ptq.fake_quant import ACT_BITS, WEIGHT_BITS, check_bits
+from quantizer.ptq.scale_search import METRICS, SEARCH_METHODS
 
 CALIBRATION_METHODS: tuple[str, ...] = ("ndtc", "ndtc_code", "uniform", "single_step", "real_noised")
 PRECISION_PRESETS: tuple[str, ...] = ("fp32", "w8a8", "w4a8", "w8a6", "w8a16")

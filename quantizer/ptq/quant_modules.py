@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from diffusers.models.attention_processor import Attention
 from torch import nn
 
-from quantizer.fake_quant import QRange, act_range, channel_view, fake_quantize, weight_range
+from quantizer.ptq.fake_quant import QRange, act_range, channel_view, fake_quantize, weight_range
 
 MODES: tuple[str, ...] = ("fp", "observe", "quant")
 # At most this many values are drawn from any one batch of activations.

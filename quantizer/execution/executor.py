@@ -7,7 +7,7 @@ One verb, `build_executor(model, backend)`, returns an `ExecutableUNet`: a drop-
 * ``compiled``  torch.compile (inductor) of the fp32 model;
 * ``bf16``      the fp32 weights cast to bfloat16, compiled (the mixed-precision baseline int8 must beat);
 * ``fake``      the PTQ4DM fake-quant model, eager (reference; any device, any bit width);
-* ``int8-x86``  real int8 oneDNN kernels (VNNI/AMX) driven by PTQ4DM's scales, see `quantizer.int8_x86`;
+* ``int8-x86``  real int8 oneDNN kernels (VNNI/AMX) driven by PTQ4DM's scales, see `quantizer.execution.int8_x86`;
 * ``int8-bf16-x86``  the same int8 convolutions/linears with every other op (GroupNorm, SiLU, adds, attention)
                 in bfloat16 instead of fp32 (autocast over the int8 graph; needs AVX512-BF16 or AMX);
 * ``auto``      int8-x86 for a quantized model where it is supported, else fake; eager for fp32.
@@ -31,8 +31,8 @@ import torch
 from diffusers.models.unets.unet_2d import UNet2DOutput
 from torch import nn
 
-from quantizer.int8_x86 import UNetForward, check_int8_grid, int8_supported, lower_int8_x86, native_bf16
-from quantizer.quant_modules import QuantLayer
+from quantizer.execution.int8_x86 import UNetForward, check_int8_grid, int8_supported, lower_int8_x86, native_bf16
+from quantizer.ptq.quant_modules import QuantLayer
 
 logger = logging.getLogger(__name__)
 

@@ -22,7 +22,7 @@ from collections.abc import Callable
 import torch
 from torch import fx, nn
 
-from quantizer.quant_modules import QuantAttnProcessor, QuantLayer
+from quantizer.ptq.quant_modules import QuantAttnProcessor, QuantLayer
 
 logger = logging.getLogger(__name__)
 

@@ -15,11 +15,11 @@ from typing import Any
 import torch
 
 import quantizer
-from quantizer.cache import CalibrationCache, cache_key, hash_state_dict, hash_tensor
-from quantizer.calibration import CalibrationSet, build_calibration_set
-from quantizer.config import CalibrationConfig, PTQ4DMConfig, QuantConfig, quant_config_for
-from quantizer.models import DiffusionModel
-from quantizer.quantize import export_stats, quantize_
+from quantizer.diffusion.models import DiffusionModel
+from quantizer.ptq.cache import CalibrationCache, cache_key, hash_state_dict, hash_tensor
+from quantizer.ptq.calibration import CalibrationSet, build_calibration_set
+from quantizer.ptq.config import CalibrationConfig, PTQ4DMConfig, QuantConfig, quant_config_for
+from quantizer.ptq.quantize import export_stats, quantize_
 
 logger = logging.getLogger(__name__)
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from quantizer.fake_quant import act_range, affine_qparams, fake_quantize, symmetric_scale, weight_range
+from quantizer.ptq.fake_quant import act_range, affine_qparams, fake_quantize, symmetric_scale, weight_range
 
 METRICS: tuple[str, ...] = ("lp", "mse", "l1", "cosine", "kl")
 SEARCH_METHODS: tuple[str, ...] = ("grid", "minmax")

@@ -6,7 +6,7 @@ import numpy as np
 import torch
 from scipy import linalg
 
-from quantizer.classifier import FashionClassifier
+from quantizer.evaluation.classifier import FashionClassifier
 
 
 @torch.no_grad()

@@ -14,7 +14,7 @@ from diffusers import DDPMScheduler, UNet2DModel
 from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 
-from quantizer.data import fashion_mnist_tensor
+from quantizer.evaluation.data import fashion_mnist_tensor
 
 # A small UNet: 2.7M parameters, one self-attention block at 8x8 so the attention path is exercised.
 DEFAULT_UNET_CONFIG: dict = {

@@ -1,8 +1,8 @@
 """Calibration sets for PTQ4DM: the UNet inputs (x_t, t) whose activations set the quantization ranges.
 
 Step positions follow the sampler's own trajectory: index i counts UNet evaluations from the noise end
-(i = 0 is x_T), exactly like quantizer.sampling's callback. Trajectory methods generate x_t with the
-full-precision model's sampler (quantizer.sampling.sample) from pure noise, so the calibration inputs are the
+(i = 0 is x_T), exactly like quantizer.diffusion.sampling's callback. Trajectory methods generate x_t with the
+full-precision model's sampler (quantizer.diffusion.sampling.sample) from pure noise, so the calibration inputs are the
 inputs the UNet really sees when generating; each sample has its own seed and is recorded at its own step.
 """
 
@@ -16,8 +16,8 @@ import torch
 from diffusers import DDPMScheduler, UNet2DModel
 from tqdm.auto import tqdm
 
-from quantizer.config import CalibrationConfig
-from quantizer.sampling import make_scheduler, sample, sample_shape, validate_request
+from quantizer.diffusion.sampling import make_scheduler, sample, sample_shape, validate_request
+from quantizer.ptq.config import CalibrationConfig
 
 TRAJECTORY_METHODS: tuple[str, ...] = ("ndtc", "ndtc_code", "uniform", "single_step")
 
@@ -27,7 +27,7 @@ class CalibrationSet:
     """N calibration inputs. xs: N x C x H x W float32 (CPU); ts: N diffusion time-steps fed with them.
 
     step_indices: the sampler step each x_t was recorded at (0 = noise end), -1 for 'real_noised'.
-    seeds: the seed of each sample's trajectory (quantizer.sampling seeds), -1 for 'real_noised'.
+    seeds: the seed of each sample's trajectory (quantizer.diffusion.sampling seeds), -1 for 'real_noised'.
     """
 
     xs: torch.Tensor

@@ -10,8 +10,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from quantizer.data import fashion_mnist_tensor
-from quantizer.models import MODELS_DIR
+from quantizer.diffusion.models import MODELS_DIR
+from quantizer.evaluation.data import fashion_mnist_tensor
 
 BUILTIN_CLASSIFIER = MODELS_DIR / "fashion-mnist-classifier" / "model.safetensors"
 FEATURE_DIM = 128

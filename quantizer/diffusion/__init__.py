@@ -1,0 +1,1 @@
+"""The diffusion runtime: loading diffusers models, DDPM/DDIM sampling, images out."""
