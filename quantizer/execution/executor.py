@@ -10,6 +10,10 @@ One verb, `build_executor(model, backend)`, returns an `ExecutableUNet`: a drop-
 * ``int8-x86``  real int8 oneDNN kernels (VNNI/AMX) driven by PTQ4DM's scales, see `quantizer.execution.int8_x86`;
 * ``int8-bf16-x86``  the same int8 convolutions/linears with every other op (GroupNorm, SiLU, adds, attention)
                 in bfloat16 instead of fp32 (autocast over the int8 graph; needs AVX512-BF16 or AMX);
+* ``openvino``  OpenVINO's CPU plugin, int8 kernels driven by PTQ4DM's scales (FakeQuantize nodes around exactly
+                the tensors PTQ4DM quantized; bf16 elsewhere where the CPU has it), one dynamic-batch model,
+                see `quantizer.execution.openvino`;
+* ``openvino-fp32`` / ``openvino-bf16``  an unquantized model on OpenVINO in fp32 / bf16 (baselines for it);
 * ``auto``      int8-x86 for a quantized model where it is supported, else fake; eager for fp32.
 
 Compiled graphs are static in the batch size (int8 dynamic-batch graphs fail inductor's layout checks in
@@ -26,6 +30,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterable
+from pathlib import Path
 
 import torch
 from diffusers.models.unets.unet_2d import UNet2DOutput
@@ -36,8 +41,12 @@ from quantizer.ptq.quant_modules import QuantLayer
 
 logger = logging.getLogger(__name__)
 
-BACKENDS: tuple[str, ...] = ("auto", "eager", "compiled", "bf16", "fake", "int8-x86", "int8-bf16-x86")
+BACKENDS: tuple[str, ...] = ("auto", "eager", "compiled", "bf16", "fake", "int8-x86", "int8-bf16-x86", "openvino",
+                             "openvino-fp32", "openvino-bf16")
 INT8_BACKENDS: tuple[str, ...] = ("int8-x86", "int8-bf16-x86")
+# backend -> (needs a quantized model, float precision inside OpenVINO; None = bf16 where native, else f32)
+OPENVINO_BACKENDS: dict[str, tuple[bool, str | None]] = {"openvino": (True, None), "openvino-fp32": (False, "f32"),
+                                                          "openvino-bf16": (False, "bf16")}
 DEFAULT_MAX_BATCH = 64
 
 
@@ -58,10 +67,12 @@ def resolve_backend(backend: str, quantized: bool, device: torch.device | str = 
         if not quantized:
             return "eager"
         return "int8-x86" if on_cpu and int8_supported() is None else "fake"
-    if quantized and backend in ("eager", "compiled", "bf16"):
-        raise BackendUnavailable(f"backend {backend!r} runs unquantized models; use 'fake' or 'int8-x86'")
-    if not quantized and backend in ("fake", *INT8_BACKENDS):
+    if quantized and backend in ("eager", "compiled", "bf16", "openvino-fp32", "openvino-bf16"):
+        raise BackendUnavailable(f"backend {backend!r} runs unquantized models; use 'fake', 'int8-x86' or 'openvino'")
+    if not quantized and backend in ("fake", "openvino", *INT8_BACKENDS):
         raise BackendUnavailable(f"backend {backend!r} needs a quantized model (precision w<b>a<b>)")
+    if backend in OPENVINO_BACKENDS:
+        _check_openvino(backend, on_cpu)
     if backend in INT8_BACKENDS:
         if not on_cpu:
             raise BackendUnavailable(f"{backend} runs on the CPU; no int8 GPU backend is implemented (use 'fake')")
@@ -71,6 +82,18 @@ def resolve_backend(backend: str, quantized: bool, device: torch.device | str = 
         if reason is not None:
             raise BackendUnavailable(f"{backend} is unavailable here: {reason}")
     return backend
+
+
+def _check_openvino(backend: str, on_cpu: bool) -> None:
+    from quantizer.execution.openvino import cpu_bf16, openvino_unavailable
+
+    if not on_cpu:
+        raise BackendUnavailable(f"{backend} runs on the CPU (OpenVINO's CPU plugin); use 'fake' on other devices")
+    reason = openvino_unavailable()
+    if reason is None and backend == "openvino-bf16" and not cpu_bf16():
+        reason = "OpenVINO's CPU plugin has no native bfloat16 on this CPU (OPTIMIZATION_CAPABILITIES lacks BF16)"
+    if reason is not None:
+        raise BackendUnavailable(f"{backend} is unavailable here: {reason}")
 
 
 def float_weights_of(quant_unet: nn.Module) -> nn.Module:
@@ -217,10 +240,14 @@ class ExecutableUNet(nn.Module):
         return graph
 
 
-def build_executor(unet: nn.Module, backend: str = "auto", max_batch: int = DEFAULT_MAX_BATCH) -> nn.Module:
-    """`unet` ready to run on `backend`: the module itself for eager/fake, an ExecutableUNet otherwise.
+def build_executor(unet: nn.Module, backend: str = "auto", max_batch: int = DEFAULT_MAX_BATCH,
+                   cache_dir: str | Path | None = None) -> nn.Module:
+    """`unet` ready to run on `backend`: the module itself for eager/fake, an ExecutableUNet (or, for openvino*,
+    an OpenVINOUNet with the same interface) otherwise.
 
     unet: an fp32 UNet2DModel, or a fake-quant one from quantize_/quantize_model.
+    cache_dir: where OpenVINO caches compiled models (CACHE_DIR) across restarts; None = no cache. Unused by the
+    torch backends (inductor keeps its own cache).
     """
     quantized = is_quantized(unet)
     device = next(unet.parameters()).device
@@ -235,6 +262,15 @@ def build_executor(unet: nn.Module, backend: str = "auto", max_batch: int = DEFA
             backend = "fake"
     if backend in ("eager", "fake"):
         return unet
+    if backend in OPENVINO_BACKENDS:
+        from quantizer.execution.openvino import build_openvino, check_openvino_grid
+
+        if quantized:
+            try:
+                check_openvino_grid(unet)
+            except ValueError as exc:
+                raise BackendUnavailable(str(exc)) from exc
+        return build_openvino(unet, backend, max_batch, cache_dir, precision=OPENVINO_BACKENDS[backend][1])
     if backend in INT8_BACKENDS:
         return ExecutableUNet(float_weights_of(unet), backend, max_batch, reference=unet)
     return ExecutableUNet(copy.deepcopy(unet).eval(), backend, max_batch)
@@ -243,8 +279,11 @@ def build_executor(unet: nn.Module, backend: str = "auto", max_batch: int = DEFA
 def weight_bytes(module: nn.Module) -> int:
     """Bytes of the tensors a model computes with: parameters and buffers, or an exported graph's constants.
 
-    For an ExecutableUNet, the graph built for its largest batch (what a serving process keeps per bucket).
+    For an ExecutableUNet, the graph built for its largest batch (what a serving process keeps per bucket);
+    for an OpenVINO executor, its compiled model's constants.
     """
+    if hasattr(module, "weight_bytes") and callable(module.weight_bytes):
+        return int(module.weight_bytes())
     if isinstance(module, ExecutableUNet):
         if not module.graph_modules:
             raise ValueError("no graph built yet; call warmup() first")

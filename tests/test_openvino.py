@@ -1,0 +1,174 @@
+"""OpenVINO backend: PTQ4DM's own scales on OpenVINO's int8 CPU kernels, one model for every batch size."""
+
+from __future__ import annotations
+
+import copy
+import sys
+import threading
+
+import pytest
+import torch
+from test_quantize import FAST, rel_error
+
+from quantizer.diffusion.sampling import sample
+from quantizer.execution.executor import BackendUnavailable, build_executor, resolve_backend, weight_bytes
+from quantizer.execution.openvino import (
+    SAFE_WEIGHT_QMAX,
+    OpenVINOUNet,
+    build_openvino,
+    cpu_bf16,
+    int8_dot_products_exact,
+    openvino_unavailable,
+)
+from quantizer.ptq.calibration import CalibrationSet, build_calibration_set
+from quantizer.ptq.config import CalibrationConfig, PTQ4DMConfig, QuantConfig
+from quantizer.ptq.quant_modules import QuantLayer
+from quantizer.ptq.quantize import quantize_
+
+pytestmark = pytest.mark.skipif(openvino_unavailable() is not None, reason=str(openvino_unavailable()))
+
+# Same bound as int8-x86 (tests/test_execution.py): the kernels differ from the simulation only in rounding order
+# (FakeQuantize's own formula, int32 accumulation). Measured on the tiny UNet: 0.013-0.017.
+OPENVINO_VS_FAKE_BOUND = 0.03
+# bf16 for every non-quantized op adds its rounding (as int8-bf16-x86).
+OPENVINO_BF16_VS_FAKE_BOUND = 0.08
+
+
+@pytest.fixture(scope="module")
+def calib(tiny_unet, scheduler_config) -> CalibrationSet:
+    cfg = CalibrationConfig(method="ndtc", n_samples=16, steps=10, batch_size=8, seed=0)
+    return build_calibration_set(tiny_unet, scheduler_config, cfg, progress=False)
+
+
+def quantized(unet: torch.nn.Module, calib: CalibrationSet, **quant: object) -> torch.nn.Module:
+    return quantize_(copy.deepcopy(unet), PTQ4DMConfig(quant=QuantConfig(**quant, **FAST)), calibration=calib,
+                     progress=False)
+
+
+@pytest.fixture(scope="module")
+def fake_w8a8(tiny_unet, calib) -> torch.nn.Module:
+    return quantized(tiny_unet, calib)
+
+
+@pytest.fixture(scope="module")
+def fake_w4a8(tiny_unet, calib) -> torch.nn.Module:
+    return quantized(tiny_unet, calib, weight_bits=4)  # first/last layers keep 8-bit weights (first_last_bits)
+
+
+@pytest.fixture(scope="module")
+def ov_w4a8(fake_w4a8) -> OpenVINOUNet:
+    executor = build_executor(fake_w4a8, "openvino", max_batch=16)
+    assert isinstance(executor, OpenVINOUNet)
+    return executor
+
+
+def per_sample(unet: torch.nn.Module, calib: CalibrationSet) -> torch.Tensor:
+    with torch.no_grad():
+        return torch.cat([unet(x[None], t).sample for x, t in zip(calib.xs, calib.ts, strict=True)])
+
+
+def int8_eligible(fake: torch.nn.Module) -> int:
+    """Quantized layers whose weights the CPU's int8 kernels hold exactly (all of them with VNNI/AMX)."""
+    return sum(1 for m in fake.modules() if isinstance(m, QuantLayer)
+               and (int8_dot_products_exact() or m.weight_quantizer.qrange.qmax <= SAFE_WEIGHT_QMAX))
+
+
+@pytest.mark.parametrize("precision", ["w8a8", "w4a8"])
+def test_reproduces_fake_quant_on_int8_kernels(precision, fake_w8a8, fake_w4a8, tiny_unet, calib):
+    fake = fake_w8a8 if precision == "w8a8" else fake_w4a8
+    executor = build_openvino(fake, "openvino", max_batch=16, precision="f32")
+    # every layer PTQ4DM quantized (and whose weights the kernels hold exactly) runs as a u8/i8 kernel
+    assert executor.int8_layer_count() == int8_eligible(fake)
+    if precision == "w4a8" or int8_dot_products_exact():
+        assert executor.int8_layer_count() >= 40
+        assert "u8" in executor.layer_precisions()["Convolution"]
+    with torch.no_grad():  # the whole calibration set in one call: every image at its own timestep
+        real = executor(calib.xs, calib.ts).sample
+    fake_out, fp = per_sample(fake, calib), per_sample(tiny_unet, calib)
+    assert rel_error(real, fake_out) < OPENVINO_VS_FAKE_BOUND
+    assert rel_error(real, fake_out) < rel_error(fake_out, fp) / 2  # the quantized model, not the float one
+    assert executor.compile_seconds is not None and executor.convert_seconds > 0
+    assert weight_bytes(executor) < weight_bytes(tiny_unet) or not int8_dot_products_exact()
+
+
+@pytest.mark.skipif(not cpu_bf16(), reason="OpenVINO has no native bf16 on this CPU")
+def test_bf16_elsewhere_stays_close_to_fake_quant(ov_w4a8, fake_w4a8, calib):
+    assert ov_w4a8.precision == "bf16"  # the default where the CPU has it
+    assert rel_error(per_sample(ov_w4a8, calib), per_sample(fake_w4a8, calib)) < OPENVINO_BF16_VS_FAKE_BOUND
+
+
+def test_one_compiled_model_serves_every_batch_size(ov_w4a8):
+    x = torch.randn(32, 1, 16, 16, generator=torch.Generator().manual_seed(3))
+    t = torch.tensor(400)
+    seconds = ov_w4a8.warmup([1, 3, 16, 32])
+    compiled = ov_w4a8.compiled
+    assert set(seconds) == {1, 3, 16} and len(set(seconds.values())) == 1  # 32 > max_batch: split, not compiled
+    with torch.no_grad():
+        alone = torch.cat([ov_w4a8(x[i:i + 1], t).sample for i in range(32)])
+        for batch in (3, 16, 32):
+            together = ov_w4a8(x[:batch], t).sample
+            assert together.shape == (batch, 1, 16, 16)
+            assert rel_error(together, alone[:batch]) < 1e-3
+    assert ov_w4a8.compiled is compiled  # nothing was recompiled
+
+
+def test_concurrent_calls_are_independent(ov_w4a8):
+    xs = [torch.randn(4, 1, 16, 16, generator=torch.Generator().manual_seed(s)) for s in range(4)]
+    with torch.no_grad():
+        serial = [ov_w4a8(x, 250).sample for x in xs]
+    results: dict[int, torch.Tensor] = {}
+
+    def run(i: int) -> None:
+        with torch.no_grad():
+            results[i] = ov_w4a8(xs[i], 250).sample
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    for i in range(4):
+        assert torch.equal(results[i], serial[i])
+
+
+def test_sampling_runs_and_is_deterministic_per_seed(ov_w4a8, scheduler_config):
+    images = sample(ov_w4a8, scheduler_config, [5, 6, 7], sampler="ddim", steps=3, batch_size=3)
+    again = sample(ov_w4a8, scheduler_config, [5, 6, 7], sampler="ddim", steps=3, batch_size=3)
+    alone = sample(ov_w4a8, scheduler_config, [6], sampler="ddim", steps=3)
+    assert images.shape == (3, 1, 16, 16) and images.dtype == torch.float32 and torch.isfinite(images).all()
+    assert torch.equal(images, again)
+    assert rel_error(images[1:2], alone) < 1e-3  # image k depends on its seed, not its batch
+
+
+def test_fp32_backend_matches_eager_and_uses_the_compile_cache(tiny_unet, calib, tmp_path):
+    fp = per_sample(tiny_unet, calib)
+    first = build_executor(tiny_unet, "openvino-fp32", max_batch=4, cache_dir=tmp_path / "ov-cache")
+    first.warmup([4])
+    assert any((tmp_path / "ov-cache").iterdir())  # the compiled blob was written
+    cached = build_executor(tiny_unet, "openvino-fp32", max_batch=4, cache_dir=tmp_path / "ov-cache")
+    for executor in (first, cached):
+        assert executor.backend == "openvino-fp32" and executor.int8_layer_count() == 0
+        assert rel_error(per_sample(executor, calib), fp) < 1e-4
+    assert next(tiny_unet.parameters()).dtype == torch.float32
+
+
+def test_backend_errors_are_clear(tiny_unet, fake_w8a8, calib, monkeypatch):
+    with pytest.raises(BackendUnavailable, match="needs a quantized model"):
+        build_executor(tiny_unet, "openvino")
+    with pytest.raises(BackendUnavailable, match="runs unquantized models"):
+        build_executor(fake_w8a8, "openvino-fp32")
+    with pytest.raises(BackendUnavailable, match="openvino runs on the CPU"):
+        resolve_backend("openvino", quantized=True, device="cuda")
+    if not cpu_bf16():
+        with pytest.raises(BackendUnavailable, match="no native bfloat16"):
+            build_executor(tiny_unet, "openvino-bf16")
+    a16 = quantized(tiny_unet, calib, act_bits=16)
+    with pytest.raises(BackendUnavailable, match="activations of at most 8 bits"):
+        build_executor(a16, "openvino")
+    attn = quantized(tiny_unet, calib, quantize_attention_matmuls=True)
+    with pytest.raises(BackendUnavailable, match="attention matmuls"):
+        build_executor(attn, "openvino")
+    assert resolve_backend("auto", quantized=True) in ("int8-x86", "fake")  # auto does not pick openvino (yet)
+    monkeypatch.setitem(sys.modules, "openvino", None)  # as if the package were not installed
+    with pytest.raises(BackendUnavailable, match="openvino package is not installed"):
+        resolve_backend("openvino", quantized=True)
