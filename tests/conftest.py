@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -10,6 +12,10 @@ from diffusers import UNet2DModel
 
 from quantizer.diffusion.models import BUILTIN_MODEL_DIR
 from quantizer.evaluation.train import DEFAULT_SCHEDULER_CONFIG
+
+# A compile cache of this run's own (inherited by the processes tests start): a kernel left truncated in the user's
+# cache by a process killed mid-compile elsewhere cannot fail a test ("file too short").
+os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", tempfile.mkdtemp(prefix="ptq4dm-tests-inductor-"))
 
 # Tiny models gain nothing from intra-op threads, and on a 2-core machine two OpenMP threads stall badly
 # whenever another process (a worker under test, a background job) holds a core.

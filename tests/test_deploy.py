@@ -16,6 +16,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import sysconfig
 import time
 import urllib.request
 from pathlib import Path
@@ -321,6 +322,16 @@ def _wait_for(url: str, proc: subprocess.Popen, timeout: float) -> dict:
     raise AssertionError(f"{url} not 200 after {timeout}s: {last}")
 
 
+def _see_our_site_packages(python: Path) -> None:
+    """`--system-site-packages` exposes the *base* interpreter's packages; when the tests themselves run in a venv,
+    torch and friends live in that venv instead, so a .pth file adds this interpreter's site-packages (after the new
+    venv's own, so the wheel installed there still wins)."""
+    ours = {sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]}
+    theirs = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                            capture_output=True, text=True, check=True, timeout=60).stdout.strip()
+    Path(theirs, "zz-test-runner-site-packages.pth").write_text("".join(f"{p}\n" for p in sorted(ours)))
+
+
 def test_installed_wheel_serves_the_builtin_model(tmp_path):
     """The build stage's files -> a wheel; the runtime stage's files and ENV around it in a fresh venv; then serve.
 
@@ -340,11 +351,14 @@ def test_installed_wheel_serves_the_builtin_model(tmp_path):
     subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", "--without-pip", str(venv)],
                    check=True, timeout=120)
     python = venv / "bin" / "python"
+    _see_our_site_packages(python)
     subprocess.run([sys.executable, "-m", "pip", "--python", str(python), "install", "-q", "--no-deps",
                     "--ignore-installed", str(wheel)], check=True, timeout=300)
 
     env = {**os.environ, **_runtime_env(root), "PATH": f"{venv / 'bin'}:{os.environ['PATH']}",
-           "PTQ4DM_TORCH_THREADS": "1"}
+           "PTQ4DM_TORCH_THREADS": "1",
+           # Stopped while it may still be compiling: a kernel cut short stays in this test's own cache.
+           "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor")}
     env.pop("PYTHONPATH", None)
     assert Path(env["PTQ4DM_MODELS_DIR"], "fashion-mnist-ddpm", "unet", "config.json").is_file()
     cwd = tmp_path  # outside the checkout: nothing may come from the repository

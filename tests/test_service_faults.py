@@ -7,6 +7,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -112,7 +113,9 @@ class WorkerProcess:
                 "precisions": "fp32", "worker-id": worker_id, "health-port": self.port, "torch-threads": 1,
                 "lease-ms": 1500, "heartbeat-ms": 200, "block-ms": 100, "max-wait-ms": 5, **settings}
         cmd = [sys.executable, "-m", "service.cli", "worker"] + [f"--{k}={v}" for k, v in args.items()]
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        # Its own compile cache: a worker killed mid-compile leaves a truncated kernel there, not in the suite's.
+        env = {**os.environ, "PYTHONUNBUFFERED": "1",
+               "TORCHINDUCTOR_CACHE_DIR": tempfile.mkdtemp(prefix="ptq4dm-killable-inductor-")}
         self.proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
 
     def ready(self) -> bool:
