@@ -24,6 +24,7 @@ class DiffusionModel:
     name: str
     unet: UNet2DModel
     scheduler_config: dict
+    path: Path | None = None  # the local directory it was loaded from (None: a hub id or built in memory)
 
     @property
     def num_train_timesteps(self) -> int:
@@ -57,11 +58,14 @@ def load_model(name_or_path: str | Path | None = None, device: str | torch.devic
             raise ValueError(f"model: {source} has neither unet/config.json nor config.json")
     else:
         sub, sched_sub = "unet", "scheduler"
-    unet = UNet2DModel.from_pretrained(source, subfolder=sub)
+    # low_cpu_mem_usage (diffusers' default) needs accelerate and otherwise warns on every start; for UNets of
+    # this size the plain load is as fast, so ask for it instead of adding a dependency.
+    unet = UNet2DModel.from_pretrained(source, subfolder=sub, low_cpu_mem_usage=False)
     try:
         scheduler_config = dict(DDPMScheduler.load_config(source, subfolder=sched_sub))
     except OSError:
         scheduler_config = dict(DDPMScheduler.load_config(source))
     unet.eval().requires_grad_(False).to(device)
     name = BUILTIN_MODEL_NAME if source == str(BUILTIN_MODEL_DIR) else str(name_or_path)
-    return DiffusionModel(name=name, unet=unet, scheduler_config=scheduler_config)
+    return DiffusionModel(name=name, unet=unet, scheduler_config=scheduler_config,
+                          path=local.resolve() if local.exists() else None)

@@ -107,10 +107,15 @@ class _Retry(Exception):
 
 
 class CalibrationCache:
-    """Stats cache under `directory`, keyed by cache_key(key_parts)."""
+    """Stats cache under `directory`, keyed by cache_key(key_parts).
 
-    def __init__(self, directory: str | Path) -> None:
+    read_only: a cache shipped with a model (input, not state): entries are read and verified, never written
+    or removed, so a bad one is reported each time instead of being discarded.
+    """
+
+    def __init__(self, directory: str | Path, read_only: bool = False) -> None:
         self.directory = Path(directory)
+        self.read_only = read_only
 
     def manifest_path(self, key: str) -> Path:
         return self.directory / f"{key}.json"
@@ -129,13 +134,16 @@ class CalibrationCache:
                 message = f"calibration cache entry {key[:16]} in {self.directory} is corrupted ({exc}); recomputing"
                 warnings.warn(message, CacheCorruptionWarning, stacklevel=2)
                 logger.warning(message)
-                self._discard(key)
+                if not self.read_only:
+                    self._discard(key)
                 return None
         return None
 
     def store(self, key_parts: Mapping[str, Any], stats: Mapping[str, torch.Tensor],
               extra: Mapping[str, Any] | None = None) -> Path:
         """Write stats and their manifest atomically; returns the manifest path. Safe to race with other stores."""
+        if self.read_only:
+            raise PermissionError(f"calibration cache {self.directory} is read-only")
         key = cache_key(key_parts)
         self.directory.mkdir(parents=True, exist_ok=True)
         tensors = {name: t.detach().cpu().contiguous() for name, t in stats.items()}
@@ -171,6 +179,16 @@ class CalibrationCache:
         stats = dict(compute_fn())
         self.store(key_parts, stats, extra)
         return stats
+
+    def manifests(self) -> list[dict[str, Any]]:
+        """Every readable manifest in the directory (for reporting what a cache holds); unreadable ones skipped."""
+        found = []
+        for path in sorted(self.directory.glob("*.json")):
+            with contextlib.suppress(OSError, json.JSONDecodeError):
+                manifest = json.loads(path.read_text())
+                if isinstance(manifest, dict):
+                    found.append(manifest)
+        return found
 
     def _read(self, key: str, key_parts: Mapping[str, Any], final: bool) -> dict[str, torch.Tensor]:
         path = self.manifest_path(key)

@@ -14,10 +14,10 @@ from dataclasses import dataclass
 
 import torch
 from diffusers import DDPMScheduler, UNet2DModel
-from tqdm.auto import tqdm
 
 from quantizer.diffusion.sampling import make_scheduler, sample, sample_shape, validate_request
 from quantizer.ptq.config import CalibrationConfig
+from quantizer.ptq.progress import ProgressFn, track
 
 TRAJECTORY_METHODS: tuple[str, ...] = ("ndtc", "ndtc_code", "uniform", "single_step")
 
@@ -78,10 +78,12 @@ def draw_step_indices(config: CalibrationConfig, timesteps: torch.Tensor,
 
 
 def build_calibration_set(unet: UNet2DModel, scheduler_config: dict, config: CalibrationConfig,
-                          real_images: torch.Tensor | None = None, progress: bool = True) -> CalibrationSet:
+                          real_images: torch.Tensor | None = None, progress: bool = True,
+                          on_progress: ProgressFn | None = None) -> CalibrationSet:
     """Build the calibration set `config` describes with the full-precision `unet`.
 
     `real_images` (M x C x H x W in model space) is required by 'real_noised' and ignored otherwise.
+    `on_progress` hears about the FP trajectories in UNet passes (quantizer.ptq.progress).
     """
     num_train = int(scheduler_config["num_train_timesteps"])
     validate_request(config.sampler, config.steps, config.eta, config.n_samples, num_train)
@@ -92,13 +94,14 @@ def build_calibration_set(unet: UNet2DModel, scheduler_config: dict, config: Cal
     timesteps = sampler_timesteps(scheduler_config, config.sampler, config.steps)
     step_indices = draw_step_indices(config, timesteps, generator)
     seeds = torch.randint(0, 2**31 - 1, (config.n_samples,), generator=generator)
-    xs = _record_trajectories(unet, scheduler_config, config, step_indices, seeds, shape, progress)
+    xs = _record_trajectories(unet, scheduler_config, config, step_indices, seeds, shape, progress,
+                              on_progress)
     return CalibrationSet(xs=xs, ts=timesteps[step_indices], step_indices=step_indices, seeds=seeds, config=config)
 
 
 def _record_trajectories(unet: UNet2DModel, scheduler_config: dict, config: CalibrationConfig,
                          step_indices: torch.Tensor, seeds: torch.Tensor, shape: tuple[int, int, int],
-                         progress: bool) -> torch.Tensor:
+                         progress: bool, on_progress: ProgressFn | None = None) -> torch.Tensor:
     """Run batched FP trajectories, each sample recorded (UNet input) at its own step.
 
     Samples are batched in order of their step so a batch stops as soon as its deepest sample is recorded,
@@ -108,7 +111,8 @@ def _record_trajectories(unet: UNet2DModel, scheduler_config: dict, config: Cali
     recorded = torch.zeros(len(seeds), dtype=torch.bool)
     order = torch.argsort(step_indices, stable=True)
     chunks = list(order.split(config.batch_size))
-    for idx in tqdm(chunks, desc=f"calibration set ({config.method})", unit="batch", disable=not progress):
+    passes = [int(step_indices[idx].max()) + 1 for idx in chunks]  # a batch stops at its deepest sample
+    for idx in track(chunks, f"calibration set ({config.method})", "batch", progress, on_progress, passes):
         targets = step_indices[idx]
         last = int(targets.max())
 

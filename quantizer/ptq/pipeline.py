@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import json
 import logging
 import threading
 from collections import OrderedDict
@@ -16,12 +17,17 @@ import torch
 
 import quantizer
 from quantizer.diffusion.models import DiffusionModel
-from quantizer.ptq.cache import CalibrationCache, cache_key, hash_state_dict, hash_tensor
+from quantizer.ptq.cache import CalibrationCache, cache_key, canonical_json, hash_state_dict, hash_tensor
 from quantizer.ptq.calibration import CalibrationSet, build_calibration_set
 from quantizer.ptq.config import CalibrationConfig, PTQ4DMConfig, QuantConfig, quant_config_for
+from quantizer.ptq.progress import ProgressFn, ProgressLog
 from quantizer.ptq.quantize import export_stats, quantize_
 
 logger = logging.getLogger(__name__)
+
+# A model directory may ship its calibration statistics here (the cache format, read-only), so a first start
+# calibrates nothing.
+SHIPPED_CALIBRATION_DIR = "calibration"
 
 # Bump when the meaning of exported stats changes (quantizer layout, grids), so old cache entries miss.
 STATS_FORMAT = 1
@@ -36,6 +42,7 @@ class QuantizedModel(DiffusionModel):
 
     calibration_hash: sha256 of the exported stats (changes whenever the quantized model does).
     cache_key: the calibration-cache key of the inputs (model weights, configs, versions).
+    stats_source: 'shipped' (the model directory's calibration/), 'cache' (cache_dir) or 'calibrated'.
     """
 
     precision: str = ""
@@ -43,6 +50,7 @@ class QuantizedModel(DiffusionModel):
     calibration_hash: str | None = None
     cache_key: str | None = None
     cache_hit: bool = False
+    stats_source: str = "calibrated"
 
 
 def build_config(precision: str | QuantConfig,
@@ -102,13 +110,15 @@ _CALIBRATION_LOCK = threading.Lock()
 
 
 def _calibration_set(model: DiffusionModel, calibration: CalibrationConfig, parts: dict[str, Any],
-                     real_images: torch.Tensor | None, progress: bool) -> CalibrationSet:
+                     real_images: torch.Tensor | None, progress: bool,
+                     on_progress: ProgressFn | None = None) -> CalibrationSet:
     key = cache_key({k: v for k, v in parts.items() if k != "config"} | {"calibration": calibration.to_dict()})
     with _CALIBRATION_LOCK:
         if key in _CALIBRATION_SETS:
             _CALIBRATION_SETS.move_to_end(key)
             return _CALIBRATION_SETS[key]
-    calib = build_calibration_set(model.unet, model.scheduler_config, calibration, real_images, progress)
+    calib = build_calibration_set(model.unet, model.scheduler_config, calibration, real_images, progress,
+                                  on_progress)
     with _CALIBRATION_LOCK:
         _CALIBRATION_SETS[key] = calib
         while len(_CALIBRATION_SETS) > _CALIBRATION_SETS_MAX:
@@ -116,16 +126,42 @@ def _calibration_set(model: DiffusionModel, calibration: CalibrationConfig, part
     return calib
 
 
+def shipped_stats(model: DiffusionModel, parts: dict[str, Any], label: str) -> dict[str, torch.Tensor] | None:
+    """The stats shipped in the model's directory for exactly these key parts, or None.
+
+    A shipped entry for the same precision that does not match is worth a warning naming what differs (the
+    weights, the config or the library version changed since it was made): the fallback calibrates for minutes.
+    """
+    if model.path is None or not (model.path / SHIPPED_CALIBRATION_DIR).is_dir():
+        return None
+    shipped = CalibrationCache(model.path / SHIPPED_CALIBRATION_DIR, read_only=True)
+    stats = shipped.load(parts)
+    if stats is not None:
+        return stats
+    wanted = json.loads(canonical_json(parts))
+    for manifest in shipped.manifests():
+        if (manifest.get("extra") or {}).get("precision") != label:
+            continue
+        theirs = manifest.get("key_parts") or {}
+        differing = sorted(k for k in wanted.keys() | theirs.keys() if wanted.get(k) != theirs.get(k))
+        if "config" in differing:
+            continue  # made for another calibration config (e.g. another method): not meant for this request
+        logger.warning("the %s calibration shipped with %s was made for other inputs (%s differ); calibrating",
+                       label, model.name, ", ".join(differing))
+    return None
+
+
 def quantize_model(model: DiffusionModel, precision: str | QuantConfig,
                    calibration_config: CalibrationConfig | Mapping[str, Any] | None = None,
                    cache_dir: str | Path | None = None, real_images: torch.Tensor | None = None,
-                   progress: bool = True) -> DiffusionModel:
+                   progress: bool = True, on_progress: ProgressFn | None = None) -> DiffusionModel:
     """A QuantizedModel whose UNet is a quantized copy of model.unet (model itself is left untouched).
 
     precision: 'w8a8', 'w4a8', 'w8a6', 'w8a16', any valid 'w<b>a<b>', a QuantConfig, or 'fp32' (returns
     `model` itself). calibration_config: see build_config. With cache_dir the stats are looked up first
-    and a hit runs no calibration at all; a miss calibrates and stores them. real_images is required by
-    the 'real_noised' calibration method.
+    and a hit runs no calibration at all; a miss calibrates and stores them. Stats shipped in the model's
+    directory (SHIPPED_CALIBRATION_DIR) come first and are never written. real_images is required by
+    the 'real_noised' calibration method. on_progress hears every calibration stage (default: log lines with ETA).
     """
     config = build_config(precision, calibration_config)
     if config is None:
@@ -134,21 +170,25 @@ def quantize_model(model: DiffusionModel, precision: str | QuantConfig,
     calibrated: dict[str, torch.nn.Module] = {}
 
     parts = cache_key_parts(model, config, real_images)
+    report = on_progress or ProgressLog(f"calibrating {model.name}/{label}", logger)
 
     def compute() -> dict[str, torch.Tensor]:
-        calib = _calibration_set(model, config.calibration, parts, real_images, progress)
-        calibrated["unet"] = quantize_(copy.deepcopy(model.unet), config, calibration=calib, progress=progress)
+        calib = _calibration_set(model, config.calibration, parts, real_images, progress, report)
+        calibrated["unet"] = quantize_(copy.deepcopy(model.unet), config, calibration=calib, progress=progress,
+                                       on_progress=report)
         return export_stats(calibrated["unet"])
 
-    if cache_dir is None:
-        stats = compute()
-    else:
+    stats, source = shipped_stats(model, parts, label), "shipped"
+    if stats is None and cache_dir is None:
+        stats, source = compute(), "calibrated"
+    elif stats is None:
         stats = CalibrationCache(cache_dir).get_or_compute(parts, compute, extra={"model": model.name,
                                                                                   "precision": label})
+        source = "calibrated" if "unet" in calibrated else "cache"
     hit = "unet" not in calibrated
     if hit:
         calibrated["unet"] = quantize_(copy.deepcopy(model.unet), config, stats=stats, progress=progress)
-    logger.info("%s quantized to %s (%s)", model.name, label, "cache hit" if hit else "calibrated")
+    logger.info("%s quantized to %s (stats: %s)", model.name, label, source)
     return QuantizedModel(name=model.name, unet=calibrated["unet"].eval(), scheduler_config=model.scheduler_config,
                           precision=label, config=config, calibration_hash=hash_state_dict(stats),
-                          cache_key=cache_key(parts), cache_hit=hit)
+                          cache_key=cache_key(parts), cache_hit=hit, stats_source=source, path=model.path)

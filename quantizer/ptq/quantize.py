@@ -17,10 +17,10 @@ from collections.abc import Iterator
 import torch
 from diffusers.models.attention_processor import Attention
 from torch import nn
-from tqdm.auto import tqdm
 
 from quantizer.ptq.calibration import CalibrationSet
 from quantizer.ptq.config import PTQ4DMConfig, QuantConfig
+from quantizer.ptq.progress import ProgressFn, track
 from quantizer.ptq.quant_modules import (
     MAX_VALUES_PER_BATCH,
     ActObserver,
@@ -43,7 +43,8 @@ UNSUPPORTED_LAYERS: tuple[type[nn.Module], ...] = (
 
 
 def quantize_(unet: nn.Module, config: PTQ4DMConfig | QuantConfig, calibration: CalibrationSet | None = None,
-              stats: dict[str, torch.Tensor] | None = None, progress: bool = True) -> nn.Module:
+              stats: dict[str, torch.Tensor] | None = None, progress: bool = True,
+              on_progress: ProgressFn | None = None) -> nn.Module:
     """Quantize `unet` in place (fake quant) and return it.
 
     With `stats` (from export_stats) every scale/zero-point is loaded and no forward pass runs at all;
@@ -66,7 +67,7 @@ def quantize_(unet: nn.Module, config: PTQ4DMConfig | QuantConfig, calibration: 
         if stats is not None:
             load_stats(unet, stats)
         else:
-            _calibrate(unet, qcfg, calibration, progress)
+            _calibrate(unet, qcfg, calibration, progress, on_progress)
         set_mode(unet, "quant")
     except BaseException:
         for restore in reversed(undo):
@@ -182,9 +183,10 @@ def _swap_modules(unet: nn.Module, qcfg: QuantConfig) -> list:
     return undo
 
 
-def _calibrate(unet: nn.Module, qcfg: QuantConfig, calibration: CalibrationSet, progress: bool) -> None:
+def _calibrate(unet: nn.Module, qcfg: QuantConfig, calibration: CalibrationSet, progress: bool,
+               on_progress: ProgressFn | None) -> None:
     layers = [(n, m) for n, m in unet.named_modules() if isinstance(m, QuantLayer)]
-    for _name, layer in tqdm(layers, desc="weight ranges", unit="layer", disable=not progress):
+    for _name, layer in track(layers, "weight ranges", "layer", progress, on_progress):
         bits = int(layer.weight_quantizer.bits)
         layer.weight_quantizer.set_scale(search_weight_scale(
             layer.layer.weight, bits, qcfg.metric, qcfg.p, qcfg.n_candidates, qcfg.search))
@@ -198,10 +200,10 @@ def _calibrate(unet: nn.Module, qcfg: QuantConfig, calibration: CalibrationSet, 
     param = next(unet.parameters())
     try:
         with torch.no_grad():
-            for xs, ts in tqdm(list(calibration.batches()), desc="calibration forward", unit="batch",
-                               disable=not progress):
+            for xs, ts in track(list(calibration.batches()), "calibration forward", "batch", progress,
+                                on_progress):
                 unet(xs.to(device=param.device, dtype=param.dtype), ts.to(param.device))
-        for name, quantizer in tqdm(act_quantizers, desc="activation ranges", unit="tensor", disable=not progress):
+        for name, quantizer in track(act_quantizers, "activation ranges", "tensor", progress, on_progress):
             observer = quantizer.observer
             if observer is None or not observer.chunks:
                 warnings.warn(f"{name} saw no activations during calibration; it keeps scale 1, zero_point 0",
