@@ -400,10 +400,10 @@ def _offline_child(cfg: BenchConfig, threads: int, batch: int, batches: int, job
 
         torch.set_num_threads(threads)
         s = ServiceSettings(**{**cfg.settings, "models": [cfg.model], "precisions": [cfg.precision]})
-        provider = ModelProvider(s.model_paths, [cfg.precision], s.calibration_cache_dir, s.device, s.calibration)
+        provider = ModelProvider(s.model_paths, [cfg.precision], s.calibration_cache_dir, s.device, s.calibration,
+                                 compile_all_buckets=True)
         provider.load_base()
-        served = provider.build(s.default_model, cfg.precision)
-        provider.warm_up()
+        served = provider.prepare(s.default_model, cfg.precision)
 
         def run(size: int, steps: int) -> float:
             t0 = time.time()

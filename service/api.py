@@ -13,8 +13,12 @@ from collections.abc import AsyncIterator
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
+from service.body_limit import BodyLimitMiddleware
 from service.deps import Services
+from service.docs import mount_offline_docs
+from service.errors import install_error_handlers
 from service.metrics import Metrics
+from service.openapi import document_live_limits
 from service.provider import ModelProvider, served_precisions
 from service.queue import IdempotencyConflict, JobQueue, QueueFull, QueueUnavailable, make_queue
 from service.routes import admin, health, jobs
@@ -33,7 +37,8 @@ def build_services(settings: ServiceSettings, queue: JobQueue | None = None) -> 
     worker = None
     if settings.run_embedded_worker:
         provider = ModelProvider(settings.model_paths, precisions, settings.calibration_cache_dir, settings.device,
-                                 settings.calibration, settings.backend, settings.max_batch_images)
+                                 settings.calibration, settings.backend, settings.max_batch_images,
+                                 settings.compile_all_buckets, settings.openvino_cache_dir)
         worker = Worker(settings, queue, provider, metrics)
     return Services(settings=settings, queue=queue, metrics=metrics, models=list(settings.model_paths),
                     precisions=precisions, worker=worker)
@@ -64,13 +69,17 @@ def create_app(settings: ServiceSettings | None = None, queue: JobQueue | None =
                 await task
             await services.queue.close()
 
-    app = FastAPI(title="ptq4dm", version="0.1.0", lifespan=lifespan,
+    app = FastAPI(title="ptq4dm", version="0.1.0", lifespan=lifespan, docs_url=None, redoc_url=None,
                   description="Post-training-quantized diffusion models as a service. Async jobs under /v1.")
     app.state.services = services
     app.include_router(jobs.router)
     app.include_router(admin.router)
     app.include_router(health.router)
+    mount_offline_docs(app)
+    install_error_handlers(app)
     _install_error_handlers(app, services)
+    document_live_limits(app, settings, services.models, services.precisions)
+    app.add_middleware(BodyLimitMiddleware, max_body_bytes=settings.max_body_bytes)
     return app
 
 

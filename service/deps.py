@@ -6,8 +6,10 @@ import secrets
 from dataclasses import dataclass, field
 from typing import Annotated
 
-from fastapi import Depends, Header, HTTPException, Request
+from fastapi import Depends, HTTPException, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
+from service.errors import compact_error
 from service.metrics import Metrics
 from service.queue.base import JobQueue
 from service.settings import ServiceSettings
@@ -34,18 +36,22 @@ Svc = Annotated[Services, Depends(get_services)]
 
 
 def field_error(field_name: str, msg: str, value: object = None, status: int = 422) -> HTTPException:
-    """The same shape as FastAPI's own validation errors, so clients find the field in `loc`."""
-    return HTTPException(status, detail=[{"type": "value_error", "loc": ["body", field_name], "msg": msg,
-                                          "input": value}])
+    """The same shape as FastAPI's own validation errors, so clients find the field in `loc`; `input` is clipped."""
+    return HTTPException(status, detail=[compact_error({"type": "value_error", "loc": ["body", field_name],
+                                                        "msg": msg, "input": value})])
+
+
+# auto_error=False: the dependency only declares the scheme (OpenAPI `security`); require_admin decides 404 vs 401.
+_bearer = HTTPBearer(auto_error=False, description="PTQ4DM_ADMIN_TOKEN")
 
 
 def require_admin(svc: Svc,
-                  authorization: Annotated[str | None, Header(include_in_schema=False)] = None) -> None:
+                  credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)] = None) -> None:
     """No token configured: admin routes do not exist (404). Wrong or missing token: 401."""
     token = svc.settings.admin_token
     if not token:
         raise HTTPException(404, detail="Not Found")
-    scheme, _, given = (authorization or "").partition(" ")
-    if scheme.lower() != "bearer" or not secrets.compare_digest(given.encode(), token.encode()):
+    given = credentials.credentials if credentials is not None else ""
+    if credentials is None or not secrets.compare_digest(given.encode(), token.encode()):
         raise HTTPException(401, detail="admin routes need 'Authorization: Bearer <admin_token>'",
                             headers={"WWW-Authenticate": "Bearer"})

@@ -11,10 +11,15 @@ from service.jobs import JobState
 MAX_SEED = 2**32 - 1
 
 
+# Request bodies are strict: JSON `true`, `"5"` or `2.0` is not an integer (a float field still takes `0`), and
+# NaN/Infinity are refused, so what a client sent is what runs (and what its idempotency fingerprint covers).
+STRICT_BODY = ConfigDict(extra="forbid", protected_namespaces=(), strict=True, allow_inf_nan=False)
+
+
 class JobRequest(BaseModel):
     """What to generate. Absent fields take the server's defaults (model: the first served one)."""
 
-    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+    model_config = STRICT_BODY
 
     model: str | None = Field(None, description="served model name; default: the server's first model")
     sampler: Literal["ddpm", "ddim"] | None = Field(None, description="default: the server's default_sampler")
@@ -93,7 +98,7 @@ class GeneratedImages(BaseModel):
 
 
 class RequantizeRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+    model_config = STRICT_BODY
 
     model: str | None = Field(None, description="default: the server's first model")
     precision: str | None = Field(None, description="one precision, or all served ones when absent")
@@ -115,4 +120,25 @@ class Operation(BaseModel):
 
 
 class ErrorDetail(BaseModel):
+    """Every error but 422: `detail` says what went wrong (a failed /v1/generate job also carries its `id`)."""
+
     detail: Any
+    id: str | None = Field(None, description="the job, when the error is about one")
+
+
+class FieldError(BaseModel):
+    """One invalid input; `loc` ends with the field's name."""
+
+    loc: list[str | int]
+    msg: str
+    type: str
+    input: Any = Field(None, description="what was sent, or its first characters when `input_truncated`")
+    input_truncated: bool = Field(False, description="`input` is only a prefix of what was sent")
+    ctx: dict[str, Any] | None = None
+
+
+class ValidationErrorBody(BaseModel):
+    """422: every invalid field (up to a bound), each naming its field in `loc`."""
+
+    detail: list[FieldError]
+    more_errors: int = Field(0, description="errors beyond the listed ones, not shown")

@@ -18,7 +18,7 @@ CommaList = Annotated[list[str], NoDecode]
 
 
 # Backends for quantized precisions (fp32 is served eager).
-SERVED_BACKENDS: tuple[str, ...] = ("auto", "int8-x86", "int8-bf16-x86", "fake")
+SERVED_BACKENDS: tuple[str, ...] = ("auto", "openvino", "int8-x86", "int8-bf16-x86", "fake")
 
 
 class ServiceSettings(BaseSettings):
@@ -35,18 +35,26 @@ class ServiceSettings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = 8000
     admin_token: str | None = Field(None, description="Bearer token for /admin; unset = admin routes are 404")
+    max_body_bytes: int = Field(1_048_576, ge=1, description="request bodies larger than this are refused with 413 "
+                                "before they are parsed")
 
     # What is served.
     models: CommaList = Field(default_factory=lambda: [BUILTIN_MODEL_NAME],
                               description="comma list of NAME=PATH (or a bare name/path); the first is the default")
-    precisions: CommaList = Field(default_factory=lambda: ["fp32"],
+    precisions: CommaList = Field(default_factory=lambda: ["fp32", "w8a8"],
                                   description="precisions to serve; ones whose backend is missing are dropped")
-    backend: str = Field("auto", description="how quantized precisions run: auto (int8-x86 where the CPU has "
-                         "int8 kernels, else fake), int8-x86 (real int8, compiled per batch-size bucket at "
-                         "startup), int8-bf16-x86 (int8 plus bf16 for the other ops), fake (simulation)")
+    backend: str = Field("auto", description="how quantized precisions run: auto (openvino on the CPU, else "
+                         "int8-x86 where the CPU has int8 kernels, else fake), openvino (OpenVINO int8 kernels with "
+                         "PTQ4DM's scales, one graph for every batch size, compiled in seconds), int8-x86 (PT2E "
+                         "int8, compiled per batch-size bucket), int8-bf16-x86 (int8 plus bf16 for the other ops), "
+                         "fake (simulation)")
     calibration_cache_dir: str = Field(DEFAULT_CALIBRATION_CACHE_DIR, description="where quantization statistics live")
     calibration: dict[str, Any] = Field(default_factory=dict,
                                         description="JSON calibration/quant overrides for quantized precisions")
+    openvino_cache_dir: str | None = Field(None, description="OpenVINO's compiled-model cache (CACHE_DIR): a "
+                                           "restart loads the compiled blob; unset = no cache")
+    compile_all_buckets: bool = Field(False, description="compile every batch-size bucket before a precision is "
+                                      "ready (per-bucket backends int8-x86*); default: batch 1, the rest on first use")
     calibration_lock_ms: int = Field(600_000, ge=1000, description="how long one worker may hold the calibration lock")
     device: str = "cpu"
     torch_threads: int | None = Field(None, ge=1, description="torch intra-op threads in the worker")

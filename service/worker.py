@@ -67,11 +67,13 @@ class Worker:
         self._next_reclaim = 0.0
         self._control_last: str | None = None
         self._ops: list[dict] = []
+        self._preparing: asyncio.Task | None = None
 
     # -- lifecycle -------------------------------------------------------------------------------------------------
     @property
     def ready(self) -> bool:
-        return self.state in ("ready", "requantizing") and self.queue_ok
+        """Serving at least one variant (the others may still be calibrating or compiling)."""
+        return self.state in ("ready", "requantizing") and self.queue_ok and self.provider.any_ready()
 
     @property
     def started(self) -> bool:
@@ -82,9 +84,14 @@ class Worker:
         if self.state not in ("stopped", "failed"):
             self.state = "stopping"
         self._stop.set()
+        self.provider.abort()
 
     async def start(self) -> None:
-        """Load and build every served variant, warm up, make sure the streams exist, then report ready."""
+        """Load the models and make fp32 ready, make sure the streams exist, then report ready.
+
+        Quantized precisions are prepared afterwards in the background (`_prepare_quantized`), one at a time:
+        each starts serving when it is ready, and its jobs wait in its stream until then.
+        """
         if self.settings.torch_threads:
             import torch
 
@@ -93,18 +100,44 @@ class Worker:
             await in_thread(self.provider.load_base)
             for name, precision in self.provider.keys:
                 if precision == "fp32":
-                    await in_thread(self.provider.build, name, precision)
-                    continue
-                async with self._calibration_lock(f"calibrate:{name}:{precision}"):
-                    await in_thread(self.provider.build, name, precision)
-            await in_thread(self.provider.warm_up)
+                    await in_thread(self.provider.prepare, name, precision)
         except Exception as exc:
             self.state, self.error = "failed", f"{type(exc).__name__}: {exc}"
             raise
         await self._retrying(lambda: self.queue.ensure_streams(self.streams), forever=True)
         self._control_last, _ = await self._retrying(lambda: self.queue.read_control(None, 0), forever=True)
         self.state = "ready"
+        self._preparing = asyncio.create_task(self._prepare_quantized())
         await self._beat()
+
+    async def _prepare_quantized(self) -> None:
+        """Calibrate (or read the stats) and compile each quantized variant; a failure fails that variant only."""
+        for name, precision in self.provider.keys:
+            if precision == "fp32" or self._stop.is_set():
+                continue
+            try:
+                self.provider.set_status(name, precision, "calibrating", stage="waiting for the calibration lock")
+                async with self._calibration_lock(f"calibrate:{name}:{precision}"):
+                    await in_thread(self.provider.prepare, name, precision)
+                log.info("worker %s: %s/%s ready", self.id, name, precision)
+            except Exception as exc:
+                if self._stop.is_set():
+                    return
+                log.exception("worker %s: %s/%s failed to load; its jobs fail with the reason", self.id, name,
+                              precision)
+                if self.provider.status(name, precision).state != "failed":
+                    self.provider.set_status(name, precision, "failed", error=f"{type(exc).__name__}: {exc}")
+            with contextlib.suppress(QueueUnavailable):
+                await self._beat()
+
+    async def prepared(self) -> None:
+        """Wait until every quantized variant is ready or failed (start() must have run)."""
+        if self._preparing is not None:
+            await asyncio.shield(self._preparing)
+
+    def _live_streams(self) -> list[str]:
+        """Streams of the variants that can take jobs now (ready, or failed: their jobs fail with the reason)."""
+        return [stream_name(m, p) for m, p in self.provider.settled_keys()]
 
     @contextlib.asynccontextmanager
     async def _calibration_lock(self, name: str) -> AsyncIterator[None]:
@@ -137,7 +170,8 @@ class Worker:
         finally:
             # The loops notice _done within one block_ms; cancelling a blocked redis-py read can hang instead.
             self._done.set()
-            _, pending = await asyncio.wait({beats, control}, timeout=5 + 2 * self.settings.block_ms / 1000)
+            loops = {beats, control} | ({self._preparing} if self._preparing is not None else set())
+            _, pending = await asyncio.wait(loops, timeout=5 + 2 * self.settings.block_ms / 1000)
             for task in pending:
                 task.cancel()
             self.state = "stopped"
@@ -152,18 +186,22 @@ class Worker:
     async def _next_batch(self) -> list[Delivery]:
         s = self.settings
         out: list[Delivery] = []
+        streams = self._live_streams()
+        if not streams:  # nothing ready yet: jobs wait in their streams
+            await self._sleep(s.block_ms / 1000)
+            return out
         if time.monotonic() >= self._next_reclaim:
             self._next_reclaim = time.monotonic() + s.lease_ms / 2000
-            for stream in self.streams:
+            for stream in streams:
                 out += await self.queue.reclaim(stream, self.id, s.lease_ms, s.max_batch - len(out))
                 if len(out) >= s.max_batch:
                     return out
-        out += await self.queue.read(self.streams, self.id, s.max_batch - len(out), 0 if out else s.block_ms)
+        out += await self.queue.read(streams, self.id, s.max_batch - len(out), 0 if out else s.block_ms)
         if out and len(out) < s.max_batch and s.max_wait_ms > 0:
             # Sleep here rather than XREADGROUP BLOCK max_wait_ms: Redis rounds short block timeouts up to its
             # event-loop tick (~10 ms measured), which a lone job would pay on every dispatch.
             await asyncio.sleep(s.max_wait_ms / 1000)
-            out += await self.queue.read(self.streams, self.id, s.max_batch - len(out), 0)
+            out += await self.queue.read(streams, self.id, s.max_batch - len(out), 0)
         return out
 
     # -- processing ------------------------------------------------------------------------------------------------

@@ -381,6 +381,11 @@ def test_installed_wheel_serves_the_builtin_model(tmp_path):
         assert _wait_for(f"http://127.0.0.1:{port}/livez", proc, 120) == {"status": "alive"}
         ready = _wait_for(f"http://127.0.0.1:{port}/readyz", proc, 300)
         assert ready["checks"]["worker"] is True
+        # A quiet start: nothing a user would report as a bug (library warnings, tracebacks) in the log.
+        log.flush()
+        noise = [line for line in (tmp_path / "serve.log").read_text().splitlines()
+                 if re.search(r"Traceback|warn|deprecat|Failed to load|Unable to import|not found", line, re.I)]
+        assert not noise, noise
         # The image's HEALTHCHECK script, against this server, and against nothing.
         check = [str(python), str(root / "runtime" / "opt" / "ptq4dm" / "healthcheck.py")]
         assert subprocess.run(check, env={**env, "PTQ4DM_PORT": str(port)}, timeout=30).returncode == 0

@@ -47,14 +47,21 @@ def client_for(settings: ServiceSettings) -> TestClient:
     return TestClient(create_app(settings), raise_server_exceptions=True)
 
 
-def wait_ready(client: TestClient, timeout_s: float = 60) -> None:
+def wait_ready(client: TestClient, timeout_s: float = 60, all_models: bool = True) -> None:
+    """/readyz 200 (some variant serves) and, with all_models, every variant ready (quantized ones calibrate and
+    compile after fp32 is serving)."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         ready = client.get("/readyz")
-        if ready.status_code == 200:
+        body = ready.json()
+        if "error" in body:  # the worker failed to start: it will not become ready
+            raise AssertionError(f"worker failed: {body}")
+        states = {k: v["state"] for k, v in body.get("models", {}).items()}
+        if all_models and "failed" in states.values():
+            raise AssertionError(f"a variant failed: {body}")
+        api_only = "worker" not in body.get("checks", {})  # its models' states come from workers' heartbeats
+        if ready.status_code == 200 and (not all_models or api_only or set(states.values()) <= {"ready"}):
             return
-        if "error" in ready.json():  # the worker failed to start: it will not become ready
-            raise AssertionError(f"worker failed: {ready.json()}")
         time.sleep(0.05)
     raise AssertionError(f"never ready: {client.get('/readyz').json()}")
 

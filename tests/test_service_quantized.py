@@ -64,6 +64,7 @@ def test_workers_starting_together_calibrate_once(tiny_model_dir, tmp_path, redi
                                      backend=s.backend)
             workers.append(Worker(s, RedisQueue(s.redis_url, s.redis_prefix), provider, Metrics()))
         await asyncio.gather(*(w.start() for w in workers))
+        await asyncio.gather(*(w.prepared() for w in workers))
         described = [w.provider.describe()[0] for w in workers]
         for w in workers:
             await w.queue.close()
@@ -77,7 +78,7 @@ def test_workers_starting_together_calibrate_once(tiny_model_dir, tmp_path, redi
 @pytest.mark.skipif(int8_supported() is not None, reason=f"int8-x86 unavailable: {int8_supported()}")
 def test_w8a8_served_on_real_int8_kernels_matches_the_simulation(tiny_model_dir, tmp_path):
     common = {"precisions": ["w8a8"], "calibration": CALIBRATION, "calibration_cache_dir": str(tmp_path / "cache"),
-              "admin_token": TOKEN, "max_batch_images": 2}
+              "admin_token": TOKEN, "max_batch_images": 2, "compile_all_buckets": True}
     # Warm-up compiles a graph per batch bucket (about 25 s each with a cold inductor cache), then samples on it.
     images = {}
     for backend in ("int8-x86", "fake"):

@@ -8,21 +8,24 @@ import uuid
 from fastapi import APIRouter, Depends, HTTPException, Response
 
 from service.deps import Svc, field_error, require_admin
+from service.errors import clip_text
+from service.responses import BODY_ERRORS, errors
 from service.schemas import Operation, OperationCreated, RequantizeRequest
 
-router = APIRouter(prefix="/admin", tags=["admin"], dependencies=[Depends(require_admin)])
+router = APIRouter(prefix="/admin", tags=["admin"], dependencies=[Depends(require_admin)],
+                   responses=errors(401, 404, 503, e404="no admin token configured (the admin routes do not exist)"))
 
 
-@router.post("/requantize", status_code=202, response_model=OperationCreated)
+@router.post("/requantize", status_code=202, response_model=OperationCreated, responses=errors(*BODY_ERRORS))
 async def requantize(req: RequantizeRequest, response: Response,
                      svc: Svc) -> OperationCreated:
     """Every worker serving the model finishes its batch, re-quantizes, swaps atomically and reports here."""
     model = req.model or svc.settings.default_model
     if model not in svc.models:
-        raise field_error("model", f"unknown model {model!r}; served: {svc.models}", model)
+        raise field_error("model", f"unknown model {clip_text(repr(model), 80)}; served: {svc.models}", model)
     if req.precision is not None and req.precision not in svc.precisions:
-        raise field_error("precision", f"precision {req.precision!r} is not served; served: {svc.precisions}",
-                          req.precision)
+        raise field_error("precision", f"precision {clip_text(repr(req.precision), 80)} is not served; "
+                          f"served: {svc.precisions}", req.precision)
     op_id = uuid.uuid4().hex
     await svc.queue.set_operation(op_id, {"type": "requantize", "model": model, "precision": req.precision,
                                           "created_at": time.time()}, svc.settings.result_ttl_s)
@@ -32,7 +35,8 @@ async def requantize(req: RequantizeRequest, response: Response,
     return OperationCreated(id=op_id, status="published")
 
 
-@router.get("/operations/{op_id}", response_model=Operation)
+@router.get("/operations/{op_id}", response_model=Operation,
+            responses=errors(404, 422, e404="no admin token configured, or unknown operation"))
 async def operation(op_id: str, svc: Svc) -> Operation:
     op = await svc.queue.get_operation(op_id)
     if op is None:
@@ -44,11 +48,13 @@ async def operation(op_id: str, svc: Svc) -> Operation:
 
 @router.get("/models")
 async def models(svc: Svc) -> list[dict]:
-    """One row per worker and served variant: model, precision, calibration hash, version, worker state."""
+    """One row per worker and configured variant: model, precision, the variant's state (loading|calibrating|
+    compiling|ready|failed, with stage, progress and ETA), and once built its version, calibration hash, backend;
+    `worker_state` is the worker's own."""
     rows = []
     for w in await svc.queue.workers():
         for m in w.get("models", []):
-            rows.append({"worker": w["id"], "state": w["state"], **m})
+            rows.append({"worker": w["id"], "worker_state": w["state"], **m})
     return rows
 
 

@@ -12,14 +12,19 @@ from fastapi import APIRouter, Header, HTTPException, Path, Request, Response
 from fastapi.responses import JSONResponse
 
 from service.deps import Services, Svc, field_error
+from service.errors import clip_text
 from service.jobs import JobRecord
+from service.responses import BODY_ERRORS, errors
 from service.schemas import GeneratedImages, GenerateRequest, JobCreated, JobRequest, JobStatus, Progress, Timings
 
 router = APIRouter(prefix="/v1", tags=["jobs"])
 
 IdempotencyKey = Annotated[str | None, Header(alias="Idempotency-Key", max_length=200,
                                               description="the same key returns the same job (for the result TTL)")]
-_ERRORS = {404: {"description": "unknown or expired job"}, 503: {"description": "queue unreachable"}}
+_UNKNOWN_JOB = "unknown job, or expired after the result TTL"
+_JOB_ERRORS = errors(404, 422, 503, e404=_UNKNOWN_JOB)
+_IDEMPOTENCY_REUSED = "the Idempotency-Key was already used for a different request"
+_LOCATION = {"Location": {"description": "the job's status URL", "schema": {"type": "string"}}}
 
 
 def build_job(req: JobRequest, svc: Services) -> JobRecord:
@@ -27,10 +32,10 @@ def build_job(req: JobRequest, svc: Services) -> JobRecord:
     s = svc.settings
     model = req.model or s.default_model
     if model not in svc.models:
-        raise field_error("model", f"unknown model {model!r}; served: {svc.models}", model)
+        raise field_error("model", f"unknown model {clip_text(repr(model), 80)}; served: {svc.models}", model)
     if req.precision not in svc.precisions:
-        raise field_error("precision", f"precision {req.precision!r} is not served; served: {svc.precisions}",
-                          req.precision)
+        raise field_error("precision", f"precision {clip_text(repr(req.precision), 80)} is not served; "
+                          f"served: {svc.precisions}", req.precision)
     sampler = req.sampler or s.default_sampler
     steps = req.steps if req.steps is not None else s.default_steps
     if steps > s.max_steps:
@@ -82,7 +87,7 @@ async def get_job(job_id: str, svc: Services) -> JobRecord:
 
 
 @router.post("/jobs", status_code=202, response_model=JobCreated,
-             responses={**_ERRORS, 429: {"description": "queue full (Retry-After)"}})
+             responses={202: {"headers": _LOCATION}, **errors(*BODY_ERRORS, 409, 429, 503, e409=_IDEMPOTENCY_REUSED)})
 async def create_job(req: JobRequest, response: Response, svc: Svc,
                      idempotency_key: IdempotencyKey = None) -> JobCreated:
     """Queue a generation; poll the Location for its status."""
@@ -91,13 +96,14 @@ async def create_job(req: JobRequest, response: Response, svc: Svc,
     return await created_body(job, svc)
 
 
-@router.get("/jobs/{job_id}", response_model=JobStatus, responses=_ERRORS)
+@router.get("/jobs/{job_id}", response_model=JobStatus, responses=_JOB_ERRORS)
 async def read_job(job_id: str, svc: Svc) -> JobStatus:
     return await to_status(await get_job(job_id, svc), svc)
 
 
 @router.get("/jobs/{job_id}/images/{k}", response_class=Response,
-            responses={200: {"content": {"image/png": {}}}, 409: {"description": "job not succeeded"}, **_ERRORS})
+            responses={200: {"content": {"image/png": {}}}, **_JOB_ERRORS,
+                       **errors(404, 409, e404=f"{_UNKNOWN_JOB}; or no such image", e409="the job has not succeeded")})
 async def read_image(job_id: str, k: Annotated[int, Path(ge=0)], svc: Svc) -> Response:
     job = await get_job(job_id, svc)
     if job.status != "succeeded":
@@ -111,7 +117,7 @@ async def read_image(job_id: str, k: Annotated[int, Path(ge=0)], svc: Svc) -> Re
 
 
 @router.delete("/jobs/{job_id}", response_model=JobStatus,
-               responses={409: {"description": "job already finished"}, **_ERRORS})
+               responses={**_JOB_ERRORS, **errors(409, e409="the job already finished")})
 async def cancel_job(job_id: str, svc: Svc) -> JobStatus:
     """Queued: removed from the queue. Running: stops at the worker's next denoising step."""
     job = await svc.queue.cancel(job_id, svc.settings.result_ttl_s)
@@ -123,8 +129,11 @@ async def cancel_job(job_id: str, svc: Svc) -> JobStatus:
 
 
 @router.post("/generate", response_model=GeneratedImages, status_code=200,
-             responses={200: {"content": {"image/png": {}}}, 202: {"model": JobCreated}, 409: {}, 500: {}, 429: {},
-                        503: {}})
+             responses={200: {"content": {"image/png": {}}},
+                        202: {"model": JobCreated, "headers": _LOCATION,
+                              "description": "still running at the timeout: poll the Location"},
+                        **errors(*BODY_ERRORS, 404, 409, 429, 500, 503, e404="the images expired before they were read",
+                                 e409=f"the job was cancelled, or {_IDEMPOTENCY_REUSED}")})
 async def generate(req: GenerateRequest, request: Request, svc: Svc,
                    idempotency_key: IdempotencyKey = None) -> Response:
     """Submit and wait. n=1 with `Accept: image/png` returns the PNG; otherwise JSON with base64 PNGs.
