@@ -51,6 +51,7 @@ ENV PTQ4DM_MODELS_DIR=/opt/ptq4dm/models \
     PTQ4DM_HOST=0.0.0.0 \
     PTQ4DM_HEALTH_HOST=0.0.0.0 \
     PTQ4DM_CALIBRATION_CACHE_DIR=/var/cache/ptq4dm/calibration \
+    PTQ4DM_OPENVINO_CACHE_DIR=/var/cache/ptq4dm/openvino \
     TORCHINDUCTOR_CACHE_DIR=/var/cache/ptq4dm/inductor \
     TRITON_CACHE_DIR=/var/cache/ptq4dm/triton \
     HF_HOME=/var/cache/ptq4dm/huggingface

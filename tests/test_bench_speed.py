@@ -1,4 +1,4 @@
-"""Smoke test of bench/speed.py's measuring and reporting code on the tiny model (no compiled variants: fast).
+"""Smoke test of bench/speed.py's measuring and reporting code on the tiny model (no inductor variants: fast).
 
 Why: the benchmark is run by hand for docs/BENCHMARKS.md; this keeps `--variants` and the per-image summary working.
 """
@@ -18,13 +18,16 @@ def test_selected_variants_are_timed_and_reported_per_image(tiny_model_dir, monk
 
     monkeypatch.chdir(tmp_path)  # the benchmark's calibration cache goes under ./runs
     model = load_model(str(tiny_model_dir))
-    report = bench_model(model, [1, 2], repeats=1, gen_repeats=0, rss={}, only={"fp32 eager", "int8 fake"})
+    report = bench_model(model, [1, 2], repeats=1, gen_repeats=0, rss={},
+                         only={"fp32 eager", "int8 fake", "int8 openvino"})
 
     assert [(r["batch"], r["variant"]) for r in report.rows] == [
-        (1, "fp32 eager"), (1, "int8 fake"), (2, "fp32 eager"), (2, "int8 fake")]
+        (1, "fp32 eager"), (1, "int8 fake"), (1, "int8 openvino"),
+        (2, "fp32 eager"), (2, "int8 fake"), (2, "int8 openvino")]
     assert all(r["unet_ms"] > 0 and r["gen_s"] is None for r in report.rows)
     text = render([report], argparse.Namespace(repeats=1, gen_repeats=0))
-    for variant in ("fp32 eager", "int8 fake"):
+    assert "Batch 2: int8 openvino is " in text and "one graph for every batch size" in text
+    for variant in ("fp32 eager", "int8 fake", "int8 openvino"):
         rows = [r for r in report.rows if r["variant"] == variant]
         per_image = ", ".join(f"{r['unet_ms'] / r['batch']:.2f} at batch {r['batch']}" for r in rows)
         assert f"Per image, {variant}: {per_image}" in text

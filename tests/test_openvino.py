@@ -12,6 +12,7 @@ from test_quantize import FAST, rel_error
 
 from quantizer.diffusion.sampling import sample
 from quantizer.execution.executor import BackendUnavailable, build_executor, resolve_backend, weight_bytes
+from quantizer.execution.int8_x86 import int8_supported
 from quantizer.execution.openvino import (
     SAFE_WEIGHT_QMAX,
     OpenVINOUNet,
@@ -168,7 +169,9 @@ def test_backend_errors_are_clear(tiny_unet, fake_w8a8, calib, monkeypatch):
     attn = quantized(tiny_unet, calib, quantize_attention_matmuls=True)
     with pytest.raises(BackendUnavailable, match="attention matmuls"):
         build_executor(attn, "openvino")
-    assert resolve_backend("auto", quantized=True) in ("int8-x86", "fake")  # auto does not pick openvino (yet)
+    assert resolve_backend("auto", quantized=True) == "openvino"
+    assert build_executor(a16, "auto") is a16  # what openvino cannot run, auto runs as the simulation
     monkeypatch.setitem(sys.modules, "openvino", None)  # as if the package were not installed
     with pytest.raises(BackendUnavailable, match="openvino package is not installed"):
         resolve_backend("openvino", quantized=True)
+    assert resolve_backend("auto", quantized=True) == ("int8-x86" if int8_supported() is None else "fake")

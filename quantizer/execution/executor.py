@@ -14,7 +14,9 @@ One verb, `build_executor(model, backend)`, returns an `ExecutableUNet`: a drop-
                 the tensors PTQ4DM quantized; bf16 elsewhere where the CPU has it), one dynamic-batch model,
                 see `quantizer.execution.openvino`;
 * ``openvino-fp32`` / ``openvino-bf16``  an unquantized model on OpenVINO in fp32 / bf16 (baselines for it);
-* ``auto``      int8-x86 for a quantized model where it is supported, else fake; eager for fp32.
+* ``auto``      for a quantized model on the CPU: openvino (measured fastest, and compiled once for every batch
+                size in about a second: docs/BENCHMARKS.md), else int8-x86 where the CPU has int8 kernels, else
+                fake; on other devices fake; eager for fp32.
 
 Compiled graphs are static in the batch size (int8 dynamic-batch graphs fail inductor's layout checks in
 torch 2.13), so batches are padded up to a power-of-two bucket (1, 2, 4, ...; at most 2x work, usually
@@ -66,7 +68,13 @@ def resolve_backend(backend: str, quantized: bool, device: torch.device | str = 
     if backend == "auto":
         if not quantized:
             return "eager"
-        return "int8-x86" if on_cpu and int8_supported() is None else "fake"
+        if not on_cpu:
+            return "fake"
+        from quantizer.execution.openvino import openvino_unavailable
+
+        if openvino_unavailable() is None:
+            return "openvino"
+        return "int8-x86" if int8_supported() is None else "fake"
     if quantized and backend in ("eager", "compiled", "bf16", "openvino-fp32", "openvino-bf16"):
         raise BackendUnavailable(f"backend {backend!r} runs unquantized models; use 'fake', 'int8-x86' or 'openvino'")
     if not quantized and backend in ("fake", "openvino", *INT8_BACKENDS):
@@ -269,7 +277,10 @@ def build_executor(unet: nn.Module, backend: str = "auto", max_batch: int = DEFA
             try:
                 check_openvino_grid(unet)
             except ValueError as exc:
-                raise BackendUnavailable(str(exc)) from exc
+                if requested != "auto":
+                    raise BackendUnavailable(str(exc)) from exc
+                logger.info("auto backend: running fake quant (%s)", exc)
+                return unet
         return build_openvino(unet, backend, max_batch, cache_dir, precision=OPENVINO_BACKENDS[backend][1])
     if backend in INT8_BACKENDS:
         return ExecutableUNet(float_weights_of(unet), backend, max_batch, reference=unet)
