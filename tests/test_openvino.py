@@ -8,6 +8,7 @@ import threading
 
 import pytest
 import torch
+from test_execution import per_sample
 from test_quantize import FAST, rel_error
 
 from quantizer.diffusion.sampling import sample
@@ -61,11 +62,6 @@ def ov_w4a8(fake_w4a8) -> OpenVINOUNet:
     executor = build_executor(fake_w4a8, "openvino", max_batch=16)
     assert isinstance(executor, OpenVINOUNet)
     return executor
-
-
-def per_sample(unet: torch.nn.Module, calib: CalibrationSet) -> torch.Tensor:
-    with torch.no_grad():
-        return torch.cat([unet(x[None], t).sample for x, t in zip(calib.xs, calib.ts, strict=True)])
 
 
 def int8_eligible(fake: torch.nn.Module) -> int:
