@@ -40,6 +40,7 @@ from torch import nn
 
 from quantizer.execution.int8_x86 import UNetForward, check_int8_grid, int8_supported, lower_int8_x86, native_bf16
 from quantizer.ptq.quant_modules import QuantLayer
+from quantizer.ptq.timestep_groups import TimestepGroupedUNet
 
 logger = logging.getLogger(__name__)
 
@@ -257,6 +258,8 @@ def build_executor(unet: nn.Module, backend: str = "auto", max_batch: int = DEFA
     cache_dir: where OpenVINO caches compiled models (CACHE_DIR) across restarts; None = no cache. Unused by the
     torch backends (inductor keeps its own cache).
     """
+    if isinstance(unet, TimestepGroupedUNet):
+        return _build_grouped(unet, backend, max_batch, cache_dir)
     quantized = is_quantized(unet)
     device = next(unet.parameters()).device
     requested, backend = backend, resolve_backend(backend, quantized, device)
@@ -285,6 +288,23 @@ def build_executor(unet: nn.Module, backend: str = "auto", max_batch: int = DEFA
     if backend in INT8_BACKENDS:
         return ExecutableUNet(float_weights_of(unet), backend, max_batch, reference=unet)
     return ExecutableUNet(copy.deepcopy(unet).eval(), backend, max_batch)
+
+
+def _build_grouped(unet: TimestepGroupedUNet, backend: str, max_batch: int, cache_dir: str | Path | None) -> nn.Module:
+    """One graph per time-step group on openvino (each compiles in about a second); the simulation otherwise.
+
+    The int8-x86 graphs compile per batch-size bucket in about a minute each: times the groups, that is no
+    start-up anyone waits for, so they are refused (auto falls back to fake when openvino is missing)."""
+    if backend in INT8_BACKENDS:
+        raise BackendUnavailable(f"{backend} does not run time-step groups (timestep_groups > 1); use 'openvino' "
+                                 "or 'fake'")
+    resolved = resolve_backend(backend, True, next(unet.parameters()).device)
+    if resolved in ("eager", "fake"):
+        return unet
+    if resolved in INT8_BACKENDS:  # auto without openvino
+        logger.info("auto backend: time-step groups run as fake quant without openvino")
+        return unet
+    return unet.map(lambda member: build_executor(member, backend, max_batch, cache_dir))
 
 
 def weight_bytes(module: nn.Module) -> int:

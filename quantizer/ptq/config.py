@@ -49,6 +49,9 @@ class QuantConfig:
     quantize_attention_matmuls: also quantize the operands of q.k^T and attn.v (off by default, like the
         authors' code, which only quantizes conv/linear layers).
     skip: fnmatch patterns of module names left in full precision, e.g. ("time_embedding.*",).
+    timestep_groups: activation ranges per group of diffusion time-steps (G equal groups of [0, T), each
+        calibrated on its own share of the calibration set; quantizer.ptq.timestep_groups). 1 = the paper's one
+        range per tensor. Not part of a config's hash when 1, so caches made before it existed stay valid.
     """
 
     weight_bits: int = 8
@@ -62,9 +65,11 @@ class QuantConfig:
     first_last_bits: int | None = 8
     quantize_attention_matmuls: bool = False
     skip: tuple[str, ...] = ()
+    timestep_groups: int = 1
 
     def __post_init__(self) -> None:
         check_bits(self.weight_bits, WEIGHT_BITS, "weight_bits")
+        _check_int(self.timestep_groups, "timestep_groups", 1)
         check_bits(self.act_bits, ACT_BITS, "act_bits")
         _check_choice(self.search, "search", SEARCH_METHODS)
         _check_choice(self.metric, "metric", METRICS)
@@ -83,7 +88,10 @@ class QuantConfig:
         object.__setattr__(self, "p", float(self.p))
 
     def to_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "skip": list(self.skip)}
+        out = {**asdict(self), "skip": list(self.skip)}
+        if self.timestep_groups == 1:
+            del out["timestep_groups"]
+        return out
 
 
 @dataclass(frozen=True)

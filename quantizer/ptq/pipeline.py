@@ -21,7 +21,16 @@ from quantizer.ptq.cache import CalibrationCache, cache_key, canonical_json, has
 from quantizer.ptq.calibration import CalibrationSet, build_calibration_set
 from quantizer.ptq.config import CalibrationConfig, PTQ4DMConfig, QuantConfig, quant_config_for
 from quantizer.ptq.progress import ProgressFn, ProgressLog
-from quantizer.ptq.quantize import export_stats, quantize_
+from quantizer.ptq.quantize import export_stats, load_stats, quantize_
+from quantizer.ptq.timestep_groups import (
+    TimestepGroupedUNet,
+    group_edges,
+    is_grouped,
+    pack,
+    share_weights,
+    split_calibration,
+    unpack,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -126,6 +135,33 @@ def _calibration_set(model: DiffusionModel, calibration: CalibrationConfig, part
     return calib
 
 
+def _calibrate_grouped(model: DiffusionModel, config: PTQ4DMConfig, calib: CalibrationSet, progress: bool,
+                       report: ProgressFn) -> tuple[TimestepGroupedUNet, dict[str, torch.Tensor]]:
+    """Activation ranges calibrated per time-step group (quantizer.ptq.timestep_groups); weights once."""
+    edges = group_edges(int(model.scheduler_config["num_train_timesteps"]), config.quant.timestep_groups)
+    group_stats = []
+    for g, part in enumerate(split_calibration(calib, edges)):
+        def in_group(stage: str, done: int, total: int, g: int = g) -> None:
+            report(f"group {g + 1}/{len(edges)} {stage}", done, total)
+
+        group_stats.append(export_stats(quantize_(copy.deepcopy(model.unet), config, calibration=part,
+                                                  progress=progress, on_progress=in_group)))
+    return _grouped_unet(model, config, group_stats, edges), pack(group_stats, edges)
+
+
+def _grouped_unet(model: DiffusionModel, config: PTQ4DMConfig, group_stats: list[dict[str, torch.Tensor]],
+                  edges: list[int]) -> TimestepGroupedUNet:
+    """One fake-quant member per group, all on the first group's quantized weights (the weight search does not
+    see data, so every group found the same ones) and each with its own activation ranges."""
+    base = quantize_(copy.deepcopy(model.unet), config, stats=group_stats[0], progress=False)
+    members = [base]
+    for stats in group_stats[1:]:
+        member = share_weights(base)
+        load_stats(member, {k: group_stats[0][k] if ".weight_quantizer." in k else v for k, v in stats.items()})
+        members.append(member)
+    return TimestepGroupedUNet(members, edges).eval()
+
+
 def shipped_stats(model: DiffusionModel, parts: dict[str, Any], label: str) -> dict[str, torch.Tensor] | None:
     """The stats shipped in the model's directory for exactly these key parts, or None.
 
@@ -174,6 +210,9 @@ def quantize_model(model: DiffusionModel, precision: str | QuantConfig,
 
     def compute() -> dict[str, torch.Tensor]:
         calib = _calibration_set(model, config.calibration, parts, real_images, progress, report)
+        if config.quant.timestep_groups > 1:
+            calibrated["unet"], stats = _calibrate_grouped(model, config, calib, progress, report)
+            return stats
         calibrated["unet"] = quantize_(copy.deepcopy(model.unet), config, calibration=calib, progress=progress,
                                        on_progress=report)
         return export_stats(calibrated["unet"])
@@ -186,7 +225,9 @@ def quantize_model(model: DiffusionModel, precision: str | QuantConfig,
                                                                                   "precision": label})
         source = "calibrated" if "unet" in calibrated else "cache"
     hit = "unet" not in calibrated
-    if hit:
+    if hit and is_grouped(stats):
+        calibrated["unet"] = _grouped_unet(model, config, *unpack(stats))
+    elif hit:
         calibrated["unet"] = quantize_(copy.deepcopy(model.unet), config, stats=stats, progress=progress)
     logger.info("%s quantized to %s (stats: %s)", model.name, label, source)
     return QuantizedModel(name=model.name, unet=calibrated["unet"].eval(), scheduler_config=model.scheduler_config,

@@ -1,0 +1,106 @@
+"""Time-step-aware activation scales: one range per tensor and time-step group, weights shared, on the simulation
+and on OpenVINO (one compiled graph per group)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from test_quantize import FAST, rel_error
+
+from quantizer.diffusion.models import load_model
+from quantizer.execution.executor import BackendUnavailable, build_executor
+from quantizer.execution.openvino import OpenVINOUNet
+from quantizer.ptq.calibration import build_calibration_set
+from quantizer.ptq.config import CalibrationConfig, PTQ4DMConfig, QuantConfig
+from quantizer.ptq.pipeline import build_config, quantize_model
+from quantizer.ptq.quant_modules import QuantLayer
+from quantizer.ptq.quantize import quantize_
+from quantizer.ptq.timestep_groups import TimestepGroupedUNet, group_edges, group_index, split_calibration
+
+pytest_plugins = ["service.testing"]
+GROUPED = {"method": "uniform", "n_samples": 16, "steps": 10, "batch_size": 8, "timestep_groups": 2, **FAST}
+
+
+def test_groups_cut_the_training_time_steps_evenly():
+    assert group_edges(1000, 4) == [0, 250, 500, 750]
+    assert group_index(torch.tensor([0, 249, 250, 999]), [0, 250, 500, 750]).tolist() == [0, 0, 1, 3]
+    assert group_index(torch.tensor(500), [0, 500]).item() == 1
+    with pytest.raises(ValueError, match="timestep_groups"):
+        group_edges(1000, 0)
+    with pytest.raises(ValueError, match="timestep_groups"):
+        QuantConfig(timestep_groups=0)
+
+
+def test_the_default_config_hashes_as_before_groups_existed():
+    """One group is the paper's method: its cache keys (and the shipped calibration) must not change."""
+    assert "timestep_groups" not in build_config("w8a8").to_dict()["quant"]
+    assert build_config("w8a8", {"timestep_groups": 4}).to_dict()["quant"]["timestep_groups"] == 4
+
+
+@pytest.fixture(scope="module")
+def grouped(tiny_model_dir, tmp_path_factory):
+    model = load_model(tiny_model_dir)
+    cache = tmp_path_factory.mktemp("cache")
+    return model, quantize_model(model, "w8a8", GROUPED, cache_dir=cache, progress=False), cache
+
+
+def test_each_group_has_its_own_activation_ranges_on_shared_weights(grouped):
+    model, q, _ = grouped
+    assert isinstance(q.unet, TimestepGroupedUNet) and q.unet.edges == [0, 500]
+    first, second = (dict(m.named_modules()) for m in q.unet.members)
+    layers = [n for n, m in first.items() if isinstance(m, QuantLayer)]
+    for name in layers:
+        assert first[name].layer.weight is second[name].layer.weight  # one copy of the weights
+        assert torch.equal(first[name].weight_quantizer.scale, second[name].weight_quantizer.scale)
+    assert sum(float(first[n].input_quantizer.scale) != float(second[n].input_quantizer.scale) for n in layers) > 0
+
+    # Group g's ranges are exactly a plain PTQ4DM calibration on the samples whose t falls in group g.
+    config = build_config("w8a8", GROUPED)
+    calib = build_calibration_set(model.unet, model.scheduler_config, config.calibration, progress=False)
+    for g, part in enumerate(split_calibration(calib, q.unet.edges)):
+        plain = quantize_(copy.deepcopy(model.unet), PTQ4DMConfig(quant=QuantConfig(**FAST)), calibration=part,
+                          progress=False)
+        member = dict(q.unet.members[g].named_modules())
+        for name, module in plain.named_modules():
+            if isinstance(module, QuantLayer):
+                assert torch.equal(module.input_quantizer.scale, member[name].input_quantizer.scale), (g, name)
+
+
+def test_a_step_runs_with_its_groups_ranges_and_a_mixed_batch_is_split(grouped):
+    model, q, cache = grouped
+    x = torch.randn(4, 1, 16, 16, generator=torch.Generator().manual_seed(0))
+    t = torch.tensor([10, 900, 20, 600])
+    with torch.no_grad():
+        mixed = q.unet(x, t).sample
+        low = q.unet.members[0](x[[0, 2]], t[[0, 2]]).sample
+        high = q.unet.members[1](x[[1, 3]], t[[1, 3]]).sample
+        assert torch.equal(mixed[[0, 2]], low) and torch.equal(mixed[[1, 3]], high)
+        assert torch.equal(q.unet(x[:1], 10).sample, q.unet.members[0](x[:1], 10).sample)
+    again = quantize_model(model, "w8a8", GROUPED, cache_dir=cache, progress=False)  # from the cache
+    assert again.stats_source == "cache" and again.calibration_hash == q.calibration_hash
+    with torch.no_grad():
+        assert torch.equal(again.unet(x, t).sample, mixed)
+
+
+def test_openvino_compiles_one_graph_per_group(grouped):
+    model, q, _ = grouped
+    executor = build_executor(q.unet, "openvino", max_batch=8)
+    assert isinstance(executor, TimestepGroupedUNet) and executor.backend == "openvino"
+    assert all(isinstance(m, OpenVINOUNet) and m.int8_layer_count() > 0 for m in executor.members)
+    x = torch.randn(2, 1, 16, 16, generator=torch.Generator().manual_seed(1))
+    for t in (30, 800):
+        with torch.no_grad():
+            assert rel_error(executor(x, t).sample, q.unet(x, t).sample) < 0.05
+    assert build_executor(q.unet, "auto").backend == "openvino"
+    assert build_executor(q.unet, "fake") is q.unet
+    with pytest.raises(BackendUnavailable, match="time-step groups"):
+        build_executor(q.unet, "int8-x86")
+
+
+def test_a_group_without_calibration_samples_is_an_error(tiny_model_dir):
+    model = load_model(tiny_model_dir)
+    only_noise_end = {**GROUPED, "method": "single_step", "single_step_t": 900, "timestep_groups": 4}
+    with pytest.raises(ValueError, match=r"timestep groups \[0, 1, 2\] get no calibration samples"):
+        quantize_model(model, "w8a8", only_noise_end, progress=False)
