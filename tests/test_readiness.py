@@ -87,3 +87,26 @@ def test_calibration_reports_every_stage_with_fractions_and_eta(tiny_model_dir, 
     # One line per 5% at most per stage (plus the first): the log stays readable for a 20-minute calibration.
     for stage in STAGES:
         assert sum(stage in line for line in lines) <= 21
+
+
+def test_fp32_jobs_complete_while_w8a8_is_still_calibrating(tiny_model_dir, tmp_path):
+    """A calibration far too long to finish within the test: fp32 serves meanwhile, the w8a8 job waits in its
+    queue, /readyz shows the calibration's stage and progress, and shutdown stops the calibration."""
+    slow = {**CALIBRATION, "n_samples": 4096, "steps": 500, "batch_size": 64}
+    settings = make_settings(tiny_model_dir, precisions=["fp32", "w8a8"], calibration=slow, backend="fake",
+                             calibration_cache_dir=str(tmp_path / "cache"))
+    with client_for(settings) as client:
+        wait_ready(client, all_models=False)
+        waiting = client.post("/v1/jobs", json={"seed": 3, "precision": "w8a8"}).json()["id"]
+        deadline = time.monotonic() + 60
+        while (w8a8 := client.get("/readyz").json()["models"]["tiny/w8a8"])["progress"] is None:
+            assert time.monotonic() < deadline, w8a8
+            time.sleep(0.05)
+        for seed in range(3):
+            fp = client.post("/v1/generate", json={"seed": seed})
+            assert fp.status_code == 200 and fp.json()["status"] == "succeeded"
+        w8a8 = client.get("/readyz").json()["models"]["tiny/w8a8"]
+        assert w8a8["state"] == "calibrating" and w8a8["stage"] == "calibration set (ndtc)"
+        assert 0 <= w8a8["progress"] < 1 and w8a8["error"] is None
+        assert client.get(f"/v1/jobs/{waiting}").json()["status"] == "queued"
+    assert not list((tmp_path / "cache").glob("*.safetensors"))  # stopped, not finished

@@ -13,7 +13,7 @@ from quantizer.diffusion.models import load_model
 from quantizer.execution.executor import BackendUnavailable, build_executor
 from quantizer.execution.openvino import OpenVINOUNet
 from quantizer.ptq.calibration import build_calibration_set
-from quantizer.ptq.config import CalibrationConfig, PTQ4DMConfig, QuantConfig
+from quantizer.ptq.config import PTQ4DMConfig, QuantConfig
 from quantizer.ptq.pipeline import build_config, quantize_model
 from quantizer.ptq.quant_modules import QuantLayer
 from quantizer.ptq.quantize import quantize_
