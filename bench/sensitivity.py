@@ -20,8 +20,8 @@ PTQ4DM calibrated for it (the paper's core observation: activation ranges move w
 Results accumulate in runs/sensitivity/<precision>.json (an interrupted run resumes); the report is rendered to
 docs/SENSITIVITY.md and docs/sensitivity.png.
 
-    python bench/sensitivity.py                                 # W8A8, 16 images, ~60 min on 2 cores
-    python bench/sensitivity.py --images 8 --kinds activations  # a subset
+    python bench/sensitivity.py --images 8                      # W8A8: ~40 min on 2 cores
+    python bench/sensitivity.py --kinds activations             # a subset
     python bench/sensitivity.py --render                        # rewrite the report from the stored results
 """
 
@@ -52,6 +52,7 @@ KINDS = ("weights", "activations", "all but")
 RUNS = Path("runs/sensitivity")
 T_QUARTERS = 4
 HELD_OUT_SEED = 20261202  # the calibration uses seed 0
+READING_MARKER = "<!-- reading: written by hand, kept by bench/sensitivity.py --render -->"
 
 
 # -- which tensors are quantized -----------------------------------------------------------------------------------
@@ -138,7 +139,8 @@ class Results:
         return self.data[key]
 
 
-def run(precision: str, n_images: int, n_pairs: int, kinds: list[str], cache_dir: str) -> Results:
+def run(precision: str, n_images: int, n_pairs: int, kinds: list[str], psnr_kinds: set[str],
+        cache_dir: str) -> Results:
     model = load_model(None)
     q = quantize_model(model, precision, cache_dir=cache_dir, progress=False)
     unet = q.unet
@@ -146,7 +148,7 @@ def run(precision: str, n_images: int, n_pairs: int, kinds: list[str], cache_dir
     results = Results(RUNS / f"{precision}.json")
     results.get_or("meta", lambda: {"precision": precision, "stats_source": q.stats_source,
                                     "calibration_hash": q.calibration_hash, "layers": list(layers),
-                                    "n_images": n_images, "n_pairs": n_pairs})
+                                    "n_pairs": n_pairs})
     num_train = int(model.scheduler_config["num_train_timesteps"])
     pairs = build_calibration_set(model.unet, model.scheduler_config,
                                   CalibrationConfig(method="uniform", n_samples=n_pairs, seed=HELD_OUT_SEED,
@@ -154,19 +156,23 @@ def run(precision: str, n_images: int, n_pairs: int, kinds: list[str], cache_dir
     ref_eps = eps(model.unet, pairs)
     ref_images = images(model.unet, model, n_images)
 
-    def measure(weights: set[str], activations: set[str]) -> dict[str, Any]:
+    def measure(weights: set[str], activations: set[str], with_psnr: bool) -> dict[str, Any]:
         configure(layers, weights, activations)
         row = one_forward_errors(eps(unet, pairs), ref_eps, pairs.ts, num_train)
-        per_image = np.minimum(psnr(ref_images, images(unet, model, n_images)), 100.0)
-        return {**row, "psnr": float(per_image.mean()), "psnr_per_image": per_image.round(2).tolist()}
+        if with_psnr:  # the expensive part: n_images DDIM-100 generations
+            per_image = np.minimum(psnr(ref_images, images(unet, model, n_images)), 100.0)
+            row.update(psnr=float(per_image.mean()), psnr_per_image=per_image.round(2).tolist(), n_images=n_images)
+        return row
 
     for kind in ("all", "weights", "activations"):
-        results.get_or(f"whole/{kind}", lambda kind=kind: measure(*setting(layers, None, kind)))
+        results.get_or(f"whole/{kind}@{n_images}", lambda kind=kind: measure(*setting(layers, None, kind), True))
     results.get_or("input_ranges", lambda: input_ranges(model, unet, layers, min(n_images, 8)))
     started = time.monotonic()
     todo = [(kind, name) for kind in kinds for name in layers]
     for i, (kind, name) in enumerate(todo, 1):
-        results.get_or(f"layer/{kind}/{name}", lambda kind=kind, name=name: measure(*setting(layers, name, kind)))
+        with_psnr = kind in psnr_kinds
+        results.get_or(f"layer/{kind}/{name}" + (f"@{n_images}" if with_psnr else ""),
+                       lambda kind=kind, name=name, p=with_psnr: measure(*setting(layers, name, kind), p))
         print(f"[{i}/{len(todo)}] {kind} {name} ({time.monotonic() - started:.0f} s)", file=sys.stderr, flush=True)
     return results
 
@@ -225,19 +231,20 @@ def render(precision: str, out_md: Path, out_png: Path) -> str:
     meta = data["meta"]
     layers = meta["layers"]
     share = _flops_share(load_model(None))
-    whole = {k: data[f"whole/{k}"] for k in ("all", "weights", "activations")}
+    n_images = max(int(k.rsplit("@", 1)[1]) for k in data if k.startswith("whole/all@"))
+    whole = {k: data[f"whole/{k}@{n_images}"] for k in ("all", "weights", "activations")}
 
     def row(key: str) -> dict[str, Any] | None:
-        return data.get(key)
+        return data.get(key) or data.get(f"{key}@{n_images}")
 
     lines = [
-        f"## Where the {precision.upper()} error enters (bench/sensitivity.py)",
+        f"## Where the {precision.upper()} error enters (`bench/sensitivity.py`)",
         "",
         f"Command: `python bench/sensitivity.py {shlex.join(sys.argv[1:])}`. Built-in model, PTQ4DM "
         f"{precision.upper()} with the default NDTC calibration (stats: {meta['stats_source']}, "
         f"{meta['calibration_hash'][:12]}), fake quant. One-forward error: mean ||eps_q - eps_fp|| / ||eps_fp|| "
         f"over {meta['n_pairs']} held-out (x_t, t) pairs from FP DDIM-100 trajectories (uniform over the "
-        f"trajectory), per quarter of t (Q1 = t < 250, the x_0 end). PSNR: DDIM-100, seeds 0..{meta['n_images'] - 1}, "
+        f"trajectory), per quarter of t (Q1 = t < 250, the x_0 end). PSNR: DDIM-100, seeds 0..{n_images - 1}, "
         "against the FP images (capped at 100 dB per image).",
         "",
         "| quantized | rel. error | Q1 | Q2 | Q3 | Q4 | PSNR dB | worst image dB |",
@@ -246,6 +253,8 @@ def render(precision: str, out_md: Path, out_png: Path) -> str:
 
     def cells(r: dict[str, Any]) -> str:
         q = " | ".join("-" if v is None else f"{v:.4f}" for v in r["rel_error_by_quarter"])
+        if "psnr" not in r:
+            return f"{r['rel_error']:.4f} | {q} | - | -"
         return f"{r['rel_error']:.4f} | {q} | {r['psnr']:.1f} | {min(r['psnr_per_image']):.1f}"
 
     for kind, label in (("all", "everything (W8A8 as served)"), ("weights", "all weights only"),
@@ -259,7 +268,7 @@ def render(precision: str, out_md: Path, out_png: Path) -> str:
         rows = [(name, r) for name in layers if (r := row(f"layer/{kind}/{name}")) is not None]
         if not rows:
             continue
-        rows.sort(key=lambda nr: nr[1][key], reverse=True)
+        rows.sort(key=lambda nr: nr[1].get(key, nr[1]["rel_error"]), reverse=True)
         lines += ["", f"### {title}", "", f"({len(rows)} of {len(layers)} layers measured.)", "",
                   "| layer | MAC share | rel. error | Q1 | Q2 | Q3 | Q4 | PSNR dB | worst image dB |",
                   "|---|---|---|---|---|---|---|---|---|"]
@@ -274,6 +283,8 @@ def render(precision: str, out_md: Path, out_png: Path) -> str:
                   "FP DDIM-100 trajectories at every sampler step (shaded) against the one clipping range PTQ4DM "
                   "calibrated for it (dashed)."]
     text = "\n".join(lines) + "\n"
+    kept = out_md.read_text().split(READING_MARKER, 1) if out_md.exists() else []
+    text = "# Sensitivity\n\n" + text + "\n" + READING_MARKER + (kept[1] if len(kept) == 2 else "\n")
     out_md.write_text(text)
     return text
 
@@ -284,6 +295,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--images", type=int, default=16, help="DDIM-100 images per end-to-end measurement")
     parser.add_argument("--pairs", type=int, default=256, help="held-out (x_t, t) pairs per one-forward error")
     parser.add_argument("--kinds", default=",".join(KINDS), help=f"comma list of {', '.join(KINDS)}")
+    parser.add_argument("--psnr-kinds", default="all but",
+                        help="kinds whose rows also get the end-to-end PSNR (DDIM-100 generations: the slow part)")
     parser.add_argument("--cache-dir", default="runs/calibration-cache")
     parser.add_argument("--render", action="store_true", help="only rewrite the report from stored results")
     parser.add_argument("--out", default="docs/SENSITIVITY.md")
@@ -292,7 +305,8 @@ def main(argv: list[str] | None = None) -> int:
     if unknown := sorted(set(kinds) - set(KINDS)):
         parser.error(f"--kinds: unknown {', '.join(unknown)}; choose from {', '.join(KINDS)}")
     if not args.render:
-        run(args.precision, args.images, args.pairs, kinds, args.cache_dir)
+        psnr_kinds = {k.strip() for k in args.psnr_kinds.split(",") if k.strip()}
+        run(args.precision, args.images, args.pairs, kinds, psnr_kinds, args.cache_dir)
     out = Path(args.out)
     print(render(args.precision, out, out.with_name("sensitivity.png")))
     return 0

@@ -25,7 +25,7 @@ DEFAULT_CACHE_DIR = os.environ.get("PTQ4DM_CALIBRATION_CACHE_DIR", DEFAULT_CALIB
 
 
 def _calibration_overrides(args: argparse.Namespace) -> dict:
-    names = ("method", "n_samples", "mu", "sigma", "metric")
+    names = ("preset", "method", "n_samples", "mu", "sigma", "metric")
     return {name: getattr(args, name) for name in names if getattr(args, name, None) is not None}
 
 
@@ -113,13 +113,16 @@ def cmd_eval_fd(args: argparse.Namespace) -> int:
 
 
 def _add_precision_args(p: argparse.ArgumentParser) -> None:
-    from quantizer.ptq.config import CALIBRATION_METHODS
+    from quantizer.ptq.config import CALIBRATION_METHODS, PRESETS, SERVING_PRESET
     from quantizer.ptq.scale_search import METRICS
 
     p.add_argument("--precision", default="fp32", help="fp32, w8a8, w4a8, w8a6, w8a16 (any w<b>a<b>)")
     p.add_argument("--cache-dir", default=DEFAULT_CACHE_DIR,
                    help="calibration cache (env PTQ4DM_CALIBRATION_CACHE_DIR)")
-    p.add_argument("--method", choices=CALIBRATION_METHODS, default=None, help="calibration set (default ndtc)")
+    p.add_argument("--preset", choices=list(PRESETS), default=SERVING_PRESET,
+                   help="starting point of the quantization config (ptq4dm: the paper's method exactly); "
+                        "the options below override it")
+    p.add_argument("--method", choices=CALIBRATION_METHODS, default=None, help="calibration set (the preset's)")
     p.add_argument("--n-samples", type=_positive_int, default=None, help="calibration samples (default 1024)")
     p.add_argument("--mu", type=float, default=None, help="NDTC mean, fraction of the steps from x_0 (0.4)")
     p.add_argument("--sigma", type=float, default=None, help="NDTC std, fraction of the steps (0.4)")

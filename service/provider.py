@@ -24,7 +24,7 @@ from quantizer.diffusion.models import DiffusionModel, load_model
 from quantizer.diffusion.sampling import sample
 from quantizer.execution.executor import build_executor
 from quantizer.ptq.cache import hash_state_dict
-from quantizer.ptq.config import PRECISION_PRESETS
+from quantizer.ptq.config import PRECISION_PRESETS, SERVING_PRESET
 from quantizer.ptq.progress import ProgressLog, Snapshot
 
 log = logging.getLogger(__name__)
@@ -228,8 +228,8 @@ class ModelProvider:
             from quantizer.ptq.pipeline import quantize_model
 
             progress = self._calibration_progress(name, precision) if first else None
-            result = quantize_model(model, precision, {**self.calibration, **(overrides or {})} or None,
-                                    self.cache_dir, progress=False, on_progress=progress)
+            config = {"preset": SERVING_PRESET, **self.calibration, **(overrides or {})}
+            result = quantize_model(model, precision, config, self.cache_dir, progress=False, on_progress=progress)
             calibration_hash, hit, source = result.calibration_hash, bool(result.cache_hit), result.stats_source
             if first:
                 self.set_status(name, precision, "compiling")

@@ -13,6 +13,7 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from quantizer.diffusion.models import BUILTIN_MODEL_NAME
 from quantizer.ptq.cache import DEFAULT_CALIBRATION_CACHE_DIR
+from quantizer.ptq.config import SERVING_PRESET
 
 CommaList = Annotated[list[str], NoDecode]
 
@@ -50,7 +51,9 @@ class ServiceSettings(BaseSettings):
                          "fake (simulation)")
     calibration_cache_dir: str = Field(DEFAULT_CALIBRATION_CACHE_DIR, description="where quantization statistics live")
     calibration: dict[str, Any] = Field(default_factory=dict,
-                                        description="JSON calibration/quant overrides for quantized precisions")
+                                        description="JSON calibration/quant overrides for quantized precisions, "
+                                        f"over the '{SERVING_PRESET}' preset unless they name another "
+                                        "('preset': 'ptq4dm' is the paper's method exactly)")
     openvino_cache_dir: str | None = Field(None, description="OpenVINO's compiled-model cache (CACHE_DIR): a "
                                            "restart loads the compiled blob; unset = no cache")
     compile_all_buckets: bool = Field(False, description="compile every batch-size bucket before a precision is "

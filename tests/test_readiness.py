@@ -106,7 +106,7 @@ def test_fp32_jobs_complete_while_w8a8_is_still_calibrating(tiny_model_dir, tmp_
             fp = client.post("/v1/generate", json={"seed": seed})
             assert fp.status_code == 200 and fp.json()["status"] == "succeeded"
         w8a8 = client.get("/readyz").json()["models"]["tiny/w8a8"]
-        assert w8a8["state"] == "calibrating" and w8a8["stage"] == "calibration set (ndtc)"
+        assert w8a8["state"] == "calibrating" and w8a8["stage"] == "calibration set (uniform)"  # the served preset
         assert 0 <= w8a8["progress"] < 1 and w8a8["error"] is None
         assert client.get(f"/v1/jobs/{waiting}").json()["status"] == "queued"
     assert not list((tmp_path / "cache").glob("*.safetensors"))  # stopped, not finished

@@ -75,19 +75,25 @@ def test_workers_starting_together_calibrate_once(tiny_model_dir, tmp_path, redi
     assert described[0]["calibration_hash"] == described[1]["calibration_hash"]
 
 
-@pytest.mark.skipif(int8_supported() is not None, reason=f"int8-x86 unavailable: {int8_supported()}")
-def test_w8a8_served_on_real_int8_kernels_matches_the_simulation(tiny_model_dir, tmp_path):
-    common = {"precisions": ["w8a8"], "calibration": CALIBRATION, "calibration_cache_dir": str(tmp_path / "cache"),
-              "admin_token": TOKEN, "max_batch_images": 2, "compile_all_buckets": True}
-    # Warm-up compiles a graph per batch bucket (about 25 s each with a cold inductor cache), then samples on it.
+@pytest.mark.parametrize("backend, preset", [
+    # int8-x86 runs one range per tensor (the paper's preset); openvino also the served one's time-step groups.
+    pytest.param("int8-x86", "ptq4dm", marks=pytest.mark.skipif(int8_supported() is not None,
+                                                               reason=f"int8-x86 unavailable: {int8_supported()}")),
+    ("openvino", "recommended"),
+])
+def test_w8a8_served_on_real_int8_kernels_matches_the_simulation(tiny_model_dir, tmp_path, backend, preset):
+    common = {"precisions": ["w8a8"], "calibration": {**CALIBRATION, "preset": preset},
+              "calibration_cache_dir": str(tmp_path / "cache"), "admin_token": TOKEN, "max_batch_images": 2,
+              "compile_all_buckets": True}
+    # int8-x86's warm-up compiles a graph per batch bucket (about 25 s each with a cold inductor cache).
     images = {}
-    for backend in ("int8-x86", "fake"):
-        with client_for(make_settings(tiny_model_dir, backend=backend, **common)) as client:
+    for run_on in (backend, "fake"):
+        with client_for(make_settings(tiny_model_dir, backend=run_on, **common)) as client:
             wait_ready(client, timeout_s=600)
             (served,) = client.get("/admin/models", headers=AUTH).json()
-            assert served["backend"] == backend
+            assert served["backend"] == run_on
             job = client.post("/v1/generate", json={"seed": 11, "n": 3, "precision": "w8a8"}).json()
             assert job["status"] == "succeeded" and len(job["images_png_base64"]) == 3
-            images[backend] = [decode(base64.b64decode(png)) for png in job["images_png_base64"]]
-    for real, fake in zip(images["int8-x86"], images["fake"], strict=True):  # one calibration, two executions
+            images[run_on] = [decode(base64.b64decode(png)) for png in job["images_png_base64"]]
+    for real, fake in zip(images[backend], images["fake"], strict=True):  # one calibration, two executions
         assert psnr(fake.reshape(1, 16, 16, 1), real.reshape(1, 16, 16, 1))[0] > 25

@@ -13,7 +13,9 @@ from diffusers import UNet2DModel
 
 from quantizer.diffusion.models import BUILTIN_MODEL_DIR, load_model
 from quantizer.ptq import quantize_model
+from quantizer.ptq.config import SERVING_PRESET
 from quantizer.ptq.pipeline import SHIPPED_CALIBRATION_DIR
+from quantizer.ptq.timestep_groups import TimestepGroupedUNet
 
 pytest_plugins = ["service.testing"]
 CALIBRATION = {"n_samples": 8, "steps": 4, "batch_size": 4, "n_candidates": 10, "act_samples": 4096, "seed": 11}
@@ -23,7 +25,7 @@ def digests(folder: Path) -> dict[str, str]:
     return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir())}
 
 
-def test_builtin_model_ships_its_default_w8a8_calibration(tmp_path):
+def test_builtin_model_ships_the_papers_w8a8_calibration(tmp_path):
     shipped = BUILTIN_MODEL_DIR / SHIPPED_CALIBRATION_DIR
     before = digests(shipped)
     assert sum((shipped / name).stat().st_size for name in before) < 512 * 1024  # a few hundred KB at most
@@ -33,6 +35,13 @@ def test_builtin_model_ships_its_default_w8a8_calibration(tmp_path):
     assert model.stats_source == "shipped" and model.cache_hit
     assert not (tmp_path / "cache").exists() or not any((tmp_path / "cache").iterdir())  # nothing calibrated
     assert digests(shipped) == before
+
+
+def test_the_served_preset_is_shipped_too(tmp_path):
+    """What `ptq4dm serve` quantizes by default: the first start must calibrate nothing."""
+    model = quantize_model(load_model(None), "w8a8", {"preset": SERVING_PRESET}, cache_dir=tmp_path / "cache",
+                           progress=False)
+    assert model.stats_source == "shipped" and isinstance(model.unet, TimestepGroupedUNet)
 
 
 def test_a_shipped_cache_that_does_not_match_warns_and_calibrates_elsewhere(tiny_model_dir, tmp_path, caplog):

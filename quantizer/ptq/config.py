@@ -172,6 +172,18 @@ class PTQ4DMConfig:
         return _digest(self.to_dict())
 
 
+# Named starting points for the QuantConfig / CalibrationConfig fields of a quantized precision; explicit
+# overrides win over a preset's values. 'ptq4dm' is the paper's method exactly (NDTC, one range per tensor,
+# first/last layers at 8 bits) and the library's default; 'recommended' is what the measurements in
+# docs/SENSITIVITY.md chose, and what the CLI and the service use unless told otherwise.
+PRESETS: dict[str, dict[str, object]] = {
+    "ptq4dm": {},
+    "recommended": {"method": "uniform", "timestep_groups": 4, "keep_first_last_fp": True},
+}
+LIBRARY_PRESET = "ptq4dm"
+SERVING_PRESET = "recommended"
+
+
 def parse_precision(precision: str) -> tuple[int, int] | None:
     """'w8a8' -> (8, 8); 'fp32' -> None (no quantization). Bit widths are validated like QuantConfig's."""
     if not isinstance(precision, str):

@@ -19,7 +19,14 @@ import quantizer
 from quantizer.diffusion.models import DiffusionModel
 from quantizer.ptq.cache import CalibrationCache, cache_key, canonical_json, hash_state_dict, hash_tensor
 from quantizer.ptq.calibration import CalibrationSet, build_calibration_set
-from quantizer.ptq.config import CalibrationConfig, PTQ4DMConfig, QuantConfig, quant_config_for
+from quantizer.ptq.config import (
+    LIBRARY_PRESET,
+    PRESETS,
+    CalibrationConfig,
+    PTQ4DMConfig,
+    QuantConfig,
+    quant_config_for,
+)
 from quantizer.ptq.progress import ProgressFn, ProgressLog
 from quantizer.ptq.quantize import export_stats, load_stats, quantize_
 from quantizer.ptq.timestep_groups import (
@@ -67,7 +74,9 @@ def build_config(precision: str | QuantConfig,
     """PTQ4DMConfig for a precision plus overrides; None for 'fp32'.
 
     overrides: a CalibrationConfig, or a mapping of CalibrationConfig / QuantConfig field names (flat, or nested
-    under 'calibration' / 'quant'). Bit widths come from the precision; unknown names raise ValueError.
+    under 'calibration' / 'quant') plus an optional 'preset' (a key of PRESETS, default 'ptq4dm': the paper's
+    method) whose values the other overrides replace. Bit widths come from the precision; unknown names raise
+    ValueError.
     """
     quant = quant_config_for(precision) if isinstance(precision, str) else precision
     if quant is None:
@@ -79,11 +88,15 @@ def build_config(precision: str | QuantConfig,
     if not isinstance(overrides, Mapping):
         raise TypeError(f"overrides must be a CalibrationConfig or a mapping, got {type(overrides).__name__}")
     flat = dict(overrides)
+    preset = flat.pop("preset", LIBRARY_PRESET)
+    if preset not in PRESETS:
+        raise ValueError(f"preset must be one of {', '.join(PRESETS)}, got {preset!r}")
     for section in ("quant", "calibration"):
         nested = flat.pop(section, None) or {}
         if not isinstance(nested, Mapping):
             raise ValueError(f"overrides[{section!r}] must be a mapping")
         flat.update(nested)
+    flat = {**PRESETS[preset], **flat}
     unknown = sorted(set(flat) - _QUANT_FIELDS - _CALIBRATION_FIELDS)
     if unknown:
         raise ValueError(f"unknown override(s) {', '.join(unknown)}; allowed: "
