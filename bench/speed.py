@@ -65,7 +65,8 @@ VARIANTS: tuple[tuple[str, str, str], ...] = (  # label, precision, backend
     ("int8+bf16 real", "w8a8", "int8-bf16-x86"),
     ("fp32 openvino", "fp32", "openvino-fp32"),
     ("bf16 openvino", "fp32", "openvino-bf16"),
-    ("int8 openvino", "w8a8", "openvino"),  # PTQ4DM's scales; bf16 elsewhere where native
+    ("int8 openvino", "w8a8", "openvino"),  # PTQ4DM's scales, fp32 elsewhere
+    ("int8+bf16 openvino", "w8a8", "openvino-int8-bf16"),
 )
 
 

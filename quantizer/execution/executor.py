@@ -11,8 +11,10 @@ One verb, `build_executor(model, backend)`, returns an `ExecutableUNet`: a drop-
 * ``int8-bf16-x86``  the same int8 convolutions/linears with every other op (GroupNorm, SiLU, adds, attention)
                 in bfloat16 instead of fp32 (autocast over the int8 graph; needs AVX512-BF16 or AMX);
 * ``openvino``  OpenVINO's CPU plugin, int8 kernels driven by PTQ4DM's scales (FakeQuantize nodes around exactly
-                the tensors PTQ4DM quantized; bf16 elsewhere where the CPU has it), one dynamic-batch model,
-                see `quantizer.execution.openvino`;
+                the tensors PTQ4DM quantized; fp32 elsewhere, so it computes what the simulation does), one
+                dynamic-batch model, see `quantizer.execution.openvino`;
+* ``openvino-int8-bf16``  the same with every other op in bf16 (needs native bf16): faster, further from the
+                simulation (docs/SENSITIVITY.md);
 * ``openvino-fp32`` / ``openvino-bf16``  an unquantized model on OpenVINO in fp32 / bf16 (baselines for it);
 * ``auto``      for a quantized model on the CPU: openvino (measured fastest, and compiled once for every batch
                 size in about a second: docs/BENCHMARKS.md), else int8-x86 where the CPU has int8 kernels, else
@@ -45,11 +47,11 @@ from quantizer.ptq.timestep_groups import TimestepGroupedUNet
 logger = logging.getLogger(__name__)
 
 BACKENDS: tuple[str, ...] = ("auto", "eager", "compiled", "bf16", "fake", "int8-x86", "int8-bf16-x86", "openvino",
-                             "openvino-fp32", "openvino-bf16")
+                             "openvino-int8-bf16", "openvino-fp32", "openvino-bf16")
 INT8_BACKENDS: tuple[str, ...] = ("int8-x86", "int8-bf16-x86")
 # backend -> (needs a quantized model, float precision inside OpenVINO; None = bf16 where native, else f32)
-OPENVINO_BACKENDS: dict[str, tuple[bool, str | None]] = {"openvino": (True, None), "openvino-fp32": (False, "f32"),
-                                                          "openvino-bf16": (False, "bf16")}
+OPENVINO_BACKENDS: dict[str, tuple[bool, str]] = {"openvino": (True, "f32"), "openvino-int8-bf16": (True, "bf16"),
+                                                  "openvino-fp32": (False, "f32"), "openvino-bf16": (False, "bf16")}
 DEFAULT_MAX_BATCH = 64
 
 
@@ -78,7 +80,7 @@ def resolve_backend(backend: str, quantized: bool, device: torch.device | str = 
         return "int8-x86" if int8_supported() is None else "fake"
     if quantized and backend in ("eager", "compiled", "bf16", "openvino-fp32", "openvino-bf16"):
         raise BackendUnavailable(f"backend {backend!r} runs unquantized models; use 'fake', 'int8-x86' or 'openvino'")
-    if not quantized and backend in ("fake", "openvino", *INT8_BACKENDS):
+    if not quantized and backend in ("fake", "openvino", "openvino-int8-bf16", *INT8_BACKENDS):
         raise BackendUnavailable(f"backend {backend!r} needs a quantized model (precision w<b>a<b>)")
     if backend in OPENVINO_BACKENDS:
         _check_openvino(backend, on_cpu)
@@ -99,7 +101,7 @@ def _check_openvino(backend: str, on_cpu: bool) -> None:
     if not on_cpu:
         raise BackendUnavailable(f"{backend} runs on the CPU (OpenVINO's CPU plugin); use 'fake' on other devices")
     reason = openvino_unavailable()
-    if reason is None and backend == "openvino-bf16" and not cpu_bf16():
+    if reason is None and OPENVINO_BACKENDS[backend][1] == "bf16" and not cpu_bf16():
         reason = "OpenVINO's CPU plugin has no native bfloat16 on this CPU (OPTIMIZATION_CAPABILITIES lacks BF16)"
     if reason is not None:
         raise BackendUnavailable(f"{backend} is unavailable here: {reason}")
