@@ -146,7 +146,8 @@ def run(precision: str, n_images: int, n_pairs: int, kinds: list[str], psnr_kind
     unet = q.unet
     layers = {name: m for name, m in unet.named_modules() if isinstance(m, QuantLayer)}
     results = Results(RUNS / f"{precision}.json")
-    results.get_or("meta", lambda: {"precision": precision, "stats_source": q.stats_source,
+    results.get_or("meta", lambda: {"command": shlex.join(["python", "bench/sensitivity.py", *sys.argv[1:]]),
+                                    "precision": precision, "stats_source": q.stats_source,
                                     "calibration_hash": q.calibration_hash, "layers": list(layers),
                                     "n_pairs": n_pairs})
     num_train = int(model.scheduler_config["num_train_timesteps"])
@@ -240,7 +241,7 @@ def render(precision: str, out_md: Path, out_png: Path) -> str:
     lines = [
         f"## Where the {precision.upper()} error enters (`bench/sensitivity.py`)",
         "",
-        f"Command: `python bench/sensitivity.py {shlex.join(sys.argv[1:])}`. Built-in model, PTQ4DM "
+        f"Command: `{meta.get('command', 'python bench/sensitivity.py')}`. Built-in model, PTQ4DM "
         f"{precision.upper()} with the default NDTC calibration (stats: {meta['stats_source']}, "
         f"{meta['calibration_hash'][:12]}), fake quant. One-forward error: mean ||eps_q - eps_fp|| / ||eps_fp|| "
         f"over {meta['n_pairs']} held-out (x_t, t) pairs from FP DDIM-100 trajectories (uniform over the "
