@@ -16,9 +16,10 @@ One verb, `build_executor(model, backend)`, returns an `ExecutableUNet`: a drop-
 * ``openvino-int8-bf16``  the same with every other op in bf16 (needs native bf16): faster, further from the
                 simulation (docs/SENSITIVITY.md);
 * ``openvino-fp32`` / ``openvino-bf16``  an unquantized model on OpenVINO in fp32 / bf16 (baselines for it);
-* ``auto``      for a quantized model on the CPU: openvino (measured fastest, and compiled once for every batch
-                size in about a second: docs/BENCHMARKS.md), else int8-x86 where the CPU has int8 kernels, else
-                fake; on other devices fake; eager for fp32.
+* ``auto``      for a quantized model on the CPU: openvino (one graph for every batch size, built in seconds
+                instead of half a minute per batch size, and it runs the time-step groups of the served preset;
+                at batch 16 int8-x86 is faster on the built-in model: docs/BENCHMARKS.md), else int8-x86 where the
+                CPU has int8 kernels, else fake; on other devices fake; eager for fp32.
 
 Compiled graphs are static in the batch size (int8 dynamic-batch graphs fail inductor's layout checks in
 torch 2.13), so batches are padded up to a power-of-two bucket (1, 2, 4, ...; at most 2x work, usually
