@@ -136,7 +136,7 @@ def traceable_quantized(quant_unet: nn.Module, exact_int8: bool | None = None) -
     """A copy of the fake-quant UNet with every QuantLayer as FakeQuantizedLayer (the model to convert).
 
     exact_int8: whether int8 kernels are exact for any 8-bit weight (default: detect VNNI/AMX). If not, layers with
-    weights above 7 bits are left to float (int8=False) rather than computed wrongly; a warning says how many.
+    weights above 7 bits are left to float (int8=False) rather than computed wrongly; a log line says how many.
     """
     layers = check_openvino_grid(quant_unet)
     exact_int8 = int8_dot_products_exact() if exact_int8 is None else exact_int8
@@ -149,8 +149,8 @@ def traceable_quantized(quant_unet: nn.Module, exact_int8: bool | None = None) -
                 in_float.append(name)
             parent_name, _, child = name.rpartition(".")
             setattr(unet.get_submodule(parent_name) if parent_name else unet, child, FakeQuantizedLayer(module, int8))
-    if in_float:
-        logger.warning("openvino: this CPU has no VNNI/AMX, so u8 x s8 kernels saturate with 8-bit weights; "
+    if in_float:  # info, not a warning: the results stay exact and nobody can act on it but with other hardware
+        logger.info("openvino: this CPU has no VNNI/AMX, so u8 x s8 kernels saturate with 8-bit weights; "
                        "%d of %d quantized layers run as float simulation instead (e.g. %s)",
                        len(in_float), len(layers), in_float[0])
     return unet
