@@ -65,9 +65,10 @@ def pack(group_stats: Sequence[dict[str, torch.Tensor]], edges: Sequence[int]) -
 def unpack(packed: dict[str, torch.Tensor]) -> tuple[list[dict[str, torch.Tensor]], list[int]]:
     edges = [int(e) for e in packed[f"{GROUP_PREFIX}.edges"]]
     group_stats: list[dict[str, torch.Tensor]] = [{} for _ in edges]
+    prefix = f"{GROUP_PREFIX}."
     for key, value in packed.items():
-        _, group, rest = key.split(".", 2) if key.count(".") >= 2 else ("", "", "")
-        if key.startswith(f"{GROUP_PREFIX}.") and group.isdigit():
+        group, _, rest = key.removeprefix(prefix).partition(".")
+        if key.startswith(prefix) and group.isdigit():
             group_stats[int(group)][rest] = value
     if any(not stats for stats in group_stats):
         raise ValueError(f"grouped stats miss groups: {[g for g, s in enumerate(group_stats) if not s]}")
