@@ -18,7 +18,7 @@ from typing import TypeVar
 
 import numpy as np
 
-from quantizer.diffusion.images import png_bytes, to_uint8
+from quantizer.diffusion.images import non_finite_images, png_bytes, to_uint8
 from quantizer.diffusion.sampling import sample, validate_request
 from service.batching import ImageSlot, group_compatible, pack_passes, passes_per_job
 from service.jobs import ACTIVE, JobRecord, stream_name
@@ -280,8 +280,13 @@ class Worker:
                 continue
             for job_id in live:
                 compute[job_id] += time.perf_counter() - began
-            for slot, img in zip(slots, to_uint8(x), strict=True):
-                images[slot.job_id][slot.k] = img
+            for job_id, error in diverged(slots, x, spec.precision).items():  # fails those jobs, not the pass
+                await self._fail(deliveries[job_id], jobs[job_id], error, "non_finite")
+                settled.add(job_id)
+            keep = [i for i, slot in enumerate(slots) if slot.job_id not in settled]
+            for i, img in zip(keep, to_uint8(x[keep]), strict=True):
+                images[slots[i].job_id][slots[i].k] = img
+            live = [job_id for job_id in live if job_id not in settled]
             for job_id in live:
                 remaining[job_id] -= 1
                 if remaining[job_id] == 0 and job_id not in stopped:
@@ -426,3 +431,14 @@ class Worker:
             await self._retrying(lambda op=op, result=result: self.queue.set_operation(
                 op["id"], {f"worker:{self.id}": result}, self.settings.result_ttl_s))
             await self._beat()
+
+
+def diverged(slots: list[ImageSlot], x: object, precision: str) -> dict[str, str]:
+    """Job id -> error for the jobs with an image holding NaN/inf: clipped, it would be a black PNG."""
+    errors: dict[str, str] = {}
+    for i in non_finite_images(x):
+        slot = slots[i]
+        errors.setdefault(slot.job_id, f"generation failed: image {slot.k} (seed {slot.seed}) came out with "
+                                       f"non-finite values (NaN/inf): the {precision} model diverged; "
+                                       "no image is returned")
+    return errors

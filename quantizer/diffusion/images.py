@@ -9,8 +9,26 @@ import torch
 from PIL import Image
 
 
+class NonFiniteImageError(ValueError):
+    """A generated image holds NaN/inf: the model diverged. Clipping would turn it into a black PNG."""
+
+    def __init__(self, indices: list[int], total: int) -> None:
+        self.indices = indices
+        super().__init__(f"{len(indices)} of {total} generated images hold non-finite values (NaN/inf), "
+                         f"images {indices[:8]}{'...' if len(indices) > 8 else ''}: the model diverged")
+
+
+def non_finite_images(samples: torch.Tensor) -> list[int]:
+    """Indices of the images (along dim 0) with any NaN/inf value."""
+    bad = ~torch.isfinite(samples.detach().flatten(1)).all(1)
+    return bad.nonzero().flatten().tolist()
+
+
 def to_uint8(samples: torch.Tensor) -> np.ndarray:
-    """N x C x H x W in [-1, 1] -> N x H x W x C uint8 (rounded, clipped)."""
+    """N x C x H x W in [-1, 1] -> N x H x W x C uint8 (rounded, clipped); NonFiniteImageError on NaN/inf."""
+    bad = non_finite_images(samples)
+    if bad:
+        raise NonFiniteImageError(bad, len(samples))
     x = ((samples.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
     return x.permute(0, 2, 3, 1).numpy()
 

@@ -19,6 +19,14 @@ MODES: tuple[str, ...] = ("fp", "observe", "quant")
 MAX_VALUES_PER_BATCH = 2**17
 
 
+class NonFiniteActivation(ValueError):
+    """A layer input seen during calibration holds NaN/inf; `rows` are the offending indices along dim 0."""
+
+    def __init__(self, layer: str, rows: list[int], batch: int) -> None:
+        self.layer, self.rows, self.batch = layer, rows, batch
+        super().__init__(f"non-finite values (NaN/inf) in the input of layer {layer!r} during calibration")
+
+
 class ActObserver:
     """Statistics of one activation tensor over a calibration run: exact min/max plus a bounded random sample.
 
@@ -29,7 +37,8 @@ class ActObserver:
     every batch. Min/max are exact over all values, so the search never loses the true range.
     """
 
-    def __init__(self, cap: int, per_batch: int, seed: int) -> None:
+    def __init__(self, cap: int, per_batch: int, seed: int, name: str = "?") -> None:
+        self.name = name
         self.per_batch = max(1, min(per_batch, cap, MAX_VALUES_PER_BATCH))
         self.max_chunks = max(1, cap // self.per_batch)
         self.generator = torch.Generator().manual_seed(seed)
@@ -43,6 +52,10 @@ class ActObserver:
         flat = x.detach().reshape(-1).float()
         if flat.numel() == 0:
             return
+        if not bool(torch.isfinite(flat).all()):  # a NaN would poison min/max and the search silently
+            rows = x.detach().reshape(x.shape[0], -1) if x.ndim > 1 else flat[:, None]
+            bad = (~torch.isfinite(rows)).any(1).nonzero().flatten().tolist()
+            raise NonFiniteActivation(self.name, bad, rows.shape[0])
         lo, hi = torch.aminmax(flat)
         self.lo, self.hi = min(self.lo, lo.item()), max(self.hi, hi.item())
         if flat.numel() > self.per_batch:

@@ -25,6 +25,7 @@ from quantizer.ptq.quant_modules import (
     MAX_VALUES_PER_BATCH,
     ActObserver,
     ActQuantizer,
+    NonFiniteActivation,
     QuantAttnProcessor,
     QuantConv2d,
     QuantLayer,
@@ -195,14 +196,17 @@ def _calibrate(unet: nn.Module, qcfg: QuantConfig, calibration: CalibrationSet, 
     n_batches = math.ceil(len(calibration) / calibration.config.batch_size)
     per_batch = min(MAX_VALUES_PER_BATCH, max(1, qcfg.act_samples // n_batches))
     for name, quantizer in act_quantizers:
-        quantizer.observer = ActObserver(qcfg.act_samples, per_batch, seed=zlib.crc32(name.encode()))
+        quantizer.observer = ActObserver(qcfg.act_samples, per_batch, seed=zlib.crc32(name.encode()), name=name)
     set_mode(unet, "observe")
     param = next(unet.parameters())
     try:
         with torch.no_grad():
             for xs, ts in track(list(calibration.batches()), "calibration forward", "batch", progress,
                                 on_progress):
-                unet(xs.to(device=param.device, dtype=param.dtype), ts.to(param.device))
+                try:
+                    unet(xs.to(device=param.device, dtype=param.dtype), ts.to(param.device))
+                except NonFiniteActivation as exc:
+                    raise _non_finite_error(exc, ts) from None
         for name, quantizer in track(act_quantizers, "activation ranges", "tensor", progress, on_progress):
             observer = quantizer.observer
             if observer is None or not observer.chunks:
@@ -211,9 +215,39 @@ def _calibrate(unet: nn.Module, qcfg: QuantConfig, calibration: CalibrationSet, 
                 continue
             scale, zero_point = search_act_qparams(observer.values(), int(quantizer.bits), qcfg.metric, qcfg.p,
                                                    qcfg.n_candidates, qcfg.search, observer.lo, observer.hi)
+            _check_searched(name, scale, observer.lo, observer.hi)
             quantizer.set_qparams(scale, zero_point)
     finally:
         for _, quantizer in act_quantizers:
             quantizer.observer = None
     logger.info("calibrated %d layers and %d activation quantizers on %d samples",
                 len(layers), len(act_quantizers), len(calibration))
+
+
+def _tensor(quantizer_name: str) -> str:
+    """'down.conv.input_quantizer' -> "the input of layer 'down.conv'"; other quantizers by their own name."""
+    layer, _, leaf = quantizer_name.rpartition(".")
+    return f"the input of layer {layer!r}" if leaf == "input_quantizer" else f"the tensor of {quantizer_name!r}"
+
+
+def _non_finite_error(exc: NonFiniteActivation, ts: torch.Tensor) -> ValueError:
+    """Name the layer and the time-steps: NaN/inf in calibration is a property of the model or its sampler
+    (e.g. a Fourier time embedding takes log(t) and a 'leading' DDIM spacing feeds t = 0), never data to fit."""
+    rows = [r for r in exc.rows if r < len(ts)] if exc.batch == len(ts) else list(range(len(ts)))
+    steps = sorted({int(t) for t in ts[rows]})
+    return ValueError(f"calibration: non-finite values (NaN/inf) in {_tensor(exc.layer)} at "
+                      f"time-step(s) {steps[:8]}{'...' if len(steps) > 8 else ''}; the full-precision model "
+                      "itself produces them there, so no range can be calibrated (check the model's time "
+                      "embedding and the sampler's time-step spacing)")
+
+
+def _check_searched(name: str, scale: torch.Tensor, lo: float, hi: float) -> None:
+    """A searched range that cannot quantize is an error; a degenerate one is reported: an input that was all
+    zeros gets the floor scale, so whatever it carries at serving time is clipped to almost nothing."""
+    if not (math.isfinite(float(scale)) and float(scale) > 0):
+        raise ValueError(f"calibration: the searched scale of {_tensor(name)} is {float(scale)} (observed range "
+                         f"[{lo}, {hi}])")
+    if lo == hi == 0:
+        warnings.warn(f"{_tensor(name)} saw only zeros during calibration: its range is degenerate (scale "
+                      f"{float(scale):.3g}) and any non-zero input at serving time is clipped", RuntimeWarning,
+                      stacklevel=4)
