@@ -16,6 +16,7 @@ from quantizer.diffusion.sampling import SAMPLERS
 from quantizer.ptq.fake_quant import ACT_BITS, WEIGHT_BITS, check_bits
 from quantizer.ptq.scale_search import METRICS, SEARCH_METHODS
 
+WEIGHT_ROUNDING: tuple[str, ...] = ("nearest", "gptq")
 CALIBRATION_METHODS: tuple[str, ...] = ("ndtc", "ndtc_code", "uniform", "single_step", "real_noised")
 PRECISION_PRESETS: tuple[str, ...] = ("fp32", "w8a8", "w4a8", "w8a6", "w8a16")
 _PRECISION_RE = re.compile(r"^w(\d+)a(\d+)$")
@@ -49,6 +50,9 @@ class QuantConfig:
     quantize_attention_matmuls: also quantize the operands of q.k^T and attn.v (off by default, like the
         authors' code, which only quantizes conv/linear layers).
     skip: fnmatch patterns of module names left in full precision, e.g. ("time_embedding.*",).
+    weight_rounding: 'nearest' (the paper's) or 'gptq': integer weights chosen to minimise each layer's output
+        error on the calibration inputs (quantizer.ptq.gptq), on the same searched scales. Not part of a
+        config's hash when 'nearest'.
     timestep_groups: activation ranges per group of diffusion time-steps (G equal groups of [0, T), each
         calibrated on its own share of the calibration set; quantizer.ptq.timestep_groups). 1 = the paper's one
         range per tensor. Not part of a config's hash when 1, so caches made before it existed stay valid.
@@ -66,12 +70,14 @@ class QuantConfig:
     quantize_attention_matmuls: bool = False
     skip: tuple[str, ...] = ()
     timestep_groups: int = 1
+    weight_rounding: str = "nearest"
 
     def __post_init__(self) -> None:
         check_bits(self.weight_bits, WEIGHT_BITS, "weight_bits")
         _check_int(self.timestep_groups, "timestep_groups", 1)
         check_bits(self.act_bits, ACT_BITS, "act_bits")
         _check_choice(self.search, "search", SEARCH_METHODS)
+        _check_choice(self.weight_rounding, "weight_rounding", WEIGHT_ROUNDING)
         _check_choice(self.metric, "metric", METRICS)
         if isinstance(self.p, bool) or not isinstance(self.p, (int, float)) or not self.p > 0:
             raise ValueError(f"p must be a positive number, got {self.p!r}")
@@ -91,6 +97,8 @@ class QuantConfig:
         out = {**asdict(self), "skip": list(self.skip)}
         if self.timestep_groups == 1:
             del out["timestep_groups"]
+        if self.weight_rounding == "nearest":
+            del out["weight_rounding"]
         return out
 
 

@@ -150,22 +150,25 @@ def _calibration_set(model: DiffusionModel, calibration: CalibrationConfig, part
 
 def _calibrate_grouped(model: DiffusionModel, config: PTQ4DMConfig, calib: CalibrationSet, progress: bool,
                        report: ProgressFn) -> tuple[TimestepGroupedUNet, dict[str, torch.Tensor]]:
-    """Activation ranges calibrated per time-step group (quantizer.ptq.timestep_groups); weights once."""
+    """Activation ranges calibrated per time-step group (quantizer.ptq.timestep_groups); weights once, by the
+    first group, on the whole set (GPTQ rounding sees every time-step), and shared by the others."""
     edges = group_edges(int(model.scheduler_config["num_train_timesteps"]), config.quant.timestep_groups)
-    group_stats = []
+    group_stats: list[dict[str, torch.Tensor]] = []
     for g, part in enumerate(split_calibration(calib, edges)):
         def in_group(stage: str, done: int, total: int, g: int = g) -> None:
             report(f"group {g + 1}/{len(edges)} {stage}", done, total)
 
+        weights = {k: v for k, v in group_stats[0].items() if ".weight_quantizer." in k} if group_stats else None
         group_stats.append(export_stats(quantize_(copy.deepcopy(model.unet), config, calibration=part,
-                                                  progress=progress, on_progress=in_group)))
+                                                  progress=progress, on_progress=in_group, weight_calibration=calib,
+                                                  weights=weights)))
     return _grouped_unet(model, config, group_stats, edges), pack(group_stats, edges)
 
 
 def _grouped_unet(model: DiffusionModel, config: PTQ4DMConfig, group_stats: list[dict[str, torch.Tensor]],
                   edges: list[int]) -> TimestepGroupedUNet:
-    """One fake-quant member per group, all on the first group's quantized weights (the weight search does not
-    see data, so every group found the same ones) and each with its own activation ranges."""
+    """One fake-quant member per group, all on the first group's quantized weights (every group shares them)
+    and each with its own activation ranges."""
     base = quantize_(copy.deepcopy(model.unet), config, stats=group_stats[0], progress=False)
     members = [base]
     for stats in group_stats[1:]:

@@ -90,6 +90,11 @@ class WeightQuantizer(nn.Module):
     def set_scale(self, scale: torch.Tensor) -> None:
         self.scale.copy_(channel_view(scale, self.scale.ndim).to(self.scale))
 
+    def hold_rounded(self, weight: torch.Tensor) -> None:
+        """Keep the integer weights a rounding method chose (GPTQ) as a buffer, so they are exported, cached and
+        loaded with the scales; QuantLayer.apply_rounded writes them into the layer."""
+        self.register_buffer("rounded", torch.zeros(weight.shape, dtype=torch.int8, device=weight.device))
+
     def sync(self) -> None:
         """Re-derive the python-side grid from the `bits` buffer (after loading buffers)."""
         self.qrange = weight_range(int(self.bits))
@@ -148,6 +153,15 @@ class QuantLayer(nn.Module):
         self.input_quantizer = ActQuantizer(act_bits).to(layer.weight.device)
         self.register_buffer("qweight", None, persistent=False)
         self.mode = "fp"
+
+    @torch.no_grad()
+    def apply_rounded(self) -> None:
+        """Replace the float weight by the held integers times their scales (a no-op without them): every backend
+        then reads weights already on the grid, and rounding them to nearest again gives the same integers."""
+        rounded = getattr(self.weight_quantizer, "rounded", None)
+        if rounded is not None:
+            weight = self.layer.weight
+            weight.copy_((rounded.float() * self.weight_quantizer.scale).to(weight.dtype))
 
     def set_mode(self, mode: str) -> None:
         if mode not in MODES:

@@ -18,6 +18,7 @@ import torch
 from diffusers.models.attention_processor import Attention
 from torch import nn
 
+from quantizer.ptq import gptq
 from quantizer.ptq.calibration import CalibrationSet
 from quantizer.ptq.config import PTQ4DMConfig, QuantConfig
 from quantizer.ptq.progress import ProgressFn, track
@@ -35,6 +36,7 @@ from quantizer.ptq.quant_modules import (
 from quantizer.ptq.scale_search import search_act_qparams, search_weight_scale
 
 logger = logging.getLogger(__name__)
+STATS_BUFFERS: tuple[str, ...] = ("scale", "zero_point", "bits", "rounded")  # what export_stats keeps
 
 # Layers with weights that quantize_ cannot wrap; they must be listed in QuantConfig.skip.
 UNSUPPORTED_LAYERS: tuple[type[nn.Module], ...] = (
@@ -45,11 +47,15 @@ UNSUPPORTED_LAYERS: tuple[type[nn.Module], ...] = (
 
 def quantize_(unet: nn.Module, config: PTQ4DMConfig | QuantConfig, calibration: CalibrationSet | None = None,
               stats: dict[str, torch.Tensor] | None = None, progress: bool = True,
-              on_progress: ProgressFn | None = None) -> nn.Module:
+              on_progress: ProgressFn | None = None, weight_calibration: CalibrationSet | None = None,
+              weights: dict[str, torch.Tensor] | None = None) -> nn.Module:
     """Quantize `unet` in place (fake quant) and return it.
 
     With `stats` (from export_stats) every scale/zero-point is loaded and no forward pass runs at all;
     otherwise `calibration` inputs are run through the model to set the activation ranges.
+    weight_calibration: the inputs GPTQ rounding fits the weights on (default `calibration`; time-step groups
+    round once on the whole set). weights: the weight entries of another run's stats, taken instead of searching
+    and rounding again (the groups after the first).
     On any error the original layers are put back.
     """
     qcfg = config.quant if isinstance(config, PTQ4DMConfig) else config
@@ -68,7 +74,7 @@ def quantize_(unet: nn.Module, config: PTQ4DMConfig | QuantConfig, calibration: 
         if stats is not None:
             load_stats(unet, stats)
         else:
-            _calibrate(unet, qcfg, calibration, progress, on_progress)
+            _calibrate(unet, qcfg, calibration, progress, on_progress, weight_calibration or calibration, weights)
         set_mode(unet, "quant")
     except BaseException:
         for restore in reversed(undo):
@@ -94,7 +100,7 @@ def export_stats(unet: nn.Module) -> dict[str, torch.Tensor]:
     """Every quantizer parameter as a flat {'<module>.scale' | '.zero_point' | '.bits': CPU tensor} dict."""
     stats: dict[str, torch.Tensor] = {}
     for name, quantizer in _quantizers(unet):
-        for buffer in ("scale", "zero_point", "bits"):
+        for buffer in STATS_BUFFERS:
             if hasattr(quantizer, buffer):
                 stats[f"{name}.{buffer}"] = getattr(quantizer, buffer).detach().cpu().clone().contiguous()
     if not stats:
@@ -106,7 +112,7 @@ def export_stats(unet: nn.Module) -> dict[str, torch.Tensor]:
 def load_stats(unet: nn.Module, stats: dict[str, torch.Tensor]) -> None:
     """Copy exported parameters into `unet`'s quantizers; names, shapes and bit widths must match exactly."""
     expected = {f"{name}.{buf}": getattr(q, buf) for name, q in _quantizers(unet)
-                for buf in ("scale", "zero_point", "bits") if hasattr(q, buf)}
+                for buf in STATS_BUFFERS if hasattr(q, buf)}
     missing, unexpected = sorted(expected.keys() - stats.keys()), sorted(stats.keys() - expected.keys())
     if missing or unexpected:
         raise ValueError(f"stats do not match the model's quantizers: missing {missing[:5]}"
@@ -125,10 +131,17 @@ def load_stats(unet: nn.Module, stats: dict[str, torch.Tensor]) -> None:
             levels = 2 ** int(stats[key.removesuffix("zero_point") + "bits"])
             if not (value == value.round()).all() or not 0 <= float(value) < levels:
                 raise ValueError(f"stats[{key!r}] = {float(value)} is not an integer on the {levels}-level grid")
+        if key.endswith(".rounded"):
+            bound = 2 ** (int(stats[key.removesuffix("rounded") + "bits"]) - 1)
+            if value.dtype != torch.int8 or int(value.min()) < -bound or int(value.max()) >= bound:
+                raise ValueError(f"stats[{key!r}] is not an int8 tensor on the symmetric {2 * bound}-level grid")
     for key, target in expected.items():
         target.copy_(stats[key].to(device=target.device, dtype=target.dtype))
     for _, quantizer in _quantizers(unet):
         quantizer.sync()
+    for module in unet.modules():
+        if isinstance(module, QuantLayer):
+            module.apply_rounded()
 
 
 def _skipped(name: str, patterns: tuple[str, ...]) -> bool:
@@ -171,6 +184,8 @@ def _swap_modules(unet: nn.Module, qcfg: QuantConfig) -> list:
         if id(module) not in wrappers:
             cls = QuantConv2d if isinstance(module, nn.Conv2d) else QuantLinear
             wrappers[id(module)] = cls(module, weight_bits, act_bits)
+            if qcfg.weight_rounding == "gptq" and gptq.supports(module):
+                wrappers[id(module)].weight_quantizer.hold_rounded(module.weight)
         parent_name, _, attr = name.rpartition(".")
         parent = unet.get_submodule(parent_name) if parent_name else unet
         setattr(parent, attr, wrappers[id(module)])
@@ -185,12 +200,18 @@ def _swap_modules(unet: nn.Module, qcfg: QuantConfig) -> list:
 
 
 def _calibrate(unet: nn.Module, qcfg: QuantConfig, calibration: CalibrationSet, progress: bool,
-               on_progress: ProgressFn | None) -> None:
+               on_progress: ProgressFn | None, weight_calibration: CalibrationSet,
+               weights: dict[str, torch.Tensor] | None) -> None:
     layers = [(n, m) for n, m in unet.named_modules() if isinstance(m, QuantLayer)]
-    for _name, layer in track(layers, "weight ranges", "layer", progress, on_progress):
-        bits = int(layer.weight_quantizer.bits)
-        layer.weight_quantizer.set_scale(search_weight_scale(
-            layer.layer.weight, bits, qcfg.metric, qcfg.p, qcfg.n_candidates, qcfg.search))
+    if weights is not None:
+        _load_weights(unet, layers, weights)
+    else:
+        for _name, layer in track(layers, "weight ranges", "layer", progress, on_progress):
+            bits = int(layer.weight_quantizer.bits)
+            layer.weight_quantizer.set_scale(search_weight_scale(
+                layer.layer.weight, bits, qcfg.metric, qcfg.p, qcfg.n_candidates, qcfg.search))
+        if qcfg.weight_rounding == "gptq":
+            _round_weights(unet, layers, weight_calibration, progress, on_progress)
 
     act_quantizers = [(n, q) for n, q in _quantizers(unet) if isinstance(q, ActQuantizer)]
     n_batches = math.ceil(len(calibration) / calibration.config.batch_size)
@@ -222,6 +243,37 @@ def _calibrate(unet: nn.Module, qcfg: QuantConfig, calibration: CalibrationSet, 
             quantizer.observer = None
     logger.info("calibrated %d layers and %d activation quantizers on %d samples",
                 len(layers), len(act_quantizers), len(calibration))
+
+
+def _load_weights(unet: nn.Module, layers: list[tuple[str, QuantLayer]], weights: dict[str, torch.Tensor]) -> None:
+    """Weight scales (and rounded integers) of another calibration of the same model and config."""
+    with torch.no_grad():
+        for name, layer in layers:
+            wq = layer.weight_quantizer
+            for buffer in ("scale", "rounded"):
+                if hasattr(wq, buffer):
+                    key = f"{name}.weight_quantizer.{buffer}"
+                    if key not in weights:
+                        raise ValueError(f"weights lack {key!r}")
+                    getattr(wq, buffer).copy_(weights[key])
+            layer.apply_rounded()
+
+
+def _round_weights(unet: nn.Module, layers: list[tuple[str, QuantLayer]], calibration: CalibrationSet,
+                   progress: bool, on_progress: ProgressFn | None) -> None:
+    """GPTQ: one full-precision pass records each layer's input Hessian, then each layer is rounded on it."""
+    targets = {name: layer for name, layer in layers if hasattr(layer.weight_quantizer, "rounded")}
+    param = next(unet.parameters())
+    set_mode(unet, "fp")
+    with torch.no_grad(), gptq.recording({n: m.layer for n, m in targets.items()}, targets) as hessians:
+        for xs, ts in track(list(calibration.batches()), "weight rounding forward", "batch", progress,
+                            on_progress):
+            unet(xs.to(device=param.device, dtype=param.dtype), ts.to(param.device))
+    for name, layer in track(list(targets.items()), "weight rounding (gptq)", "layer", progress, on_progress):
+        wq = layer.weight_quantizer
+        wq.rounded.copy_(gptq.gptq_round(layer.layer.weight, wq.scale.flatten(), wq.qrange,
+                                         hessians[name].hessian()))
+        layer.apply_rounded()
 
 
 def _tensor(quantizer_name: str) -> str:
