@@ -1,6 +1,8 @@
 """The FastAPI app: a queue (Redis, or in-memory with an in-process worker) behind typed routes.
 
-Data path: POST /v1/jobs -> JobQueue.submit -> Worker (batch, sample, PNG) -> JobQueue.store_images -> GET image.
+Data path: POST /v1/jobs -> JobQueue.submit -> Worker (batch, Engine.generate, PNG) -> JobQueue.store_images -> GET
+image. Only the embedded worker imports torch and diffusers, when it is built: an API-only process (Redis, no
+embedded worker) validates requests from the settings alone.
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
@@ -19,11 +22,12 @@ from service.docs import mount_offline_docs
 from service.errors import install_error_handlers
 from service.metrics import Metrics
 from service.openapi import document_live_limits
-from service.provider import ModelProvider, served_precisions
 from service.queue import IdempotencyConflict, JobQueue, QueueFull, QueueUnavailable, make_queue
 from service.routes import admin, health, jobs
-from service.settings import ServiceSettings
-from service.worker import Worker
+from service.settings import ServiceSettings, served_precisions
+
+if TYPE_CHECKING:
+    from service.worker import Worker
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +40,9 @@ def build_services(settings: ServiceSettings, queue: JobQueue | None = None) -> 
         raise ValueError(f"precisions: none of {settings.precisions} can be served here")
     worker = None
     if settings.run_embedded_worker:
+        from service.provider import ModelProvider  # the ML stack: only in a process that runs a worker
+        from service.worker import Worker
+
         provider = ModelProvider(settings.model_paths, precisions, settings.calibration_cache_dir, settings.device,
                                  settings.calibration, settings.backend, settings.max_batch_images,
                                  settings.compile_all_buckets, settings.openvino_cache_dir)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import secrets
 from dataclasses import dataclass, field
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 from fastapi import Depends, HTTPException, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
@@ -13,7 +13,9 @@ from service.errors import compact_error
 from service.metrics import Metrics
 from service.queue.base import JobQueue
 from service.settings import ServiceSettings
-from service.worker import Worker
+
+if TYPE_CHECKING:  # the worker imports the ML stack; an API-only process never loads it
+    from service.worker import Worker
 
 
 @dataclass

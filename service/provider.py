@@ -1,6 +1,6 @@
 """The worker's model provider: (model name, precision) -> a ready UNet with its version, swapped atomically.
 
-fp32 is the loaded model itself; quantized precisions come from `quantizer.ptq.quantize_model` and run on the
+fp32 is the loaded model itself; quantized precisions come from `Engine.quantize` (PTQ4DM) and run on the
 configured execution backend (`quantizer.execution`: real int8 kernels where the CPU has them). A configured
 precision this installation cannot run is not served (the API answers 422 with the served list).
 
@@ -18,29 +18,14 @@ from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-import torch
+from torch import nn
 
-from quantizer.diffusion.models import DiffusionModel, load_model
-from quantizer.diffusion.sampling import sample
-from quantizer.execution.executor import build_executor
-from quantizer.ptq.cache import hash_state_dict
-from quantizer.ptq.config import PRECISION_PRESETS, SERVING_PRESET
+from quantizer.constants import SERVING_PRESET
+from quantizer.engine import Engine
 from quantizer.ptq.progress import ProgressLog, Snapshot
+from service.settings import available_precisions
 
 log = logging.getLogger(__name__)
-
-def available_precisions() -> tuple[str, ...]:
-    """What this installation can run: fp32 and the quantizer's presets (fake-quant runs on any device)."""
-    return ("fp32", *(p for p in PRECISION_PRESETS if p != "fp32"))
-
-
-def served_precisions(configured: Iterable[str]) -> list[str]:
-    available = available_precisions()
-    served = [p for p in configured if p in available]
-    dropped = [p for p in configured if p not in available]
-    if dropped:
-        log.warning("precisions %s are not available in this installation; serving %s", dropped, served)
-    return served
 
 
 @dataclass(frozen=True)
@@ -49,19 +34,21 @@ class ServedModel:
 
     name: str
     precision: str
-    unet: torch.nn.Module
-    scheduler_config: dict
+    engine: Engine  # what generates; its backend, calibration hash and stats source describe the variant
     version: str
-    calibration_hash: str | None
     generation: int
-    cache_hit: bool | None = None  # quantized only: stats were read (shipped or cached), not calibrated
-    stats_source: str | None = None  # quantized only: shipped | cache | calibrated
-    backend: str = "eager"  # how the UNet executes (quantizer.execution)
 
     @property
-    def num_train_timesteps(self) -> int:
-        return int(self.scheduler_config["num_train_timesteps"])
+    def unet(self) -> nn.Module:
+        return self.engine.unet
 
+    @property
+    def scheduler_config(self) -> dict:
+        return self.engine.scheduler_config
+
+    @property
+    def calibration_hash(self) -> str | None:
+        return self.engine.calibration_hash
 
 
 VARIANT_STATES: tuple[str, ...] = ("loading", "calibrating", "compiling", "ready", "failed")
@@ -100,7 +87,7 @@ class ModelProvider:
         self.max_batch_images = max_batch_images
         self.compile_all_buckets = compile_all_buckets
         self.compile_cache_dir = compile_cache_dir
-        self._base: dict[str, tuple[DiffusionModel, str]] = {}
+        self._base: dict[str, Engine] = {}  # the fp32 engine of each model
         self._served: dict[tuple[str, str], ServedModel] = {}
         self._status: dict[tuple[str, str], VariantStatus] = {key: VariantStatus() for key in self.keys}
         self._lock = threading.Lock()
@@ -118,8 +105,7 @@ class ModelProvider:
 
     def load_base(self) -> None:
         for name, path in self.model_paths.items():
-            model = load_model(path, device=self.device)
-            self._base[name] = (model, hash_state_dict(model.unet))
+            self._base[name] = Engine.load(path, device=self.device)
 
     def prepare(self, name: str, precision: str) -> ServedModel:
         """Build and warm one variant, reporting each state; a failure marks it failed and is re-raised."""
@@ -142,11 +128,10 @@ class ModelProvider:
         """Compile before serving (batch 1, or every bucket with compile_all_buckets) and run one tiny
         generation, so the first request does not pay for lazy initialisation. Other buckets compile on first
         use; backends with one dynamic-batch graph compile once either way."""
-        if hasattr(served.unet, "warmup"):
-            sizes = range(1, self.max_batch_images + 1) if self.compile_all_buckets else [1]
-            seconds = served.unet.warmup(sizes)
-            log.info("%s/%s on %s: compiled %s", served.name, served.precision, served.backend, seconds)
-        sample(served.unet, served.scheduler_config, [0], sampler="ddim", steps=1)
+        sizes = range(1, self.max_batch_images + 1) if self.compile_all_buckets else [1]
+        seconds = served.engine.warm(sizes)
+        if seconds is not None:
+            log.info("%s/%s on %s: compiled %s", served.name, served.precision, served.engine.backend, seconds)
 
     def get(self, name: str, precision: str) -> ServedModel:
         try:
@@ -203,9 +188,10 @@ class ModelProvider:
                                    **self._status[(name, precision)].as_dict()}
             served = self._served.get((name, precision))
             if served is not None:
-                row.update(version=served.version, calibration_hash=served.calibration_hash,
-                           generation=served.generation, cache_hit=served.cache_hit, stats_source=served.stats_source,
-                           backend=served.backend)
+                engine = served.engine
+                row.update(version=served.version, calibration_hash=engine.calibration_hash,
+                           generation=served.generation, cache_hit=engine.cache_hit, stats_source=engine.stats_source,
+                           backend=engine.backend)
             rows.append(row)
         return rows
 
@@ -214,9 +200,9 @@ class ModelProvider:
             self._served[(served.name, served.precision)] = served
 
     def _build(self, name: str, precision: str, overrides: dict[str, Any] | None, generation: int) -> ServedModel:
-        model, digest = self._base[name]
+        base = self._base[name]
         if precision == "fp32":
-            unet, calibration_hash, hit, source, backend = model.unet, None, None, None, "eager"
+            engine = base
         else:
             if precision not in available_precisions():
                 raise ValueError(f"precision {precision!r} is not available (served: "
@@ -225,17 +211,11 @@ class ModelProvider:
             first = (name, precision) not in self._served
             if first:
                 self.set_status(name, precision, "calibrating")
-            from quantizer.ptq.pipeline import quantize_model
-
             progress = self._calibration_progress(name, precision) if first else None
             config = {"preset": SERVING_PRESET, **self.calibration, **(overrides or {})}
-            result = quantize_model(model, precision, config, self.cache_dir, progress=False, on_progress=progress)
-            calibration_hash, hit, source = result.calibration_hash, bool(result.cache_hit), result.stats_source
+            quantized = base.quantize(precision, config, self.cache_dir, on_progress=progress)
             if first:
                 self.set_status(name, precision, "compiling")
-            unet = build_executor(result.unet, self.backend, max_batch=self.max_batch_images,
-                                  cache_dir=self.compile_cache_dir)
-            backend = getattr(unet, "backend", "fake")
-        version = f"{digest[:12]}/{precision}/{(calibration_hash or 'none')[:12]}/r{generation}"
-        return ServedModel(name, precision, unet, model.scheduler_config, version, calibration_hash, generation,
-                           hit, source, backend)
+            engine = quantized.compile(self.backend, self.max_batch_images, self.compile_cache_dir)
+        version = f"{base.digest[:12]}/{precision}/{(engine.calibration_hash or 'none')[:12]}/r{generation}"
+        return ServedModel(name, precision, engine, version, generation)

@@ -3,23 +3,41 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import socket
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Annotated, Any
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from quantizer.diffusion.models import BUILTIN_MODEL_NAME
-from quantizer.ptq.cache import DEFAULT_CALIBRATION_CACHE_DIR
-from quantizer.ptq.config import SERVING_PRESET
+# quantizer.constants, not the modules that define these for the library: the API process never imports torch.
+from quantizer.constants import BUILTIN_MODEL_NAME, DEFAULT_CALIBRATION_CACHE_DIR, PRECISION_PRESETS, SERVING_PRESET
+
+log = logging.getLogger(__name__)
 
 CommaList = Annotated[list[str], NoDecode]
 
 
 # Backends for quantized precisions (fp32 is served eager).
 SERVED_BACKENDS: tuple[str, ...] = ("auto", "openvino", "openvino-int8-bf16", "int8-x86", "int8-bf16-x86", "fake")
+
+
+def available_precisions() -> tuple[str, ...]:
+    """What this installation can run: fp32 and the quantizer's presets (fake-quant runs on any device)."""
+    return ("fp32", *(p for p in PRECISION_PRESETS if p != "fp32"))
+
+
+def served_precisions(configured: Iterable[str]) -> list[str]:
+    """The configured precisions this installation can run; the API validates requests against this list."""
+    available = available_precisions()
+    served = [p for p in configured if p in available]
+    dropped = [p for p in configured if p not in available]
+    if dropped:
+        log.warning("precisions %s are not available in this installation; serving %s", dropped, served)
+    return served
 
 
 class ServiceSettings(BaseSettings):

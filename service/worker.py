@@ -1,4 +1,6 @@
-"""The worker loop: read a batch -> start jobs -> group compatible ones -> sample passes -> store PNGs -> ack.
+"""The worker loop: read a batch -> start jobs -> group compatible ones -> generate passes -> store PNGs -> ack.
+
+Everything that touches the model goes through `quantizer.engine.Engine` (held by the provider's ServedModel).
 
 At-least-once: an entry is acked only after its job reached a final state (results stored first), and entries
 this worker holds have their lease renewed by the heartbeat; a dead worker's entries go idle and are reclaimed
@@ -13,13 +15,13 @@ import logging
 import os
 import socket
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from typing import TypeVar
 
 import numpy as np
 
-from quantizer.diffusion.images import non_finite_images, png_bytes, to_uint8
-from quantizer.diffusion.sampling import sample, validate_request
+from quantizer.diffusion.images import png_bytes
+from quantizer.engine import Generation
 from service.batching import ImageSlot, group_compatible, pack_passes, passes_per_job
 from service.jobs import ACTIVE, JobRecord, stream_name
 from service.metrics import Metrics
@@ -235,7 +237,7 @@ class Worker:
             return None
         try:
             served = self.provider.get(job.model, job.precision)
-            validate_request(job.sampler, job.steps, job.eta, job.n, served.num_train_timesteps)
+            served.engine.validate(job.sampler, job.steps, job.eta, job.n)
         except (KeyError, ValueError) as exc:
             await self._fail(d, job, str(exc).strip("'\""), "invalid", attempts=attempts)
             return None
@@ -269,7 +271,7 @@ class Worker:
             self.metrics.batch_size.observe(len(slots))
             began = time.perf_counter()
             try:
-                x = await in_thread(self._sample_pass, loop, served, spec, slots, index, job_passes, stopped)
+                out = await in_thread(self._sample_pass, loop, served, spec, slots, index, job_passes, stopped)
             except _AllCancelled:
                 continue
             except Exception as exc:  # a bad batch fails its jobs instead of being retried forever
@@ -280,12 +282,12 @@ class Worker:
                 continue
             for job_id in live:
                 compute[job_id] += time.perf_counter() - began
-            for job_id, error in diverged(slots, x, spec.precision).items():  # fails those jobs, not the pass
+            for job_id, error in diverged(slots, out.non_finite, spec.precision).items():  # those jobs, not the pass
                 await self._fail(deliveries[job_id], jobs[job_id], error, "non_finite")
                 settled.add(job_id)
-            keep = [i for i, slot in enumerate(slots) if slot.job_id not in settled]
-            for i, img in zip(keep, to_uint8(x[keep]), strict=True):
-                images[slots[i].job_id][slots[i].k] = img
+            for slot, img in zip(slots, out.images, strict=True):
+                if slot.job_id not in settled:
+                    images[slot.job_id][slot.k] = img
             live = [job_id for job_id in live if job_id not in settled]
             for job_id in live:
                 remaining[job_id] -= 1
@@ -299,7 +301,7 @@ class Worker:
 
     def _sample_pass(self, loop: asyncio.AbstractEventLoop, served: ServedModel, spec: JobRecord,
                      slots: list[ImageSlot], index: int, job_passes: dict[str, list[int]],
-                     stopped: set[str]) -> object:
+                     stopped: set[str]) -> Generation:
         """Runs in a thread; the step callback reports progress and learns about cancellations."""
         job_ids = list(dict.fromkeys(slot.job_id for slot in slots))
 
@@ -322,8 +324,8 @@ class Worker:
             if all(j in stopped for j in job_ids):
                 raise _AllCancelled
 
-        return sample(served.unet, served.scheduler_config, [slot.seed for slot in slots], sampler=spec.sampler,
-                      steps=spec.steps, eta=spec.eta, batch_size=len(slots), callback=on_step)
+        return served.engine.generate([slot.seed for slot in slots], sampler=spec.sampler, steps=spec.steps,
+                                      eta=spec.eta, on_step=on_step)
 
     async def _succeed(self, d: Delivery, job: JobRecord, images: dict[int, np.ndarray], served: ServedModel,
                        n_passes: int, compute_s: float) -> None:
@@ -433,10 +435,11 @@ class Worker:
             await self._beat()
 
 
-def diverged(slots: list[ImageSlot], x: object, precision: str) -> dict[str, str]:
-    """Job id -> error for the jobs with an image holding NaN/inf: clipped, it would be a black PNG."""
+def diverged(slots: list[ImageSlot], non_finite: Iterable[int], precision: str) -> dict[str, str]:
+    """Job id -> error for the jobs with an image holding NaN/inf (`Generation.non_finite`, indices into `slots`):
+    clipped, it would be a black PNG."""
     errors: dict[str, str] = {}
-    for i in non_finite_images(x):
+    for i in non_finite:
         slot = slots[i]
         errors.setdefault(slot.job_id, f"generation failed: image {slot.k} (seed {slot.seed}) came out with "
                                        f"non-finite values (NaN/inf): the {precision} model diverged; "

@@ -9,12 +9,12 @@ from pathlib import Path
 import torch
 from diffusers import DDPMScheduler, UNet2DModel
 
+from quantizer.constants import BUILTIN_MODEL_NAME
 from quantizer.diffusion.sampling import sample_shape
 
 # The checkout's models/ by default; an installed wheel has no checkout, so images set PTQ4DM_MODELS_DIR.
 MODELS_DIR = Path(os.environ.get("PTQ4DM_MODELS_DIR") or Path(__file__).resolve().parents[2] / "models")
-BUILTIN_MODEL_DIR = MODELS_DIR / "fashion-mnist-ddpm"
-BUILTIN_MODEL_NAME = "fashion-mnist-ddpm"
+BUILTIN_MODEL_DIR = MODELS_DIR / BUILTIN_MODEL_NAME
 
 
 @dataclass
