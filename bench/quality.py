@@ -75,6 +75,7 @@ TABLES = {
     "a6": ("6-bit activations (W8A6)", ("fp32", "w8a8 ndtc", "w8a8 uniform")),
     "preset": ("Presets: one calibration (DDIM-100 trajectories) for every column", ("fp32", "w8a8 ndtc", "w4a8 ndtc")),
 }
+GROUPS = {"method": "uniform", "timestep_groups": 4, "keep_first_last_fp": True}  # the first 'recommended'
 PRESET_BACKEND = "openvino"  # time-step groups need one graph per group: int8-x86 refuses them
 
 
@@ -118,8 +119,12 @@ def variants() -> list[Variant]:
                            "calib"))
     for method in ("ndtc", "uniform"):  # the issue's "W8A6 if cheap": on the int8 kernels, 6-bit grids fit u8
         out.append(Variant(f"w8a6 {method}", "w8a6", {"method": method}, "a6"))
-    for precision in ("w8a8", "w4a8"):  # what the CLI and the service serve by default
-        out.append(Variant(f"{precision} recommended", precision, {"preset": "recommended"}, "preset", False))
+    for precision in ("w8a8", "w4a8"):  # the presets' parts, then the presets the CLI and the service serve
+        out.append(Variant(f"{precision} groups", precision, GROUPS, "preset", False))
+        out.append(Variant(f"{precision} groups+gptq", precision, {**GROUPS, "weight_rounding": "gptq"}, "preset",
+                           False))
+        out += [Variant(f"{precision} {preset}", precision, {"preset": preset}, "preset", False)
+                for preset in ("recommended", "faithful")]
     return out
 
 
@@ -157,6 +162,7 @@ class Evaluator:
                                    cache_dir="runs/calibration-cache", real_images=self.real_images)
             info["quantize_s"] = round(time.perf_counter() - start, 1)
             info["calibration_hash"] = model.calibration_hash
+            info["config"] = model.config.to_dict()  # what a preset meant when the row was made
         unet = build_executor(model.unet, backend if variant.precision != "fp32" else "eager",
                               max_batch=self.forward_batch)
         tag = "fp32" if variant.precision == "fp32" else f"{variant.key(sampler, steps)}-{backend}"

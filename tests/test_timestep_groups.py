@@ -106,3 +106,22 @@ def test_a_group_without_calibration_samples_is_an_error(tiny_model_dir):
     only_noise_end = {**GROUPED, "method": "single_step", "single_step_t": 900, "timestep_groups": 4}
     with pytest.raises(ValueError, match=r"timestep groups \[0, 1, 2\] get no calibration samples"):
         quantize_model(model, "w8a8", only_noise_end, progress=False)
+
+
+def test_float_groups_run_the_fp_model_at_the_noise_end_on_the_same_statistics(grouped):
+    model, q, cache = grouped
+    mixed = quantize_model(model, "w8a8", {**GROUPED, "float_groups": 1}, cache_dir=cache, progress=False)
+    assert mixed.stats_source == "cache" and mixed.calibration_hash == q.calibration_hash  # nothing recalibrated
+    quantized, fp_member = mixed.unet.members
+    assert any(isinstance(m, QuantLayer) for m in quantized.modules())
+    assert not any(isinstance(m, QuantLayer) for m in fp_member.modules())
+    x = torch.randn(2, 1, 16, 16, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        assert torch.equal(mixed.unet(x, 800).sample, model.unet(x, 800).sample)  # t >= 500: full precision
+        assert torch.equal(mixed.unet(x, 30).sample, q.unet(x, 30).sample)  # t < 500: the quantized group
+        executor = build_executor(mixed.unet, "openvino", max_batch=8)
+        assert executor.members[1].backend == "openvino-fp32" and executor.members[0].backend == "openvino"
+        assert rel_error(executor(x, 800).sample, model.unet(x, 800).sample) < 1e-4
+    with pytest.raises(ValueError, match="float_groups must be < timestep_groups"):
+        QuantConfig(timestep_groups=2, float_groups=2)
+    assert "float_groups" not in QuantConfig().to_dict()

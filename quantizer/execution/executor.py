@@ -307,7 +307,12 @@ def _build_grouped(unet: TimestepGroupedUNet, backend: str, max_batch: int, cach
     if resolved in INT8_BACKENDS:  # auto without openvino
         logger.info("auto backend: time-step groups run as fake quant without openvino")
         return unet
-    return unet.map(lambda member: build_executor(member, backend, max_batch, cache_dir))
+    float_backend = "openvino-fp32" if resolved in OPENVINO_BACKENDS else "eager"  # float groups exist for accuracy
+
+    def build(member: nn.Module) -> nn.Module:
+        return build_executor(member, backend if is_quantized(member) else float_backend, max_batch, cache_dir)
+
+    return unet.map(build)
 
 
 def weight_bytes(module: nn.Module) -> int:

@@ -53,6 +53,11 @@ class QuantConfig:
     weight_rounding: 'nearest' (the paper's) or 'gptq': integer weights chosen to minimise each layer's output
         error on the calibration inputs (quantizer.ptq.gptq), on the same searched scales. Not part of a
         config's hash when 'nearest'.
+    float_groups: the last (noise-end) time-step groups run the full-precision UNet instead of the quantized one.
+        Why: a DDIM trajectory decides what the image shows in its noise-end half, where the x_0 prediction
+        multiplies the noise estimate's error by 1/sqrt(alpha_bar_t) (~100x); 1% of random error there turns some
+        seeds into other objects, the same error at t < T/2 costs nothing (docs/RESULTS.md). The statistics do not
+        depend on it (not part of the calibration-cache key). 0 (default) quantizes every group.
     timestep_groups: activation ranges per group of diffusion time-steps (G equal groups of [0, T), each
         calibrated on its own share of the calibration set; quantizer.ptq.timestep_groups). 1 = the paper's one
         range per tensor. Not part of a config's hash when 1, so caches made before it existed stay valid.
@@ -71,10 +76,15 @@ class QuantConfig:
     skip: tuple[str, ...] = ()
     timestep_groups: int = 1
     weight_rounding: str = "nearest"
+    float_groups: int = 0
 
     def __post_init__(self) -> None:
         check_bits(self.weight_bits, WEIGHT_BITS, "weight_bits")
         _check_int(self.timestep_groups, "timestep_groups", 1)
+        _check_int(self.float_groups, "float_groups", 0)
+        if self.float_groups >= self.timestep_groups:
+            raise ValueError(f"float_groups must be < timestep_groups ({self.timestep_groups}) so something is "
+                             f"quantized, got {self.float_groups}")
         check_bits(self.act_bits, ACT_BITS, "act_bits")
         _check_choice(self.search, "search", SEARCH_METHODS)
         _check_choice(self.weight_rounding, "weight_rounding", WEIGHT_ROUNDING)
@@ -99,6 +109,8 @@ class QuantConfig:
             del out["timestep_groups"]
         if self.weight_rounding == "nearest":
             del out["weight_rounding"]
+        if self.float_groups == 0:
+            del out["float_groups"]
         return out
 
 
@@ -186,7 +198,10 @@ class PTQ4DMConfig:
 # docs/SENSITIVITY.md chose, and what the CLI and the service use unless told otherwise.
 PRESETS: dict[str, dict[str, object]] = {
     "ptq4dm": {},
-    "recommended": {"method": "uniform", "timestep_groups": 4, "keep_first_last_fp": True},
+    "recommended": {"method": "uniform", "timestep_groups": 4, "keep_first_last_fp": True, "weight_rounding": "gptq"},
+    # the noise-end half of the time-steps in full precision: the images stay the FP ones, at a speed cost
+    "faithful": {"method": "uniform", "timestep_groups": 4, "keep_first_last_fp": True, "weight_rounding": "gptq",
+                 "float_groups": 2},
 }
 LIBRARY_PRESET = "ptq4dm"
 SERVING_PRESET = "recommended"

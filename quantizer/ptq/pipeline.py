@@ -30,6 +30,7 @@ from quantizer.ptq.config import (
 from quantizer.ptq.progress import ProgressFn, ProgressLog
 from quantizer.ptq.quantize import export_stats, load_stats, quantize_
 from quantizer.ptq.timestep_groups import (
+    WEIGHT_KEY,
     TimestepGroupedUNet,
     group_edges,
     is_grouped,
@@ -115,13 +116,20 @@ def cache_key_parts(model: DiffusionModel, config: PTQ4DMConfig,
     parts: dict[str, Any] = {
         "model_weights": hash_state_dict(model.unet),
         "scheduler_config": {k: v for k, v in sorted(model.scheduler_config.items()) if not k.startswith("_")},
-        "config": config.to_dict(),
+        "config": _stats_config(config),
         "ptq4dm": quantizer.__version__,
         "stats_format": STATS_FORMAT,
     }
     if config.calibration.method == "real_noised" and real_images is not None:
         parts["real_images"] = hash_tensor(real_images)
     return parts
+
+
+def _stats_config(config: PTQ4DMConfig) -> dict[str, Any]:
+    """The config as the statistics see it: float_groups only chooses which groups run them."""
+    out = config.to_dict()
+    out["quant"].pop("float_groups", None)
+    return out
 
 
 # The calibration set depends on the FP model and CalibrationConfig only, not on the precision: a worker that
@@ -158,7 +166,7 @@ def _calibrate_grouped(model: DiffusionModel, config: PTQ4DMConfig, calib: Calib
         def in_group(stage: str, done: int, total: int, g: int = g) -> None:
             report(f"group {g + 1}/{len(edges)} {stage}", done, total)
 
-        weights = {k: v for k, v in group_stats[0].items() if ".weight_quantizer." in k} if group_stats else None
+        weights = {k: v for k, v in group_stats[0].items() if WEIGHT_KEY in k} if group_stats else None
         group_stats.append(export_stats(quantize_(copy.deepcopy(model.unet), config, calibration=part,
                                                   progress=progress, on_progress=in_group, weight_calibration=calib,
                                                   weights=weights)))
@@ -173,8 +181,11 @@ def _grouped_unet(model: DiffusionModel, config: PTQ4DMConfig, group_stats: list
     members = [base]
     for stats in group_stats[1:]:
         member = share_weights(base)
-        load_stats(member, {k: group_stats[0][k] if ".weight_quantizer." in k else v for k, v in stats.items()})
+        load_stats(member, {k: group_stats[0][k] if WEIGHT_KEY in k else v for k, v in stats.items()})
         members.append(member)
+    float_from = len(edges) - config.quant.float_groups
+    if config.quant.float_groups:  # one float copy serves every float group
+        members[float_from:] = [copy.deepcopy(model.unet).eval()] * config.quant.float_groups
     return TimestepGroupedUNet(members, edges).eval()
 
 

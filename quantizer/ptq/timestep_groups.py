@@ -54,11 +54,16 @@ def split_calibration(calibration: CalibrationSet, edges: Sequence[int]) -> list
     return parts
 
 
+WEIGHT_KEY = ".weight_quantizer."
+
+
 def pack(group_stats: Sequence[dict[str, torch.Tensor]], edges: Sequence[int]) -> dict[str, torch.Tensor]:
-    """Per-group stats as one flat dict (the calibration cache's format)."""
+    """Per-group stats as one flat dict (the calibration cache's format). The groups share their weights, so
+    the weight entries (scales, and GPTQ's integers: a byte per weight) are stored once, with group 0."""
     packed = {f"{GROUP_PREFIX}.edges": torch.tensor(list(edges), dtype=torch.int64)}
     for g, stats in enumerate(group_stats):
-        packed.update({f"{GROUP_PREFIX}.{g}.{key}": value for key, value in stats.items()})
+        packed.update({f"{GROUP_PREFIX}.{g}.{key}": value for key, value in stats.items()
+                       if g == 0 or WEIGHT_KEY not in key})
     return packed
 
 
@@ -72,6 +77,10 @@ def unpack(packed: dict[str, torch.Tensor]) -> tuple[list[dict[str, torch.Tensor
             group_stats[int(group)][rest] = value
     if any(not stats for stats in group_stats):
         raise ValueError(f"grouped stats miss groups: {[g for g, s in enumerate(group_stats) if not s]}")
+    shared = {k: v for k, v in group_stats[0].items() if WEIGHT_KEY in k}
+    for stats in group_stats[1:]:  # entries packed before the weights were stored once carry their own copy
+        for key, value in shared.items():
+            stats.setdefault(key, value)
     return group_stats, edges
 
 
@@ -112,8 +121,13 @@ class TimestepGroupedUNet(nn.Module):
         return getattr(self.members[0], "backend", "fake")  # fake-quant members have no backend of their own
 
     def map(self, build: Callable[[nn.Module], nn.Module]) -> TimestepGroupedUNet:
-        """The same groups with every member replaced by build(member) (e.g. compiled by a backend)."""
-        return TimestepGroupedUNet([build(member) for member in self.members], self.edges)
+        """The same groups with every member replaced by build(member) (e.g. compiled by a backend); a member
+        serving several groups (the float one) is built once."""
+        built: dict[int, nn.Module] = {}
+        for member in self.members:
+            if id(member) not in built:
+                built[id(member)] = build(member)
+        return TimestepGroupedUNet([built[id(member)] for member in self.members], self.edges)
 
     def warmup(self, batch_sizes: Iterable[int] = (1,)) -> dict[int, float]:
         sizes = list(batch_sizes)
