@@ -53,7 +53,7 @@ from quantizer.evaluation.fd import extract_features, frechet_distance, gaussian
 from quantizer.evaluation.metrics import mean_psnr, psnr, ssim
 from quantizer.execution.executor import build_executor
 from quantizer.ptq.cache import atomic_write, cache_key
-from quantizer.ptq.pipeline import quantize_model
+from quantizer.ptq.pipeline import build_config, quantize_model
 
 RESULTS_JSON = Path("docs/results.json")
 REFERENCES = Path("bench/references")
@@ -98,7 +98,12 @@ class Variant:
         return {**own, **self.overrides}
 
     def key(self, sampler: str, steps: int) -> str:
-        return f"{self.precision}-{cache_key(self.calibration(sampler, steps))[:10]}"
+        """Names the row's cached samples: by the resolved config, so a preset whose meaning changed never reuses
+        the samples of its former self. Rows without a preset keep their earlier keys (and samples)."""
+        overrides = self.calibration(sampler, steps)
+        if "preset" in overrides:
+            overrides = build_config(self.precision, overrides).to_dict()
+        return f"{self.precision}-{cache_key(overrides)[:10]}"
 
 
 def variants() -> list[Variant]:
