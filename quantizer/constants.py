@@ -1,8 +1,6 @@
 """Names and defaults a process without the ML stack needs (the API): importing this never imports torch.
 
-`quantizer.diffusion.models` re-exports BUILTIN_MODEL_NAME from here. `quantizer.ptq.cache` and
-`quantizer.ptq.config` still define DEFAULT_CALIBRATION_CACHE_DIR, SERVING_PRESET and PRECISION_PRESETS
-themselves; tests/test_api_imports.py checks that they agree with these.
+`quantizer.diffusion.models`, `quantizer.ptq.cache` and `quantizer.ptq.config` re-export these.
 """
 
 from __future__ import annotations

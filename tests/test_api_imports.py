@@ -46,16 +46,16 @@ def test_the_api_process_never_imports_the_ml_stack(redis_server, redis_prefix, 
               f"MiB; import service.worker {worker['rss_kib'] / 1024:.0f} MiB")
 
 
-def test_the_torch_free_constants_agree_with_the_library():
-    """quantizer.constants copies what the API needs from modules that import torch; a change there must land here."""
+def test_the_library_reads_its_constants_from_the_torch_free_module():
+    """One definition: the modules that import torch re-export what the API process reads from quantizer.constants."""
     from quantizer.diffusion.models import BUILTIN_MODEL_NAME
     from quantizer.ptq.cache import DEFAULT_CALIBRATION_CACHE_DIR
-    from quantizer.ptq.config import PRECISION_PRESETS, SERVING_PRESET
+    from quantizer.ptq.config import PRECISION_PRESETS, PRESETS, SERVING_PRESET
 
-    assert constants.BUILTIN_MODEL_NAME == BUILTIN_MODEL_NAME
-    assert constants.DEFAULT_CALIBRATION_CACHE_DIR == DEFAULT_CALIBRATION_CACHE_DIR
-    assert constants.SERVING_PRESET == SERVING_PRESET
-    assert constants.PRECISION_PRESETS == PRECISION_PRESETS
+    assert constants.BUILTIN_MODEL_NAME is BUILTIN_MODEL_NAME
+    assert constants.DEFAULT_CALIBRATION_CACHE_DIR is DEFAULT_CALIBRATION_CACHE_DIR
+    assert constants.SERVING_PRESET is SERVING_PRESET and SERVING_PRESET in PRESETS
+    assert constants.PRECISION_PRESETS is PRECISION_PRESETS
 
 # Builds the API-only app, submits one valid and two invalid requests, then reports what got imported and its RSS.
 API_ONLY = """

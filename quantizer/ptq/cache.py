@@ -28,14 +28,11 @@ import torch
 from torch import nn
 
 import quantizer
+from quantizer.constants import DEFAULT_CALIBRATION_CACHE_DIR  # noqa: F401  (re-exported)
 
 logger = logging.getLogger(__name__)
 
 MANIFEST_FORMAT = 1
-
-
-# Relative to the working directory: the repository checkout, or the image's volume via the service setting.
-DEFAULT_CALIBRATION_CACHE_DIR = "runs/calibration-cache"
 
 
 class CacheCorruptionWarning(RuntimeWarning):

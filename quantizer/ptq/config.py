@@ -12,13 +12,13 @@ import re
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from quantizer.constants import PRECISION_PRESETS, SERVING_PRESET  # noqa: F401  (re-exported)
 from quantizer.diffusion.sampling import SAMPLERS
 from quantizer.ptq.fake_quant import ACT_BITS, WEIGHT_BITS, check_bits
 from quantizer.ptq.scale_search import METRICS, SEARCH_METHODS
 
 WEIGHT_ROUNDING: tuple[str, ...] = ("nearest", "gptq")
 CALIBRATION_METHODS: tuple[str, ...] = ("ndtc", "ndtc_code", "uniform", "single_step", "real_noised")
-PRECISION_PRESETS: tuple[str, ...] = ("fp32", "w8a8", "w4a8", "w8a6", "w8a16")
 _PRECISION_RE = re.compile(r"^w(\d+)a(\d+)$")
 
 
@@ -204,7 +204,6 @@ PRESETS: dict[str, dict[str, object]] = {
                  "float_groups": 2},
 }
 LIBRARY_PRESET = "ptq4dm"
-SERVING_PRESET = "recommended"
 
 
 def parse_precision(precision: str) -> tuple[int, int] | None:
