@@ -125,9 +125,7 @@ def variants() -> list[Variant]:
     for method in ("ndtc", "uniform"):  # the issue's "W8A6 if cheap": on the int8 kernels, 6-bit grids fit u8
         out.append(Variant(f"w8a6 {method}", "w8a6", {"method": method}, "a6"))
     for precision in ("w8a8", "w4a8"):  # the presets' parts, then the presets the CLI and the service serve
-        out.append(Variant(f"{precision} groups", precision, GROUPS, "preset", False))
-        out.append(Variant(f"{precision} groups+gptq", precision, {**GROUPS, "weight_rounding": "gptq"}, "preset",
-                           False))
+        out.append(Variant(f"{precision} groups", precision, GROUPS, "preset", False))  # recommended before GPTQ
         out += [Variant(f"{precision} {preset}", precision, {"preset": preset}, "preset", False)
                 for preset in ("recommended", "faithful")]
     return out
