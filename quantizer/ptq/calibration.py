@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 from diffusers import DDPMScheduler, UNet2DModel
 
+from quantizer.diffusion.images import non_finite_images
 from quantizer.diffusion.sampling import make_scheduler, sample, sample_shape, validate_request
 from quantizer.ptq.config import CalibrationConfig
 from quantizer.ptq.progress import ProgressFn, track
@@ -96,11 +97,11 @@ def build_calibration_set(unet: UNet2DModel, scheduler_config: dict, config: Cal
     seeds = torch.randint(0, 2**31 - 1, (config.n_samples,), generator=generator)
     xs = _record_trajectories(unet, scheduler_config, config, step_indices, seeds, shape, progress,
                               on_progress)
-    bad = ~torch.isfinite(xs.reshape(len(xs), -1)).all(1)
-    if bool(bad.any()):
-        first = int(bad.nonzero()[0])
+    bad = non_finite_images(xs)
+    if bad:
+        first = bad[0]
         raise ValueError(f"calibration: the full-precision {config.sampler}-{config.steps} trajectories hold "
-                         f"non-finite x_t (NaN/inf) in {int(bad.sum())} of {len(xs)} samples, first at time-step "
+                         f"non-finite x_t (NaN/inf) in {len(bad)} of {len(xs)} samples, first at time-step "
                          f"{int(timesteps[step_indices[first]])} (sampler step {int(step_indices[first])}, seed "
                          f"{int(seeds[first])}): the model diverges before calibration can see it")
     return CalibrationSet(xs=xs, ts=timesteps[step_indices], step_indices=step_indices, seeds=seeds, config=config)

@@ -179,13 +179,13 @@ def _grouped_unet(model: DiffusionModel, config: PTQ4DMConfig, group_stats: list
     and each with its own activation ranges."""
     base = quantize_(copy.deepcopy(model.unet), config, stats=group_stats[0], progress=False)
     members = [base]
-    for stats in group_stats[1:]:
+    quantized = len(edges) - config.quant.float_groups  # the float groups' stats exist but are not run
+    for stats in group_stats[1:quantized]:
         member = share_weights(base)
         load_stats(member, {k: group_stats[0][k] if WEIGHT_KEY in k else v for k, v in stats.items()})
         members.append(member)
-    float_from = len(edges) - config.quant.float_groups
     if config.quant.float_groups:  # one float copy serves every float group
-        members[float_from:] = [copy.deepcopy(model.unet).eval()] * config.quant.float_groups
+        members += [copy.deepcopy(model.unet).eval()] * config.quant.float_groups
     return TimestepGroupedUNet(members, edges).eval()
 
 

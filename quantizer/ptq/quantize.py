@@ -285,7 +285,7 @@ def _tensor(quantizer_name: str) -> str:
 def _non_finite_error(exc: NonFiniteActivation, ts: torch.Tensor) -> ValueError:
     """Name the layer and the time-steps: NaN/inf in calibration is a property of the model or its sampler
     (e.g. a Fourier time embedding takes log(t) and a 'leading' DDIM spacing feeds t = 0), never data to fit."""
-    rows = [r for r in exc.rows if r < len(ts)] if exc.batch == len(ts) else list(range(len(ts)))
+    rows = exc.rows if exc.batch == len(ts) else list(range(len(ts)))
     steps = sorted({int(t) for t in ts[rows]})
     return ValueError(f"calibration: non-finite values (NaN/inf) in {_tensor(exc.layer)} at "
                       f"time-step(s) {steps[:8]}{'...' if len(steps) > 8 else ''}; the full-precision model "
