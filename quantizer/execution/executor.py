@@ -307,7 +307,10 @@ def _build_grouped(unet: TimestepGroupedUNet, backend: str, max_batch: int, cach
     if resolved in INT8_BACKENDS:  # auto without openvino
         logger.info("auto backend: time-step groups run as fake quant without openvino")
         return unet
-    float_backend = "openvino-fp32" if resolved in OPENVINO_BACKENDS else "eager"  # float groups exist for accuracy
+    # Float groups exist for accuracy: fp32, or bf16 where the quantized groups run their float ops in bf16 anyway.
+    float_backend = "eager"
+    if resolved in OPENVINO_BACKENDS:
+        float_backend = "openvino-bf16" if OPENVINO_BACKENDS[resolved][1] == "bf16" else "openvino-fp32"
 
     def build(member: nn.Module) -> nn.Module:
         return build_executor(member, backend if is_quantized(member) else float_backend, max_batch, cache_dir)
