@@ -21,6 +21,10 @@ One verb, `build_executor(model, backend)`, returns an `ExecutableUNet`: a drop-
                 at batch 16 int8-x86 is faster on the built-in model: docs/BENCHMARKS.md), else int8-x86 where the
                 CPU has int8 kernels, else fake; on other devices fake; eager for fp32.
 
+A class-conditional UNet takes `class_labels=` on every backend but the torch-compiled ones (compiled, bf16,
+int8-x86*), whose exported graphs take (x_t, t) only: those refuse it with BackendUnavailable, and auto never
+picks them for it.
+
 Compiled graphs are static in the batch size (int8 dynamic-batch graphs fail inductor's layout checks in
 torch 2.13), so batches are padded up to a power-of-two bucket (1, 2, 4, ...; at most 2x work, usually
 none: the service and evaluation use power-of-two batches) and split above `max_batch`. Each bucket is
@@ -41,6 +45,7 @@ import torch
 from diffusers.models.unets.unet_2d import UNet2DOutput
 from torch import nn
 
+from quantizer.diffusion.kinds import kind_of
 from quantizer.execution.int8_x86 import UNetForward, check_int8_grid, int8_supported, lower_int8_x86, native_bf16
 from quantizer.ptq.quant_modules import QuantLayer
 from quantizer.ptq.timestep_groups import TimestepGroupedUNet
@@ -50,6 +55,8 @@ logger = logging.getLogger(__name__)
 BACKENDS: tuple[str, ...] = ("auto", "eager", "compiled", "bf16", "fake", "int8-x86", "int8-bf16-x86", "openvino",
                              "openvino-int8-bf16", "openvino-fp32", "openvino-bf16")
 INT8_BACKENDS: tuple[str, ...] = ("int8-x86", "int8-bf16-x86")
+# torch.export graphs of (x_t, t): they run unconditional UNets only.
+TORCH_COMPILED_BACKENDS: tuple[str, ...] = ("compiled", "bf16", *INT8_BACKENDS)
 # backend -> (needs a quantized model, float precision inside OpenVINO; None = bf16 where native, else f32)
 OPENVINO_BACKENDS: dict[str, tuple[bool, str]] = {"openvino": (True, "f32"), "openvino-int8-bf16": (True, "bf16"),
                                                   "openvino-fp32": (False, "f32"), "openvino-bf16": (False, "bf16")}
@@ -64,7 +71,8 @@ def is_quantized(unet: nn.Module) -> bool:
     return any(isinstance(m, QuantLayer) for m in unet.modules())
 
 
-def resolve_backend(backend: str, quantized: bool, device: torch.device | str = "cpu") -> str:
+def resolve_backend(backend: str, quantized: bool, device: torch.device | str = "cpu",
+                    class_conditional: bool = False) -> str:
     """The concrete backend `backend` means for this model and device; BackendUnavailable if it cannot run."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
@@ -78,7 +86,10 @@ def resolve_backend(backend: str, quantized: bool, device: torch.device | str = 
 
         if openvino_unavailable() is None:
             return "openvino"
-        return "int8-x86" if int8_supported() is None else "fake"
+        return "int8-x86" if int8_supported() is None and not class_conditional else "fake"
+    if class_conditional and backend in TORCH_COMPILED_BACKENDS:
+        raise BackendUnavailable(f"backend {backend!r} does not run class-conditional models yet (its exported "
+                                 "graph takes no class labels); use 'openvino' or 'fake' ('eager' for fp32)")
     if quantized and backend in ("eager", "compiled", "bf16", "openvino-fp32", "openvino-bf16"):
         raise BackendUnavailable(f"backend {backend!r} runs unquantized models; use 'fake', 'int8-x86' or 'openvino'")
     if not quantized and backend in ("fake", "openvino", "openvino-int8-bf16", *INT8_BACKENDS):
@@ -265,7 +276,7 @@ def build_executor(unet: nn.Module, backend: str = "auto", max_batch: int = DEFA
         return _build_grouped(unet, backend, max_batch, cache_dir)
     quantized = is_quantized(unet)
     device = next(unet.parameters()).device
-    requested, backend = backend, resolve_backend(backend, quantized, device)
+    requested, backend = backend, resolve_backend(backend, quantized, device, kind_of(unet.config).class_conditional)
     if backend in INT8_BACKENDS:
         try:
             check_int8_grid(unet)  # fail now, not at the first batch
@@ -301,7 +312,7 @@ def _build_grouped(unet: TimestepGroupedUNet, backend: str, max_batch: int, cach
     if backend in INT8_BACKENDS:
         raise BackendUnavailable(f"{backend} does not run time-step groups (timestep_groups > 1); use 'openvino' "
                                  "or 'fake'")
-    resolved = resolve_backend(backend, True, next(unet.parameters()).device)
+    resolved = resolve_backend(backend, True, next(unet.parameters()).device, kind_of(unet.config).class_conditional)
     if resolved in ("eager", "fake"):
         return unet
     if resolved in INT8_BACKENDS:  # auto without openvino
