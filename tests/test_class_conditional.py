@@ -26,7 +26,8 @@ from quantizer.diffusion.kinds import CLASS_CONDITIONAL, UNCONDITIONAL, default_
 from quantizer.diffusion.models import DiffusionModel, load_model
 from quantizer.diffusion.sampling import sample
 from quantizer.evaluation.train import DEFAULT_SCHEDULER_CONFIG
-from quantizer.execution.executor import BackendUnavailable, build_executor
+from quantizer.execution.executor import build_executor, float_weights_of
+from quantizer.execution.int8_x86 import int8_supported, lower_int8_x86
 from quantizer.execution.openvino import openvino_unavailable
 from quantizer.ptq.calibration import build_calibration_set
 from quantizer.ptq.config import CalibrationConfig
@@ -166,12 +167,21 @@ def test_w8a8_on_openvino_matches_the_simulation(cc_model, preset, tmp_path):
     torch.testing.assert_close(images[1:2], sample(executor, q.scheduler_config, [4], steps=3), atol=1e-4, rtol=0)
 
 
-def test_torch_compiled_backends_refuse_class_labels(cc_model, tmp_path):
-    with pytest.raises(BackendUnavailable, match="class-conditional"):
-        build_executor(cc_model.unet, "compiled")
+@pytest.mark.skipif(int8_supported() is not None, reason=str(int8_supported()))
+def test_the_int8_x86_graph_takes_the_labels_with_ptq4dms_qparams(cc_model, tmp_path):
+    """The exported PT2E graph before inductor (its reference quantize/dequantize form: compiling it takes a minute
+    on 2 cores): the class input reaches it, and it computes the simulation."""
     q = quantize_model(cc_model, "w8a8", {**CALIBRATION, "preset": "ptq4dm"}, cache_dir=tmp_path, progress=False)
-    with pytest.raises(BackendUnavailable, match="class-conditional"):
-        build_executor(q.unet, "int8-x86")
+    graph = lower_int8_x86(float_weights_of(q.unet), q.unet, batch_size=4)
+    x, t, labels = torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(0)), torch.tensor(500), \
+        torch.tensor([0, 1, 2, 3])
+    with torch.no_grad():
+        real, fake = graph(x, t, labels), q.unet(x, t, class_labels=labels).sample
+        relabelled = graph(x, t, labels.flip(0))
+    assert rel_error(real, fake) < OPENVINO_VS_FAKE_BOUND and rel_error(relabelled, real) > 0.01
+    executor = build_executor(q.unet, "int8-x86", max_batch=4)
+    with pytest.raises(ValueError, match="class_labels"):
+        executor(x, t)  # checked before anything compiles
 
 
 def _decode(png: bytes) -> np.ndarray:
@@ -205,7 +215,7 @@ def test_api_validates_class_labels_against_each_model(cc_dir, tiny_model_dir, r
 def test_served_end_to_end_with_a_real_worker(cc_dir, cc_model, redis_server, redis_prefix, tmp_path):
     settings = ServiceSettings(
         redis_url=redis_server.url, redis_prefix=redis_prefix, embedded_worker=True, models=[f"cc={cc_dir}"],
-        precisions=["fp32", "w8a8"], backend="openvino", calibration=CALIBRATION,
+        precisions=["fp32", "w8a8"], backend="openvino", calibration={**CALIBRATION, "preset": "ptq4dm"},
         calibration_cache_dir=str(tmp_path / "cache"), default_steps=3, block_ms=100, max_wait_ms=20,
         heartbeat_ms=200, generate_timeout_s=30)
     with TestClient(create_app(settings)) as client:
