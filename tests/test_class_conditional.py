@@ -22,9 +22,17 @@ from test_quantize import rel_error
 from test_service_api import wait_ready
 
 from quantizer.diffusion.images import to_uint8
-from quantizer.diffusion.kinds import CLASS_CONDITIONAL, UNCONDITIONAL, default_class_label, read_kind
+from quantizer.diffusion.kinds import (
+    CLASS_CONDITIONAL,
+    UNCONDITIONAL,
+    ModelKind,
+    default_class_label,
+    kind_of,
+    read_kind,
+)
 from quantizer.diffusion.models import DiffusionModel, load_model
 from quantizer.diffusion.sampling import sample
+from quantizer.engine import Engine
 from quantizer.evaluation.train import DEFAULT_SCHEDULER_CONFIG
 from quantizer.execution.executor import build_executor, float_weights_of
 from quantizer.execution.int8_x86 import int8_supported, lower_int8_x86
@@ -33,7 +41,9 @@ from quantizer.ptq.calibration import build_calibration_set
 from quantizer.ptq.config import CalibrationConfig
 from quantizer.ptq.pipeline import build_config, cache_key, cache_key_parts, quantize_model
 from service.api import create_app
+from service.batching import pack_passes
 from service.cli import main as ptq4dm
+from service.jobs import JobRecord
 from service.settings import ServiceSettings
 
 pytest_plugins = ["service.testing"]
@@ -70,6 +80,15 @@ def test_the_kind_is_read_from_the_config(cc_model, cc_dir, tiny_model_dir):
     # the torch-free reader (what the API uses) agrees, and says None where there is no model to read
     assert read_kind(cc_dir).num_classes == CLASSES and read_kind(tiny_model_dir).kind == UNCONDITIONAL
     assert read_kind("/nowhere/model") is None
+
+
+def test_kind_of_a_unet_config():
+    assert kind_of({}) == ModelKind(UNCONDITIONAL)
+    assert kind_of({"num_class_embeds": 10}) == ModelKind(CLASS_CONDITIONAL, 10)
+    assert kind_of({"class_embed_type": "timestep", "num_class_embeds": 3}) == ModelKind(CLASS_CONDITIONAL, 3)
+    for config in ({"class_embed_type": "timestep"}, {"num_class_embeds": 0}, {"class_embed_type": "projection"}):
+        with pytest.raises(ValueError, match="not supported yet"):
+            kind_of(config)
 
 
 def _folder(path: Path, config: dict, index: dict | None = None) -> Path:
@@ -117,6 +136,24 @@ def test_bad_class_labels_name_the_argument(cc_model, tiny_model_dir):
     plain = load_model(tiny_model_dir)
     with pytest.raises(ValueError, match="class_labels: the model is unconditional"):
         sample(plain.unet, plain.scheduler_config, [1], steps=1, class_labels=[0])
+
+
+def test_the_engine_validates_and_reports_the_labels_it_ran(cc_dir):
+    engine = Engine.load(cc_dir)
+    engine.validate("ddim", 2, 0.0, 2, [0, 3])
+    with pytest.raises(ValueError, match="class_labels"):
+        engine.validate("ddim", 2, 0.0, 1, [CLASSES])
+    out = engine.generate([5, 6], steps=2, class_labels=[2, None])  # a None entry is drawn from its seed
+    assert out.class_labels == (2, default_class_label(6, CLASSES)) and out.images.shape == (2, 8, 8, 1)
+    assert Engine.load(cc_dir).generate([6], steps=2).class_labels == (default_class_label(6, CLASSES),)
+
+
+def test_passes_carry_each_images_label():
+    jobs = [JobRecord(model="m", precision="fp32", sampler="ddim", steps=2, n=2, seed=10, class_labels=[1, 3]),
+            JobRecord(model="m", precision="fp32", sampler="ddim", steps=2, n=2, seed=20)]
+    (first, second) = pack_passes(jobs, max_images=3)
+    assert [(s.seed, s.class_label) for s in first.slots + second.slots] == [(10, 1), (11, 3), (20, None),
+                                                                           (21, None)]
 
 
 def test_calibration_feeds_uniform_labels(cc_model):
