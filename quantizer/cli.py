@@ -29,30 +29,36 @@ def _calibration_overrides(args: argparse.Namespace) -> dict:
     return {name: getattr(args, name) for name in names if getattr(args, name, None) is not None}
 
 
-def _load_at_precision(args: argparse.Namespace):  # noqa: ANN202 - DiffusionModel or QuantizedModel
+def _load_at_precision(args: argparse.Namespace, model=None):  # noqa: ANN001, ANN202 - DiffusionModel (or Quantized)
+    """args.model at args.precision; `model`: the already loaded full-precision model."""
     from quantizer.diffusion.models import load_model
     from quantizer.ptq.pipeline import quantize_model
 
-    model = load_model(args.model)
+    model = model or load_model(args.model)
     return quantize_model(model, args.precision, _calibration_overrides(args), cache_dir=args.cache_dir)
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
     from quantizer.diffusion.images import grid, png_bytes, to_uint8
+    from quantizer.diffusion.kinds import resolve_class_labels
+    from quantizer.diffusion.models import load_model
     from quantizer.diffusion.sampling import validate_request
     from quantizer.evaluation.evaluate import generate_in_batches
 
-    model = _load_at_precision(args)
-    validate_request(args.sampler, args.steps, args.eta, args.n, model.num_train_timesteps)
+    base = load_model(args.model)
+    validate_request(args.sampler, args.steps, args.eta, args.n, base.num_train_timesteps)
     seed = args.seed if args.seed is not None else random.randrange(2**31)
     seeds = [seed + k for k in range(args.n)]
+    given = None if args.class_label is None else [args.class_label] * args.n
+    labels = resolve_class_labels(seeds, given, base.model_kind)  # before calibrating: a bad label exits 2 at once
+    model = _load_at_precision(args, base)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     from quantizer.execution.executor import build_executor
 
     unet = build_executor(model.unet, args.backend, max_batch=args.batch_size)
     samples = generate_in_batches(unet, model.scheduler_config, seeds, args.sampler, args.steps,
-                                  args.batch_size, eta=args.eta)
+                                  args.batch_size, eta=args.eta, class_labels=labels)
     images = to_uint8(samples)
     for k, (s, img) in enumerate(zip(seeds, images, strict=True)):
         (out / f"{k:04d}_seed{s}.png").write_bytes(png_bytes(img))
@@ -60,7 +66,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         nrow = args.nrow or max(1, int(len(images) ** 0.5))
         (out / "grid.png").write_bytes(png_bytes(grid(images, nrow)))
     print(json.dumps({"out": str(out), "n": args.n, "seeds": [seeds[0], seeds[-1]], "grid": args.grid,
-                      "precision": args.precision, "backend": getattr(unet, "backend", args.backend)}))
+                      "precision": args.precision, "backend": getattr(unet, "backend", args.backend),
+                      **({"class_labels": labels} if labels is not None else {})}))
     return 0
 
 
@@ -140,6 +147,8 @@ def add_quantizer_commands(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--eta", type=float, default=0.0, help="DDIM eta (0 = deterministic)")
     g.add_argument("--n", type=int, default=16)
     g.add_argument("--seed", type=int, default=None, help="seed of image 0; image k uses seed+k")
+    g.add_argument("--class-label", type=int, default=None,
+                   help="class of every image (class-conditional models); default: drawn from each image's seed")
     g.add_argument("--batch-size", type=_positive_int, default=64)
     g.add_argument("--out", default="out")
     g.add_argument("--grid", action="store_true", help="also write grid.png")

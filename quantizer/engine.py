@@ -15,6 +15,7 @@ import numpy as np
 from torch import nn
 
 from quantizer.diffusion.images import non_finite_images, to_uint8
+from quantizer.diffusion.kinds import ModelKind, check_class_labels, resolve_class_labels
 from quantizer.diffusion.models import DiffusionModel, load_model
 from quantizer.diffusion.sampling import StepCallback, sample, validate_request
 from quantizer.ptq.cache import hash_state_dict
@@ -28,6 +29,7 @@ class Generation:
 
     images: np.ndarray
     non_finite: tuple[int, ...] = ()
+    class_labels: tuple[int, ...] | None = None  # the class of each image (a class-conditional model), as run
 
 
 @dataclass(frozen=True)
@@ -62,6 +64,11 @@ class Engine:
     def num_train_timesteps(self) -> int:
         return self.model.num_train_timesteps
 
+    @property
+    def model_kind(self) -> ModelKind:
+        """unconditional, or class-conditional with its number of classes."""
+        return self.model.model_kind
+
     def quantize(self, precision: str, config: Mapping[str, Any], cache_dir: str | Path | None,
                  on_progress: ProgressFn | None = None) -> Engine:
         """The model quantized to `precision` (PTQ4DM, `quantize_model`), still in fake quant until `compile`.
@@ -95,20 +102,28 @@ class Engine:
         sample(self.unet, self.scheduler_config, [0], sampler="ddim", steps=1)
         return report
 
-    def validate(self, sampler: str, steps: int, eta: float, n: int) -> None:
-        """ValueError naming the field a request gets wrong for this model (e.g. steps beyond its T)."""
+    def validate(self, sampler: str, steps: int, eta: float, n: int,
+                 class_labels: Sequence[int | None] | None = None) -> None:
+        """ValueError naming the field a request gets wrong for this model (e.g. steps beyond its T, a class label
+        beyond its classes, or class labels for an unconditional model)."""
         validate_request(sampler, steps, eta, n, self.num_train_timesteps)
+        check_class_labels(class_labels, n, self.model_kind)
 
     def generate(self, seeds: Sequence[int], sampler: str = "ddim", steps: int = 50, eta: float = 0.0,
-                 on_step: StepCallback | None = None) -> Generation:
-        """One image per seed in one batch; image k depends only on seeds[k]. `on_step` runs before each denoising
-        step, and an exception raised from it stops the generation there (cancellation)."""
+                 on_step: StepCallback | None = None,
+                 class_labels: Sequence[int | None] | None = None) -> Generation:
+        """One image per seed in one batch; image k depends only on seeds[k] (and its class label). `on_step` runs
+        before each denoising step, and an exception raised from it stops the generation there (cancellation).
+
+        class_labels: one per image for a class-conditional model; absent ones (None) are drawn from their seed.
+        """
+        labels = resolve_class_labels(list(seeds), class_labels, self.model_kind)
         x = sample(self.unet, self.scheduler_config, list(seeds), sampler=sampler, steps=steps, eta=eta,
-                   batch_size=len(seeds), callback=on_step)
+                   batch_size=len(seeds), callback=on_step, class_labels=labels)
         bad = non_finite_images(x)
         n, c, h, w = x.shape
         images = np.zeros((n, h, w, c), dtype=np.uint8)
         keep = sorted(set(range(n)) - set(bad))
         if keep:
             images[keep] = to_uint8(x[keep])
-        return Generation(images, tuple(bad))
+        return Generation(images, tuple(bad), None if labels is None else tuple(labels))

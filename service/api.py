@@ -21,6 +21,7 @@ from service.deps import Services
 from service.docs import mount_offline_docs
 from service.errors import install_error_handlers
 from service.metrics import Metrics
+from service.model_kinds import served_model_kinds
 from service.openapi import document_live_limits
 from service.queue import IdempotencyConflict, JobQueue, QueueFull, QueueUnavailable, make_queue
 from service.routes import admin, health, jobs
@@ -48,7 +49,7 @@ def build_services(settings: ServiceSettings, queue: JobQueue | None = None) -> 
                                  settings.compile_all_buckets, settings.openvino_cache_dir)
         worker = Worker(settings, queue, provider, metrics)
     return Services(settings=settings, queue=queue, metrics=metrics, models=list(settings.model_paths),
-                    precisions=precisions, worker=worker)
+                    precisions=precisions, worker=worker, model_kinds=served_model_kinds(settings.model_paths))
 
 
 async def _run_worker(worker: Worker) -> None:

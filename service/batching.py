@@ -1,7 +1,8 @@
 """Dynamic batching as pure functions: group compatible jobs, then pack their images into UNet passes.
 
 Jobs are compatible when they run on the same stream (model+precision) with the same sampler, steps and eta:
-their images can then share every UNet evaluation. Each image keeps its own seed, so batching never changes it.
+their images can then share every UNet evaluation. Each image keeps its own seed (and class label), so batching
+never changes it.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ class ImageSlot:
     job_id: str
     k: int
     seed: int
+    class_label: int | None = None  # None: the model's default (unconditional, or drawn from the seed)
 
 
 @dataclass
@@ -53,11 +55,12 @@ def pack_passes(jobs: Iterable[JobRecord], max_images: int) -> list[Pass]:
     passes: list[Pass] = []
     current = Pass()
     for job in jobs:
-        for k, seed in enumerate(job.seeds):
+        labels = job.class_labels or [None] * job.n
+        for k, (seed, label) in enumerate(zip(job.seeds, labels, strict=True)):
             if len(current.slots) == max_images:
                 passes.append(current)
                 current = Pass()
-            current.slots.append(ImageSlot(job.id, k, seed))
+            current.slots.append(ImageSlot(job.id, k, seed, label))
     if current.slots:
         passes.append(current)
     return passes

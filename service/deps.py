@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Annotated
 from fastapi import Depends, HTTPException, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
+from quantizer.diffusion.kinds import ModelKind
 from service.errors import compact_error
 from service.metrics import Metrics
 from service.queue.base import JobQueue
@@ -26,6 +27,8 @@ class Services:
     models: list[str]
     precisions: list[str]
     worker: Worker | None = None  # the embedded worker, if this process runs one
+    # Served model -> its kind (class labels it takes), read from its config; None where only workers can read it.
+    model_kinds: dict[str, ModelKind | None] = field(default_factory=dict)
     accepting: bool = True
     extras: dict = field(default_factory=dict)
 

@@ -30,6 +30,7 @@ class JobRecord(BaseModel):
     eta: float = 0.0
     n: int
     seed: int
+    class_labels: list[int] | None = None  # one per image (class-conditional models); None: drawn from the seeds
     status: JobState = "queued"
     created_at: float = Field(default_factory=time.time)
     started_at: float | None = None

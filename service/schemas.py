@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 from service.jobs import JobState
 
 MAX_SEED = 2**32 - 1
+ClassLabel = Annotated[int, Field(ge=0)]
 
 
 # Request bodies are strict: JSON `true`, `"5"` or `2.0` is not an integer (a float field still takes `0`), and
@@ -28,6 +29,9 @@ class JobRequest(BaseModel):
     n: int = Field(1, ge=1, description="images, 1..max_n; image k uses seed + k")
     seed: int | None = Field(None, ge=0, le=MAX_SEED, description="chosen and returned when absent")
     precision: str = Field("fp32", description="one of the served precisions (fp32, w8a8, w4a8, ...)")
+    class_labels: list[ClassLabel] | ClassLabel | None = Field(
+        None, description="class-conditional models only: the class of each image (a list of n), or one class for "
+        "all; default: drawn from each image's seed")
 
     @field_validator("eta")
     @classmethod
@@ -75,6 +79,8 @@ class JobStatus(BaseModel):
     n: int
     seed: int
     seeds: list[int]
+    class_labels: list[int] | None = Field(None, description="the class of each image: as requested, and once "
+                                           "succeeded as run (drawn from the seed where none was given)")
     progress: Progress
     queue_position: int | None
     timings: Timings

@@ -237,7 +237,7 @@ class Worker:
             return None
         try:
             served = self.provider.get(job.model, job.precision)
-            served.engine.validate(job.sampler, job.steps, job.eta, job.n)
+            served.engine.validate(job.sampler, job.steps, job.eta, job.n, job.class_labels)
         except (KeyError, ValueError) as exc:
             await self._fail(d, job, str(exc).strip("'\""), "invalid", attempts=attempts)
             return None
@@ -258,6 +258,7 @@ class Worker:
         job_passes = passes_per_job(passes)
         jobs = {j.id: j for j in group}
         images: dict[str, dict[int, np.ndarray]] = {j.id: {} for j in group}
+        labels: dict[str, dict[int, int]] = {j.id: {} for j in group}  # as run (class-conditional models)
         remaining = {job_id: len(idx) for job_id, idx in job_passes.items()}
         compute = dict.fromkeys(jobs, 0.0)
         settled: set[str] = set()
@@ -285,15 +286,17 @@ class Worker:
             for job_id, error in diverged(slots, out.non_finite, spec.precision).items():  # those jobs, not the pass
                 await self._fail(deliveries[job_id], jobs[job_id], error, "non_finite")
                 settled.add(job_id)
-            for slot, img in zip(slots, out.images, strict=True):
+            for i, (slot, img) in enumerate(zip(slots, out.images, strict=True)):
                 if slot.job_id not in settled:
                     images[slot.job_id][slot.k] = img
+                    if out.class_labels is not None:
+                        labels[slot.job_id][slot.k] = out.class_labels[i]
             live = [job_id for job_id in live if job_id not in settled]
             for job_id in live:
                 remaining[job_id] -= 1
                 if remaining[job_id] == 0 and job_id not in stopped:
-                    await self._succeed(deliveries[job_id], jobs[job_id], images.pop(job_id), served,
-                                        len(job_passes[job_id]), compute[job_id])
+                    await self._succeed(deliveries[job_id], jobs[job_id], images.pop(job_id), labels.pop(job_id),
+                                        served, len(job_passes[job_id]), compute[job_id])
                     settled.add(job_id)
         for job_id in jobs.keys() - settled:  # cancelled while running: nothing to store
             self.metrics.jobs_finished.labels("cancelled").inc()
@@ -324,19 +327,23 @@ class Worker:
             if all(j in stopped for j in job_ids):
                 raise _AllCancelled
 
+        labels = [slot.class_label for slot in slots]
         return served.engine.generate([slot.seed for slot in slots], sampler=spec.sampler, steps=spec.steps,
-                                      eta=spec.eta, on_step=on_step)
+                                      eta=spec.eta, on_step=on_step,
+                                      class_labels=None if all(c is None for c in labels) else labels)
 
-    async def _succeed(self, d: Delivery, job: JobRecord, images: dict[int, np.ndarray], served: ServedModel,
-                       n_passes: int, compute_s: float) -> None:
+    async def _succeed(self, d: Delivery, job: JobRecord, images: dict[int, np.ndarray], labels: dict[int, int],
+                       served: ServedModel, n_passes: int, compute_s: float) -> None:
         s = self.settings
         pngs = [png_bytes(images[k]) for k in range(job.n)]
         await self._retrying(lambda: self.queue.store_images(job.id, pngs, s.result_ttl_s))
         total = job.steps * n_passes
+        # The labels as run: the record then says which class each image is, also where they were drawn.
+        ran = {"class_labels": [labels[k] for k in range(job.n)]} if len(labels) == job.n else {}
         done = await self._retrying(lambda: self.queue.transition(
             job.id, "succeeded", ("running",), s.result_ttl_s, finished_at=time.time(), progress_step=total,
             progress_total=total, model_version=served.version, calibration_hash=served.calibration_hash,
-            compute_s=round(compute_s, 6)))
+            compute_s=round(compute_s, 6), **ran))
         await self._retrying(lambda: self.queue.ack(d))
         if done is not None:
             self.jobs_done += 1

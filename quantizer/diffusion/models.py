@@ -1,8 +1,12 @@
-"""Load a diffusers UNet2DModel and its scheduler config from a local directory or a hub id."""
+"""Load a diffusers UNet2DModel and its scheduler config from a local directory or a hub id.
+
+The model's kind (unconditional or class-conditional, `quantizer.diffusion.kinds`) is read from its config before
+anything is built, so an unsupported UNet (text-to-image, latent) fails with what it is, not with a diffusers error
+about a missing argument.
+"""
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -10,11 +14,15 @@ import torch
 from diffusers import DDPMScheduler, UNet2DModel
 
 from quantizer.constants import BUILTIN_MODEL_NAME
+from quantizer.diffusion.kinds import (  # noqa: F401 - re-exported: the library's names for them
+    BUILTIN_MODEL_DIR,
+    MODELS_DIR,
+    ModelKind,
+    check_pipeline,
+    kind_of,
+    resolve_model_path,
+)
 from quantizer.diffusion.sampling import sample_shape
-
-# The checkout's models/ by default; an installed wheel has no checkout, so images set PTQ4DM_MODELS_DIR.
-MODELS_DIR = Path(os.environ.get("PTQ4DM_MODELS_DIR") or Path(__file__).resolve().parents[2] / "models")
-BUILTIN_MODEL_DIR = MODELS_DIR / BUILTIN_MODEL_NAME
 
 
 @dataclass
@@ -34,33 +42,43 @@ class DiffusionModel:
     def sample_shape(self) -> tuple[int, int, int]:
         return sample_shape(self.unet)
 
+    @property
+    def model_kind(self) -> ModelKind:
+        """Read from the UNet's config, so a quantized or executed UNet (which carries the same config) agrees."""
+        return kind_of(self.unet.config)
 
-def resolve_model_path(name_or_path: str | Path | None) -> str:
-    """The built-in name (or None) maps to the committed directory; anything else is passed through."""
-    if name_or_path is None or str(name_or_path) == BUILTIN_MODEL_NAME:
-        if not BUILTIN_MODEL_DIR.is_dir():  # otherwise diffusers would take the path for a hub id
-            raise ValueError(f"model: built-in weights not found at {BUILTIN_MODEL_DIR}; set PTQ4DM_MODELS_DIR")
-        return str(BUILTIN_MODEL_DIR)
-    return str(name_or_path)
+    @property
+    def kind(self) -> str:
+        """'unconditional' or 'class-conditional'."""
+        return self.model_kind.kind
+
+    @property
+    def num_classes(self) -> int | None:
+        """Class labels 0..num_classes-1 of a class-conditional model; None for an unconditional one."""
+        return self.model_kind.num_classes
 
 
-def load_model(name_or_path: str | Path | None = None, device: str | torch.device = "cpu") -> DiffusionModel:
+def load_model(name_or_path: str | Path | None = None, device: str | torch.device = "cpu",
+               variant: str | None = None) -> DiffusionModel:
     """Accept the diffusers pipeline layout (unet/, scheduler/) or a bare UNet folder with scheduler_config.json.
 
-    Hub ids work when the network does; the built-in model never needs it.
+    Hub ids work when the network does; the built-in model never needs it. variant: diffusers' weight-file variant
+    (e.g. 'fp16' reads diffusion_pytorch_model.fp16.safetensors).
     """
     source = resolve_model_path(name_or_path)
     local = Path(source)
     if local.exists():
+        check_pipeline(local)
         sub = "unet" if (local / "unet" / "config.json").exists() else None
         sched_sub = "scheduler" if (local / "scheduler" / "scheduler_config.json").exists() else None
         if sub is None and not (local / "config.json").exists():
             raise ValueError(f"model: {source} has neither unet/config.json nor config.json")
     else:
         sub, sched_sub = "unet", "scheduler"
+    kind_of(UNet2DModel.load_config(source, subfolder=sub))  # ValueError for a UNet that is not supported yet
     # low_cpu_mem_usage (diffusers' default) needs accelerate and otherwise warns on every start; for UNets of
     # this size the plain load is as fast, so ask for it instead of adding a dependency.
-    unet = UNet2DModel.from_pretrained(source, subfolder=sub, low_cpu_mem_usage=False)
+    unet = UNet2DModel.from_pretrained(source, subfolder=sub, low_cpu_mem_usage=False, variant=variant)
     try:
         scheduler_config = dict(DDPMScheduler.load_config(source, subfolder=sched_sub))
     except OSError:

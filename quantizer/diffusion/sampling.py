@@ -1,4 +1,4 @@
-"""DDPM/DDIM sampling with diffusers schedulers: a fresh scheduler per call, one seed per image."""
+"""DDPM/DDIM sampling with diffusers schedulers: a fresh scheduler per call, one seed (and class label) per image."""
 
 from __future__ import annotations
 
@@ -8,6 +8,8 @@ from typing import Literal
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler, UNet2DModel
 from torch import nn
+
+from quantizer.diffusion.kinds import kind_of, resolve_class_labels
 
 Sampler = Literal["ddpm", "ddim"]
 SAMPLERS: tuple[str, ...] = ("ddpm", "ddim")
@@ -58,14 +60,18 @@ def sample(
     eta: float = 0.0,
     batch_size: int | None = None,
     callback: StepCallback | None = None,
+    class_labels: Sequence[int | None] | None = None,
 ) -> torch.Tensor:
     """Generate len(seeds) images in model space ([-1, 1], N x C x H x W, float32 on CPU).
 
-    Image k depends only on seeds[k]: its initial noise and every stochastic step (DDPM, DDIM eta>0)
-    draw from a generator seeded by it, whatever the batch it lands in.
+    Image k depends only on seeds[k] (and, for a class-conditional model, its class label): its initial noise and
+    every stochastic step (DDPM, DDIM eta>0) draw from a generator seeded by it, whatever the batch it lands in.
+    class_labels: one per image for a class-conditional UNet; absent (or None entries) are drawn from the image's
+    own seed. ValueError naming `class_labels` when out of range, miscounted, or given to an unconditional UNet.
     """
     num_train = int(scheduler_config["num_train_timesteps"])
     validate_request(sampler, steps, eta, len(seeds), num_train)
+    labels = resolve_class_labels(seeds, class_labels, kind_of(unet.config))
     shape = sample_shape(unet)
     batch_size = len(seeds) if batch_size is None else batch_size
     if batch_size < 1:
@@ -74,7 +80,8 @@ def sample(
     outputs = []
     for start in range(0, len(seeds), batch_size):
         chunk = list(seeds[start: start + batch_size])
-        outputs.append(_sample_batch(unet, scheduler_config, chunk, shape, sampler, steps, eta,
+        chunk_labels = None if labels is None else labels[start: start + batch_size]
+        outputs.append(_sample_batch(unet, scheduler_config, chunk, chunk_labels, shape, sampler, steps, eta,
                                      device, dtype, callback))
     return torch.cat(outputs)
 
@@ -90,10 +97,12 @@ def device_and_dtype(unet: nn.Module) -> tuple[torch.device, torch.dtype]:
     return param.device, param.dtype
 
 
-def _sample_batch(unet: UNet2DModel, scheduler_config: dict, seeds: list[int], shape: tuple[int, int, int],
-                  sampler: str, steps: int, eta: float, device: torch.device, dtype: torch.dtype,
-                  callback: StepCallback | None) -> torch.Tensor:
+def _sample_batch(unet: UNet2DModel, scheduler_config: dict, seeds: list[int], labels: list[int] | None,
+                  shape: tuple[int, int, int], sampler: str, steps: int, eta: float, device: torch.device,
+                  dtype: torch.dtype, callback: StepCallback | None) -> torch.Tensor:
     scheduler = make_scheduler(sampler, scheduler_config, steps)
+    # The UNet's conditioning besides (x_t, t): the same for every step.
+    extra = {} if labels is None else {"class_labels": torch.tensor(labels, dtype=torch.long, device=device)}
     # Offset the step-noise stream from the x_T stream so the two never coincide.
     generators = [torch.Generator().manual_seed(int(s) + 1_000_003) for s in seeds]
     x = initial_noise(seeds, shape)
@@ -102,7 +111,7 @@ def _sample_batch(unet: UNet2DModel, scheduler_config: dict, seeds: list[int], s
         if callback is not None:
             callback(i, len(timesteps), int(t), x)
         model_in = x.to(device=device, dtype=dtype)
-        eps = unet(model_in, t.to(device)).sample.float().cpu()
+        eps = unet(model_in, t.to(device), **extra).sample.float().cpu()
         kwargs = {"eta": eta} if sampler == "ddim" else {}
         x = scheduler.step(eps, t, x, generator=generators, **kwargs).prev_sample
     return x

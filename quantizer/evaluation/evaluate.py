@@ -28,7 +28,8 @@ def reference_stats(classifier: torch.nn.Module) -> tuple[np.ndarray, np.ndarray
 def generate_in_batches(unet: torch.nn.Module, scheduler_config: dict, seeds: list[int], sampler: str, steps: int,
                         batch_size: int, eta: float = 0.0, cache_dir: str | Path | None = None,
                         forward_batch: int | None = None,
-                        on_cached: Callable[[Sequence[int]], None] | None = None) -> torch.Tensor:
+                        on_cached: Callable[[Sequence[int]], None] | None = None,
+                        class_labels: Sequence[int | None] | None = None) -> torch.Tensor:
     """Like `sample`, with one progress bar over every denoising step of every batch.
 
     With `cache_dir`, each finished batch is saved there (one safetensors file per seed range) and reused on the
@@ -38,7 +39,8 @@ def generate_in_batches(unet: torch.nn.Module, scheduler_config: dict, seeds: li
     forward_batch (default batch_size) splits each saved batch into UNet passes of that size: on the 2-core CI
     machine the built-in model's int8 graph takes 1.15 ms per image in passes of 64 and 1.66 ms in passes of 256
     (docs/BENCHMARKS.md, "UNet pass size"). on_cached gets the seeds of each batch taken from the cache, so a
-    caller timing the call knows how much of it was not sampled.
+    caller timing the call knows how much of it was not sampled. class_labels: one per seed (class-conditional
+    models, see `sample`); a caller with a cache_dir keys it by them too.
     """
     forward_batch = batch_size if forward_batch is None else forward_batch
     for name, value in (("batch_size", batch_size), ("forward_batch", forward_batch)):
@@ -55,8 +57,10 @@ def generate_in_batches(unet: torch.nn.Module, scheduler_config: dict, seeds: li
                 if on_cached is not None:
                     on_cached(chunk)
                 continue
+            labels = None if class_labels is None else list(class_labels[start:start + batch_size])
             batch = sample(unet, scheduler_config, chunk, sampler=sampler, steps=steps, eta=eta,
-                           batch_size=forward_batch, callback=lambda i, n, t, x: bar.update(len(x)))
+                           batch_size=forward_batch, callback=lambda i, n, t, x: bar.update(len(x)),
+                           class_labels=labels)
             if cache_dir is not None:
                 path = seed_batch_path(cache_dir, chunk, ".safetensors")
                 path.parent.mkdir(parents=True, exist_ok=True)

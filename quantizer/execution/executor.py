@@ -21,6 +21,9 @@ One verb, `build_executor(model, backend)`, returns an `ExecutableUNet`: a drop-
                 at batch 16 int8-x86 is faster on the built-in model: docs/BENCHMARKS.md), else int8-x86 where the
                 CPU has int8 kernels, else fake; on other devices fake; eager for fp32.
 
+A class-conditional UNet takes `class_labels=` (one per image) on every backend, as diffusers' UNet2DModel does;
+compiled graphs take them as an input beside x_t and t.
+
 Compiled graphs are static in the batch size (int8 dynamic-batch graphs fail inductor's layout checks in
 torch 2.13), so batches are padded up to a power-of-two bucket (1, 2, 4, ...; at most 2x work, usually
 none: the service and evaluation use power-of-two batches) and split above `max_batch`. Each bucket is
@@ -41,7 +44,15 @@ import torch
 from diffusers.models.unets.unet_2d import UNet2DOutput
 from torch import nn
 
-from quantizer.execution.int8_x86 import UNetForward, check_int8_grid, int8_supported, lower_int8_x86, native_bf16
+from quantizer.diffusion.kinds import kind_of
+from quantizer.execution.int8_x86 import (
+    UNetForward,
+    check_int8_grid,
+    example_inputs,
+    int8_supported,
+    lower_int8_x86,
+    native_bf16,
+)
 from quantizer.ptq.quant_modules import QuantLayer
 from quantizer.ptq.timestep_groups import TimestepGroupedUNet
 
@@ -155,9 +166,10 @@ class ExecutableUNet(nn.Module):
         self.max_batch = max_batch
         self.compile_seconds: dict[int, float] = {}
         self._lock = threading.Lock()
-        self._graphs: dict[int, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {}
+        self._graphs: dict[int, Callable[..., torch.Tensor]] = {}
         self.graph_modules: dict[int, nn.Module] = {}
         self._device = next(unet.parameters()).device
+        self.class_conditional = kind_of(unet.config).class_conditional  # its graphs take class labels
         self._dtype = torch.bfloat16 if backend == "bf16" else torch.float32
         # `unet` is what the graphs are built from; `reference` (the fake-quant model) supplies int8 qparams.
         self.unet = unet.to(self._dtype) if backend == "bf16" else unet
@@ -182,15 +194,26 @@ class ExecutableUNet(nn.Module):
                 self._graph(b)
         return dict(self.compile_seconds)
 
-    def forward(self, sample: torch.Tensor, timestep: torch.Tensor | int, return_dict: bool = True,
-                **kwargs: object) -> UNet2DOutput | tuple[torch.Tensor]:
+    def forward(self, sample: torch.Tensor, timestep: torch.Tensor | int, class_labels: torch.Tensor | None = None,
+                return_dict: bool = True, **kwargs: object) -> UNet2DOutput | tuple[torch.Tensor]:
         if kwargs:
             raise TypeError(f"unsupported arguments for an executed UNet: {', '.join(kwargs)}")
         if not self.compiled:
-            out = self.unet(sample, timestep, return_dict=False)[0]
+            out = self.unet(sample, timestep, class_labels=class_labels, return_dict=False)[0]
         else:
-            out = self._run_compiled(sample, self._scalar_timestep(timestep))
+            out = self._run_compiled(sample, self._scalar_timestep(timestep), self._labels(class_labels, sample))
         return UNet2DOutput(sample=out) if return_dict else (out,)
+
+    def _labels(self, class_labels: torch.Tensor | None, sample: torch.Tensor) -> torch.Tensor | None:
+        """One int64 class label per image for a class-conditional graph (which requires them), else None."""
+        if not self.class_conditional:
+            if class_labels is not None:
+                raise ValueError("class_labels given to an unconditional UNet (its graph has no class input)")
+            return None
+        if class_labels is None:
+            raise ValueError("class_labels should be provided when doing class conditioning")
+        labels = torch.as_tensor(class_labels, device=self._device).to(torch.int64).reshape(-1)
+        return labels.expand(sample.shape[0]) if labels.numel() == 1 else labels
 
     def _scalar_timestep(self, timestep: torch.Tensor | int) -> torch.Tensor:
         t = torch.as_tensor(timestep, device=self._device)
@@ -199,18 +222,21 @@ class ExecutableUNet(nn.Module):
         return t.reshape(-1)[0].to(torch.int64)
 
     @torch.no_grad()
-    def _run_compiled(self, sample: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    def _run_compiled(self, sample: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
         x = sample.to(self._device, self._dtype)
         outputs = []
-        for chunk in x.split(self.max_batch):
+        for start in range(0, x.shape[0], self.max_batch):
+            chunk = x[start: start + self.max_batch]
+            inputs = [chunk, labels[start: start + self.max_batch]] if labels is not None else [chunk]
             n = chunk.shape[0]
             b = bucket(n, self.max_batch)
-            if b > n:
-                chunk = torch.cat([chunk, chunk.new_zeros(b - n, *chunk.shape[1:])])
-            outputs.append(self._graph(b)(chunk.contiguous(), t)[:n])
+            if b > n:  # padded with zeros (class 0), cut off again below
+                inputs = [torch.cat([part, part.new_zeros(b - n, *part.shape[1:])]) for part in inputs]
+            x_in, *extra = (part.contiguous() for part in inputs)
+            outputs.append(self._graph(b)(x_in, t, *extra)[:n])
         return torch.cat(outputs)
 
-    def _graph(self, batch: int) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    def _graph(self, batch: int) -> Callable[..., torch.Tensor]:
         graph = self._graphs.get(batch)
         if graph is not None:
             return graph
@@ -227,16 +253,13 @@ class ExecutableUNet(nn.Module):
                             self.compile_seconds[batch])
             return self._graphs[batch]
 
-    def _compile(self, batch: int) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    def _compile(self, batch: int) -> Callable[..., torch.Tensor]:
         import torch._inductor.config as inductor_config
 
         # Freezing folds weights into constants so oneDNN can prepack them (int8 needs it to pick int8
         # kernels). Set globally: torch.compile(options={"freezing": True}) fails in 2.13 with prepack errors.
         inductor_config.freezing = True
-        channels, size = int(self.config.in_channels), self.config.sample_size
-        h, w = (size, size) if isinstance(size, int) else size
-        example = (torch.randn(batch, channels, h, w, device=self._device, dtype=self._dtype),
-                   torch.tensor(0, device=self._device))
+        example = example_inputs(self.unet, batch, self._device, self._dtype, timestep=0)
         if self.backend in INT8_BACKENDS:
             module = lower_int8_x86(self.unet, self.reference, batch)
             if self.backend == "int8-bf16-x86":

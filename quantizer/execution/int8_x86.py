@@ -22,6 +22,7 @@ from collections.abc import Callable
 import torch
 from torch import fx, nn
 
+from quantizer.diffusion.kinds import kind_of
 from quantizer.ptq.quant_modules import QuantAttnProcessor, QuantLayer
 
 logger = logging.getLogger(__name__)
@@ -30,14 +31,29 @@ _WEIGHTED_OPS = (torch.ops.aten.conv2d.default, torch.ops.aten.linear.default)
 
 
 class UNetForward(nn.Module):
-    """A UNet2DModel as a pure tensor function (x_t, t) -> eps, the form torch.export needs."""
+    """A UNet2DModel as a pure tensor function (x_t, t[, class labels]) -> eps, the form torch.export needs."""
 
     def __init__(self, unet: nn.Module) -> None:
         super().__init__()
         self.unet = unet
 
-    def forward(self, sample: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
-        return self.unet(sample, timestep, return_dict=False)[0]
+    def forward(self, sample: torch.Tensor, timestep: torch.Tensor,
+                class_labels: torch.Tensor | None = None) -> torch.Tensor:
+        if class_labels is None:
+            return self.unet(sample, timestep, return_dict=False)[0]
+        return self.unet(sample, timestep, class_labels=class_labels, return_dict=False)[0]
+
+
+def example_inputs(unet: nn.Module, batch: int, device: torch.device | str = "cpu",
+                   dtype: torch.dtype = torch.float32, timestep: int = 500) -> tuple[torch.Tensor, ...]:
+    """What a graph of `unet` for `batch` images is exported with: x_t, one t, and a class-conditional UNet's
+    class label per image."""
+    channels, size = int(unet.config.in_channels), unet.config.sample_size
+    h, w = (size, size) if isinstance(size, int) else size
+    example = (torch.randn(batch, channels, h, w, device=device, dtype=dtype), torch.tensor(timestep, device=device))
+    if kind_of(unet.config).class_conditional:
+        example += (torch.zeros(batch, dtype=torch.int64, device=device),)
+    return example
 
 
 def int8_supported() -> str | None:
@@ -183,10 +199,7 @@ def lower_int8_x86(float_unet: nn.Module, quant_unet: nn.Module, batch_size: int
     )
 
     layers = check_int8_grid(quant_unet)
-    channels, size = int(float_unet.config.in_channels), float_unet.config.sample_size
-    h, w = (size, size) if isinstance(size, int) else size
-    example = (torch.randn(batch_size, channels, h, w), torch.tensor(500))
-    exported = torch.export.export(UNetForward(float_unet).eval(), example)
+    exported = torch.export.export(UNetForward(float_unet).eval(), example_inputs(float_unet, batch_size))
     quantizer = X86InductorQuantizer().set_global(get_default_x86_inductor_quantization_config())
     prepared = prepare_pt2e(exported.module(), quantizer)
     counts = _assign_qparams(prepared, layers)

@@ -14,9 +14,10 @@ and then the 8-bit one, which is exact), since the CPU kernels only know 8-bit l
 The model is converted once with a dynamic batch dimension, so any batch size runs without padding. Each batch
 size it meets also gets a static-shape compilation of the same model (about 0.4 s on the built-in UNet): with static
 shapes the CPU plugin fuses the element-wise chains (FakeQuantize included) into JIT subgraphs and drops the
-run-time shape arithmetic, 1.4-1.6x faster per forward than the dynamic graph (docs/BENCHMARKS.md). At most
+run-time shape arithmetic, 1.4-1.7x faster per forward than the dynamic graph (bench/openvino_static.py). At most
 `static_graphs` of them are kept (least recently used goes); the dynamic graph serves when that is 0. OpenVINO's
-model cache (CACHE_DIR) makes a restart cheaper still.
+model cache (CACHE_DIR) makes a restart cheaper still. A class-conditional UNet's graph takes the class labels as a
+third input (int64, one per image, batch-sized like the others).
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ import torch.nn.functional as F
 from diffusers.models.unets.unet_2d import UNet2DOutput
 from torch import nn
 
+from quantizer.diffusion.kinds import kind_of
 from quantizer.execution.int8_x86 import _cpu_flags as cpu_flags
 from quantizer.ptq.quant_modules import QuantAttnProcessor, QuantConv2d, QuantLayer, QuantLinear
 
@@ -174,6 +176,13 @@ class _Forward(nn.Module):
         return self.unet(sample, timestep, return_dict=False)[0]
 
 
+class _ClassForward(_Forward):
+    """(x_t, t per image, class label per image) -> eps, for a class-conditional UNet."""
+
+    def forward(self, sample: torch.Tensor, timestep: torch.Tensor, class_labels: torch.Tensor) -> torch.Tensor:
+        return self.unet(sample, timestep, class_labels=class_labels, return_dict=False)[0]
+
+
 def convert(unet: nn.Module) -> Any:
     """An openvino.Model of `unet` (fp32 or traceable fake-quant) with a dynamic batch dimension.
 
@@ -184,14 +193,18 @@ def convert(unet: nn.Module) -> Any:
 
     channels, size = int(unet.config.in_channels), unet.config.sample_size
     h, w = (size, size) if isinstance(size, int) else size
-    example = (torch.randn(2, channels, h, w), torch.tensor([500, 500]))
+    example: tuple[torch.Tensor, ...] = (torch.randn(2, channels, h, w), torch.tensor([500, 500]))
+    forward = _Forward(unet)
+    if kind_of(unet.config).class_conditional:
+        example, forward = (*example, torch.tensor([0, 1])), _ClassForward(unet)
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore", torch.jit.TracerWarning)  # shape asserts frozen for this (C, H, W): fine
         warnings.simplefilter("ignore", DeprecationWarning)  # torch.jit.trace: still what OpenVINO's frontend reads
-        traced = torch.jit.trace(_Forward(unet).eval(), example, check_trace=False)
+        traced = torch.jit.trace(forward.eval(), example, check_trace=False)
         model = ov.convert_model(traced, example_input=example, share_weights=False)
-    model.reshape({model.inputs[0]: ov.PartialShape([-1, channels, int(h), int(w)]),
-                   model.inputs[1]: ov.PartialShape([-1])})
+    shapes = {model.inputs[0]: ov.PartialShape([-1, channels, int(h), int(w)])}
+    shapes.update({graph_input: ov.PartialShape([-1]) for graph_input in model.inputs[1:]})
+    model.reshape(shapes)
     return model
 
 
@@ -230,6 +243,7 @@ class OpenVINOUNet(nn.Module):
         self.max_batch = max_batch
         self.static_graphs = static_graphs
         self.cache_dir = None if cache_dir is None else Path(cache_dir)
+        self.class_conditional = kind_of(unet.config).class_conditional  # the graph's third input: class labels
         start = time.perf_counter()
         # The torch module is not kept; the openvino.Model is, since each new batch size is compiled from it.
         self._model = convert(unet)
@@ -287,7 +301,10 @@ class OpenVINOUNet(nn.Module):
             channels, size = int(self.config.in_channels), self.config.sample_size
             h, w = (size, size) if isinstance(size, int) else size
             model = self._model.clone()
-            model.reshape({model.inputs[0]: [batch, channels, int(h), int(w)], model.inputs[1]: [batch]})
+            shapes = {model.inputs[0]: [batch, channels, int(h), int(w)], model.inputs[1]: [batch]}
+            if self.class_conditional:
+                shapes[model.inputs[2]] = [batch]
+            model.reshape(shapes)
             compiled, seconds = self._compile(model)
             self._static[batch] = compiled
             self.static_compile_seconds[batch] = seconds
@@ -308,27 +325,29 @@ class OpenVINOUNet(nn.Module):
             key, _ = self._graph(b)
             seconds[b] = float(self.compile_seconds or 0.0) if key is None else self.static_compile_seconds[b]
         for b in sizes[-1:]:  # the largest batch sizes the runtime's buffers once
-            self(torch.zeros(b, channels, h, w), torch.tensor(0))
+            labels = torch.zeros(b, dtype=torch.int64) if self.class_conditional else None
+            self(torch.zeros(b, channels, h, w), torch.tensor(0), class_labels=labels)
         return seconds
 
-    def forward(self, sample: torch.Tensor, timestep: torch.Tensor | int, return_dict: bool = True,
-                **kwargs: object) -> UNet2DOutput | tuple[torch.Tensor]:
+    def forward(self, sample: torch.Tensor, timestep: torch.Tensor | int, class_labels: torch.Tensor | None = None,
+                return_dict: bool = True, **kwargs: object) -> UNet2DOutput | tuple[torch.Tensor]:
         if kwargs:
             raise TypeError(f"unsupported arguments for an executed UNet: {', '.join(kwargs)}")
         x = sample.detach().to("cpu", torch.float32)
-        t = torch.as_tensor(timestep).detach().to("cpu", torch.int64).reshape(-1)
-        if t.numel() == 1:
-            t = t.expand(x.shape[0])
-        elif t.numel() != x.shape[0]:
-            raise ValueError(f"timestep must be one value or one per image ({x.shape[0]}), got {t.numel()}")
-        outputs = [self._infer(xs, ts) for xs, ts in zip(x.split(self.max_batch), t.split(self.max_batch),
-                                                         strict=True)]
+        inputs = [x.split(self.max_batch), _per_image(timestep, x.shape[0], "timestep").split(self.max_batch)]
+        if self.class_conditional:
+            if class_labels is None:
+                raise ValueError("class_labels should be provided when doing class conditioning")
+            inputs.append(_per_image(class_labels, x.shape[0], "class_labels").split(self.max_batch))
+        elif class_labels is not None:
+            raise ValueError("class_labels given to an unconditional UNet (its graph has no class input)")
+        outputs = [self._infer(*chunk) for chunk in zip(*inputs, strict=True)]
         out = torch.cat(outputs) if len(outputs) > 1 else outputs[0]
         return UNet2DOutput(sample=out) if return_dict else (out,)
 
-    def _infer(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        with self._request(x.shape[0]) as request:
-            result = request.infer([np.ascontiguousarray(x.numpy()), np.ascontiguousarray(t.numpy())])
+    def _infer(self, *tensors: torch.Tensor) -> torch.Tensor:
+        with self._request(tensors[0].shape[0]) as request:
+            result = request.infer([np.ascontiguousarray(tensor.numpy()) for tensor in tensors])
             return torch.from_numpy(np.array(result[0], copy=True))
 
     @contextmanager
@@ -364,6 +383,16 @@ class OpenVINOUNet(nn.Module):
         """How many convolutions/matmuls execute as u8/i8 kernels."""
         return sum(n for layer_type, counts in self.layer_precisions().items() if layer_type in WEIGHTED_LAYER_TYPES
                    for precision, n in counts.items() if precision in ("u8", "i8"))
+
+
+def _per_image(value: torch.Tensor | int, batch: int, name: str) -> torch.Tensor:
+    """One int64 value per image (a single value is repeated), the graph's integer inputs."""
+    flat = torch.as_tensor(value).detach().to("cpu", torch.int64).reshape(-1)
+    if flat.numel() == 1:
+        return flat.expand(batch)
+    if flat.numel() != batch:
+        raise ValueError(f"{name} must be one value or one per image ({batch}), got {flat.numel()}")
+    return flat
 
 
 def build_openvino(unet: nn.Module, backend: str, max_batch: int, cache_dir: str | Path | None = None,

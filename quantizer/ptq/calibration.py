@@ -4,6 +4,8 @@ Step positions follow the sampler's own trajectory: index i counts UNet evaluati
 (i = 0 is x_T), exactly like quantizer.diffusion.sampling's callback. Trajectory methods generate x_t with the
 full-precision model's sampler (quantizer.diffusion.sampling.sample) from pure noise, so the calibration inputs are the
 inputs the UNet really sees when generating; each sample has its own seed and is recorded at its own step.
+A class-conditional model's samples each get a class label drawn uniformly, fed in their trajectory and in every
+calibration forward, so each class's activations are seen.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import torch
 from diffusers import DDPMScheduler, UNet2DModel
 
 from quantizer.diffusion.images import non_finite_images
+from quantizer.diffusion.kinds import kind_of
 from quantizer.diffusion.sampling import make_scheduler, sample, sample_shape, validate_request
 from quantizer.ptq.config import CalibrationConfig
 from quantizer.ptq.progress import ProgressFn, track
@@ -29,6 +32,7 @@ class CalibrationSet:
 
     step_indices: the sampler step each x_t was recorded at (0 = noise end), -1 for 'real_noised'.
     seeds: the seed of each sample's trajectory (quantizer.diffusion.sampling seeds), -1 for 'real_noised'.
+    class_labels: N class labels (long) for a class-conditional model, fed with xs; None for an unconditional one.
     """
 
     xs: torch.Tensor
@@ -36,14 +40,28 @@ class CalibrationSet:
     step_indices: torch.Tensor
     seeds: torch.Tensor
     config: CalibrationConfig
+    class_labels: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return int(self.xs.shape[0])
 
     def batches(self, batch_size: int | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for xs, ts, _ in self.inputs(batch_size):
+            yield xs, ts
+
+    def inputs(self, batch_size: int | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor, dict]]:
+        """(x_t, t, the UNet's other keyword inputs) per batch: what a calibration forward passes the model."""
         size = batch_size or self.config.batch_size
         for start in range(0, len(self), size):
-            yield self.xs[start: start + size], self.ts[start: start + size]
+            rows = slice(start, start + size)
+            extra = {} if self.class_labels is None else {"class_labels": self.class_labels[rows]}
+            yield self.xs[rows], self.ts[rows], extra
+
+    def subset(self, mask: torch.Tensor) -> CalibrationSet:
+        """The samples `mask` selects (a boolean mask or indices), with everything recorded about them."""
+        return CalibrationSet(xs=self.xs[mask], ts=self.ts[mask], step_indices=self.step_indices[mask],
+                              seeds=self.seeds[mask], config=self.config,
+                              class_labels=None if self.class_labels is None else self.class_labels[mask])
 
 
 class _Collected(Exception):
@@ -90,12 +108,14 @@ def build_calibration_set(unet: UNet2DModel, scheduler_config: dict, config: Cal
     validate_request(config.sampler, config.steps, config.eta, config.n_samples, num_train)
     generator = torch.Generator().manual_seed(config.seed)
     shape = sample_shape(unet)
+    num_classes = kind_of(unet.config).num_classes
     if config.method == "real_noised":
-        return _real_noised(scheduler_config, config, shape, real_images, generator)
+        return _real_noised(scheduler_config, config, shape, real_images, generator, num_classes)
     timesteps = sampler_timesteps(scheduler_config, config.sampler, config.steps)
     step_indices = draw_step_indices(config, timesteps, generator)
     seeds = torch.randint(0, 2**31 - 1, (config.n_samples,), generator=generator)
-    xs = _record_trajectories(unet, scheduler_config, config, step_indices, seeds, shape, progress,
+    labels = _draw_labels(num_classes, config.n_samples, generator)  # after the seeds: unconditional sets unchanged
+    xs = _record_trajectories(unet, scheduler_config, config, step_indices, seeds, labels, shape, progress,
                               on_progress)
     bad = non_finite_images(xs)
     if bad:
@@ -104,12 +124,19 @@ def build_calibration_set(unet: UNet2DModel, scheduler_config: dict, config: Cal
                          f"non-finite x_t (NaN/inf) in {len(bad)} of {len(xs)} samples, first at time-step "
                          f"{int(timesteps[step_indices[first]])} (sampler step {int(step_indices[first])}, seed "
                          f"{int(seeds[first])}): the model diverges before calibration can see it")
-    return CalibrationSet(xs=xs, ts=timesteps[step_indices], step_indices=step_indices, seeds=seeds, config=config)
+    return CalibrationSet(xs=xs, ts=timesteps[step_indices], step_indices=step_indices, seeds=seeds, config=config,
+                          class_labels=labels)
+
+
+def _draw_labels(num_classes: int | None, n: int, generator: torch.Generator) -> torch.Tensor | None:
+    """Uniform class labels for a class-conditional model's calibration samples; None for an unconditional one."""
+    return None if num_classes is None else torch.randint(0, num_classes, (n,), generator=generator)
 
 
 def _record_trajectories(unet: UNet2DModel, scheduler_config: dict, config: CalibrationConfig,
-                         step_indices: torch.Tensor, seeds: torch.Tensor, shape: tuple[int, int, int],
-                         progress: bool, on_progress: ProgressFn | None = None) -> torch.Tensor:
+                         step_indices: torch.Tensor, seeds: torch.Tensor, labels: torch.Tensor | None,
+                         shape: tuple[int, int, int], progress: bool,
+                         on_progress: ProgressFn | None = None) -> torch.Tensor:
     """Run batched FP trajectories, each sample recorded (UNet input) at its own step.
 
     Samples are batched in order of their step so a batch stops as soon as its deepest sample is recorded,
@@ -135,14 +162,15 @@ def _record_trajectories(unet: UNet2DModel, scheduler_config: dict, config: Cali
 
         with contextlib.suppress(_Collected):
             sample(unet, scheduler_config, seeds[idx].tolist(), sampler=config.sampler, steps=config.steps,
-                   eta=config.eta, callback=record)
+                   eta=config.eta, callback=record, class_labels=None if labels is None else labels[idx].tolist())
     if not bool(recorded.all()):
         raise RuntimeError("calibration trajectories ended before every sample was recorded")
     return xs
 
 
 def _real_noised(scheduler_config: dict, config: CalibrationConfig, shape: tuple[int, int, int],
-                 real_images: torch.Tensor | None, generator: torch.Generator) -> CalibrationSet:
+                 real_images: torch.Tensor | None, generator: torch.Generator,
+                 num_classes: int | None = None) -> CalibrationSet:
     """x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps for random real x_0 and t uniform over the training steps."""
     if real_images is None:
         raise ValueError("real_images must be given for calibration method 'real_noised'")
@@ -156,4 +184,5 @@ def _real_noised(scheduler_config: dict, config: CalibrationConfig, shape: tuple
     scheduler = DDPMScheduler.from_config(scheduler_config)
     xs = scheduler.add_noise(real_images[picks].float().cpu(), noise, ts)
     missing = torch.full((n,), -1, dtype=torch.long)
-    return CalibrationSet(xs=xs, ts=ts, step_indices=missing, seeds=missing.clone(), config=config)
+    return CalibrationSet(xs=xs, ts=ts, step_indices=missing, seeds=missing.clone(), config=config,
+                          class_labels=_draw_labels(num_classes, n, generator))

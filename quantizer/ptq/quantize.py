@@ -222,10 +222,11 @@ def _calibrate(unet: nn.Module, qcfg: QuantConfig, calibration: CalibrationSet, 
     param = next(unet.parameters())
     try:
         with torch.no_grad():
-            for xs, ts in track(list(calibration.batches()), "calibration forward", "batch", progress,
-                                on_progress):
+            for xs, ts, extra in track(list(calibration.inputs()), "calibration forward", "batch", progress,
+                                       on_progress):
                 try:
-                    unet(xs.to(device=param.device, dtype=param.dtype), ts.to(param.device))
+                    unet(xs.to(device=param.device, dtype=param.dtype), ts.to(param.device),
+                         **_on_device(extra, param.device))
                 except NonFiniteActivation as exc:
                     raise _non_finite_error(exc, ts) from None
         for name, quantizer in track(act_quantizers, "activation ranges", "tensor", progress, on_progress):
@@ -266,14 +267,19 @@ def _round_weights(unet: nn.Module, layers: list[tuple[str, QuantLayer]], calibr
     param = next(unet.parameters())
     set_mode(unet, "fp")
     with torch.no_grad(), gptq.recording({n: m.layer for n, m in targets.items()}, targets) as hessians:
-        for xs, ts in track(list(calibration.batches()), "weight rounding forward", "batch", progress,
-                            on_progress):
-            unet(xs.to(device=param.device, dtype=param.dtype), ts.to(param.device))
+        for xs, ts, extra in track(list(calibration.inputs()), "weight rounding forward", "batch", progress,
+                                   on_progress):
+            unet(xs.to(device=param.device, dtype=param.dtype), ts.to(param.device), **_on_device(extra, param.device))
     for name, layer in track(list(targets.items()), "weight rounding (gptq)", "layer", progress, on_progress):
         wq = layer.weight_quantizer
         wq.rounded.copy_(gptq.gptq_round(layer.layer.weight, wq.scale.flatten(), wq.qrange,
                                          hessians[name].hessian()))
         layer.apply_rounded()
+
+
+def _on_device(extra: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    """The calibration batch's other UNet inputs (class labels) where the model is."""
+    return {name: value.to(device) for name, value in extra.items()}
 
 
 def _tensor(quantizer_name: str) -> str:

@@ -38,16 +38,10 @@ def group_index(timesteps: torch.Tensor, edges: Sequence[int]) -> torch.Tensor:
     return torch.bucketize(timesteps.detach().to("cpu", torch.float64), bounds, right=True)
 
 
-def subset(calibration: CalibrationSet, mask: torch.Tensor) -> CalibrationSet:
-    return CalibrationSet(xs=calibration.xs[mask], ts=calibration.ts[mask],
-                          step_indices=calibration.step_indices[mask], seeds=calibration.seeds[mask],
-                          config=calibration.config)
-
-
 def split_calibration(calibration: CalibrationSet, edges: Sequence[int]) -> list[CalibrationSet]:
     """The calibration set cut by group; every group must get samples (else its ranges would be guesses)."""
     groups = group_index(calibration.ts, edges)
-    parts = [subset(calibration, groups == g) for g in range(len(edges))]
+    parts = [calibration.subset(groups == g) for g in range(len(edges))]
     if empty := [g for g, part in enumerate(parts) if len(part) == 0]:
         raise ValueError(f"timestep groups {empty} get no calibration samples (edges {list(edges)}); calibrate "
                          "over the whole trajectory (method 'uniform') or use fewer timestep_groups")
@@ -157,8 +151,17 @@ class TimestepGroupedUNet(nn.Module):
                 raise ValueError(f"timestep must be one value or one per image ({sample.shape[0]}), got "
                                  f"{flat.numel()}")
             parts = [((groups == g).nonzero().flatten(), g) for g in groups.unique().tolist()]
-            outs = [self.members[g](sample[rows], flat[rows].to(t.device), **kwargs).sample for rows, g in parts]
+            outs = [self.members[g](sample[rows], flat[rows].to(t.device), **_rows_of(kwargs, rows)).sample
+                    for rows, g in parts]
             out = outs[0].new_empty((sample.shape[0], *outs[0].shape[1:]))
             for (rows, _), part in zip(parts, outs, strict=True):
                 out[rows] = part
         return UNet2DOutput(sample=out) if return_dict else (out,)
+
+
+def _rows_of(kwargs: dict[str, object], rows: torch.Tensor) -> dict[str, object]:
+    """The per-image keyword inputs (class labels) of the images in `rows`; anything else as it is."""
+    labels = kwargs.get("class_labels")
+    if isinstance(labels, torch.Tensor) and labels.ndim > 0:
+        return {**kwargs, "class_labels": labels[rows.to(labels.device)]}
+    return kwargs

@@ -11,6 +11,7 @@ from typing import Annotated
 from fastapi import APIRouter, Header, HTTPException, Path, Request, Response
 from fastapi.responses import JSONResponse
 
+from quantizer.diffusion.kinds import check_class_labels
 from service.deps import Services, Svc, field_error
 from service.errors import clip_text
 from service.jobs import JobRecord
@@ -44,12 +45,27 @@ def build_job(req: JobRequest, svc: Services) -> JobRecord:
         raise field_error("n", f"n must be in 1..{s.max_n}", req.n)
     if sampler == "ddpm" and req.eta != 0.0:
         raise field_error("eta", "eta applies to the ddim sampler only; leave it at 0 for ddpm", req.eta)
+    class_labels = _class_labels(req, model, svc)
     seed = req.seed if req.seed is not None else secrets.randbelow(2**31)
-    # The fingerprint is the request as sent (seed absent stays absent): a retried request matches it.
-    sent = req.model_dump(exclude={"timeout_s"})
+    # The fingerprint is the request as sent (seed absent stays absent): a retried request matches it. Absent
+    # class labels are left out, so requests without them keep the fingerprint they had before the field existed.
+    sent = req.model_dump(exclude={"timeout_s"} | ({"class_labels"} if req.class_labels is None else set()))
     fingerprint = hashlib.sha256(json.dumps(sent, sort_keys=True).encode()).hexdigest()
     return JobRecord(model=model, precision=req.precision, sampler=sampler, steps=steps, eta=req.eta, n=req.n,
-                     seed=seed, fingerprint=fingerprint)
+                     seed=seed, class_labels=class_labels, fingerprint=fingerprint)
+
+
+def _class_labels(req: JobRequest, model: str, svc: Services) -> list[int] | None:
+    """One label per image (a single int is every image's), checked against the model's classes where this
+    process knows them (`svc.model_kinds`); 422 naming class_labels otherwise."""
+    if req.class_labels is None:
+        return None
+    labels = [req.class_labels] * req.n if isinstance(req.class_labels, int) else list(req.class_labels)
+    try:
+        check_class_labels(labels, req.n, svc.model_kinds.get(model))
+    except ValueError as exc:
+        raise field_error("class_labels", str(exc).removeprefix("class_labels: "), req.class_labels) from None
+    return labels
 
 
 async def to_status(job: JobRecord, svc: Services) -> JobStatus:
@@ -59,7 +75,7 @@ async def to_status(job: JobRecord, svc: Services) -> JobStatus:
     images = [f"/v1/jobs/{job.id}/images/{k}" for k in range(job.n)] if job.status == "succeeded" else []
     return JobStatus(
         id=job.id, status=job.status, model=job.model, precision=job.precision, sampler=job.sampler,
-        steps=job.steps, eta=job.eta, n=job.n, seed=job.seed, seeds=job.seeds,
+        steps=job.steps, eta=job.eta, n=job.n, seed=job.seed, seeds=job.seeds, class_labels=job.class_labels,
         progress=Progress(step=job.progress_step, total=job.progress_total or job.steps), queue_position=position,
         timings=Timings(created_at=job.created_at, started_at=job.started_at, finished_at=job.finished_at,
                         wait_s=wait, run_s=run, compute_s=job.compute_s),
@@ -73,6 +89,11 @@ async def submit(req: JobRequest, svc: Services, idempotency_key: str | None) ->
     if created:
         svc.metrics.jobs_submitted.inc()
     return job, created
+
+
+def _label_header(job: JobRecord, k: int) -> dict[str, str]:
+    """X-Class-Label of image k, where the job record knows it (class-conditional models)."""
+    return {"X-Class-Label": str(job.class_labels[k])} if job.class_labels else {}
 
 
 async def created_body(job: JobRecord, svc: Services) -> JobCreated:
@@ -113,7 +134,8 @@ async def read_image(job_id: str, k: Annotated[int, Path(ge=0)], svc: Svc) -> Re
     png = await svc.queue.fetch_image(job_id, k)
     if png is None:
         raise HTTPException(404, detail=f"image {k} of job {job_id} expired")
-    return Response(png, media_type="image/png", headers={"X-Seed": str(job.seed + k), "X-Job-Id": job_id})
+    return Response(png, media_type="image/png",
+                    headers={"X-Seed": str(job.seed + k), "X-Job-Id": job_id, **_label_header(job, k)})
 
 
 @router.delete("/jobs/{job_id}", response_model=JobStatus,
@@ -157,7 +179,8 @@ async def generate(req: GenerateRequest, request: Request, svc: Svc,
         raise HTTPException(404, detail=f"images of job {final.id} expired")
     if final.n == 1 and "image/png" in request.headers.get("accept", ""):
         return Response(pngs[0], media_type="image/png",
-                        headers={**location, "X-Job-Id": final.id, "X-Seed": str(final.seed)})
+                        headers={**location, "X-Job-Id": final.id, "X-Seed": str(final.seed),
+                                 **_label_header(final, 0)})
     body = GeneratedImages(id=final.id, status=final.status, seeds=final.seeds, model_version=final.model_version,
                            calibration_hash=final.calibration_hash,
                            images_png_base64=[base64.b64encode(p).decode() for p in pngs])

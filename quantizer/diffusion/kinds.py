@@ -1,0 +1,151 @@
+"""What kind of diffusion model a directory holds, and which class labels it takes, from its JSON configs alone.
+
+Torch-free on purpose: the API process validates `class_labels` with it without loading the ML stack, and the
+library validates them with the same functions, so the two can never disagree. The model directories themselves
+are resolved here too (the built-in name -> the committed folder) for the same reason.
+"""
+
+from __future__ import annotations
+
+import json
+import operator
+import os
+import random
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from quantizer.constants import BUILTIN_MODEL_NAME
+
+# The checkout's models/ by default; an installed wheel has no checkout, so images set PTQ4DM_MODELS_DIR.
+MODELS_DIR = Path(os.environ.get("PTQ4DM_MODELS_DIR") or Path(__file__).resolve().parents[2] / "models")
+BUILTIN_MODEL_DIR = MODELS_DIR / BUILTIN_MODEL_NAME
+
+UNCONDITIONAL = "unconditional"
+CLASS_CONDITIONAL = "class-conditional"
+MODEL_KINDS: tuple[str, ...] = (UNCONDITIONAL, CLASS_CONDITIONAL)
+# diffusers' class-embedding types whose labels are integers 0..num_class_embeds-1 (None: an embedding table).
+_INTEGER_CLASS_EMBEDS: tuple[str | None, ...] = (None, "timestep")
+_LATENT_COMPONENTS: tuple[str, ...] = ("vae", "vqvae")
+
+
+@dataclass(frozen=True)
+class ModelKind:
+    """unconditional, or class-conditional with `num_classes` labels 0..num_classes-1."""
+
+    kind: str = UNCONDITIONAL
+    num_classes: int | None = None
+
+    @property
+    def class_conditional(self) -> bool:
+        return self.kind == CLASS_CONDITIONAL
+
+
+def resolve_model_path(name_or_path: str | Path | None) -> str:
+    """The built-in name (or None) maps to the committed directory; anything else is passed through."""
+    if name_or_path is None or str(name_or_path) == BUILTIN_MODEL_NAME:
+        if not BUILTIN_MODEL_DIR.is_dir():  # otherwise diffusers would take the path for a hub id
+            raise ValueError(f"model: built-in weights not found at {BUILTIN_MODEL_DIR}; set PTQ4DM_MODELS_DIR")
+        return str(BUILTIN_MODEL_DIR)
+    return str(name_or_path)
+
+
+def kind_of(unet_config: Mapping) -> ModelKind:
+    """The kind a UNet config describes; ValueError for a UNet this project cannot serve yet."""
+    class_name = unet_config.get("_class_name")
+    if class_name == "UNet2DConditionModel":
+        raise ValueError("model: text-to-image models (UNet2DConditionModel) are not supported yet; ptq4dm serves "
+                         "unconditional and class-conditional UNet2DModel")
+    if class_name not in (None, "UNet2DModel"):
+        raise ValueError(f"model: UNet class {class_name} is not supported yet; ptq4dm serves unconditional and "
+                         "class-conditional UNet2DModel")
+    embed_type, classes = unet_config.get("class_embed_type"), unet_config.get("num_class_embeds")
+    if embed_type is None and classes is None:
+        return ModelKind(UNCONDITIONAL)
+    if embed_type in _INTEGER_CLASS_EMBEDS and isinstance(classes, int) and classes >= 1:
+        return ModelKind(CLASS_CONDITIONAL, classes)
+    raise ValueError(f"model: class_embed_type={embed_type!r} with num_class_embeds={classes!r} is not supported "
+                     "yet; class-conditional models need num_class_embeds (the number of classes) and "
+                     "class_embed_type null or 'timestep'")
+
+
+def check_pipeline(directory: Path) -> None:
+    """A diffusers pipeline folder (model_index.json) must be a pixel-space UNet pipeline: ValueError otherwise."""
+    index = directory / "model_index.json"
+    if not index.is_file():
+        return
+    components = json.loads(index.read_text())
+    if any(name in components for name in _LATENT_COMPONENTS):
+        raise ValueError(f"model: {directory} is a latent diffusion pipeline ({components.get('_class_name')}, "
+                         "with a VAE); latent models are not supported yet")
+    unet = components.get("unet")
+    if isinstance(unet, list) and len(unet) == 2:  # ["diffusers", "UNet2DConditionModel"]
+        kind_of({"_class_name": unet[1]})
+
+
+def unet_config_path(directory: Path) -> Path | None:
+    """The UNet's config.json in the pipeline layout (unet/) or a bare UNet folder; None when neither exists."""
+    for path in (directory / "unet" / "config.json", directory / "config.json"):
+        if path.is_file():
+            return path
+    return None
+
+
+def read_kind(name_or_path: str | Path | None) -> ModelKind | None:
+    """The kind of a local model directory (or the built-in name); None when it is not one here (a hub id, or a
+    path this process cannot see: then only the workers know). ValueError for a model that is not supported."""
+    try:
+        directory = Path(resolve_model_path(name_or_path))
+    except ValueError:  # the built-in weights are not installed in this process's filesystem
+        return None
+    config = unet_config_path(directory) if directory.is_dir() else None
+    if config is None:
+        return None
+    check_pipeline(directory)
+    return kind_of(json.loads(config.read_text()))
+
+
+def default_class_label(seed: int, num_classes: int) -> int:
+    """The class of an image whose request names none: drawn from its own seed alone (so image k still depends only
+    on seeds[k], whatever batch it lands in)."""
+    return random.Random(int(seed)).randrange(num_classes)
+
+
+def check_class_labels(class_labels: Sequence[int | None] | None, n: int,
+                       kind: ModelKind | None) -> list[int | None] | None:
+    """`class_labels` as plain ints (None entries kept), or ValueError naming `class_labels`.
+
+    One label per image, each in 0..num_classes-1; an unconditional model takes none. kind None: the model is not
+    known here (the API for a model only its workers can read), so only the count and the sign are checked.
+    """
+    if class_labels is None:
+        return None
+    if kind is not None and not kind.class_conditional:
+        raise ValueError("class_labels: the model is unconditional and takes no class labels")
+    labels = list(class_labels)
+    if len(labels) != n:
+        raise ValueError(f"class_labels must hold one label per image ({n}), got {len(labels)}")
+    limit = None if kind is None else kind.num_classes
+    allowed = "integers >= 0" if limit is None else f"integers in 0..{limit - 1} (the model's classes)"
+    out: list[int | None] = []
+    for label in labels:
+        try:
+            value = None if label is None else operator.index(label)
+        except TypeError:
+            value = -1
+        if isinstance(label, bool) or (value is not None and not 0 <= value < (limit or value + 1)):
+            raise ValueError(f"class_labels must be {allowed}, got {label!r}")
+        out.append(value)
+    return out
+
+
+def resolve_class_labels(seeds: Sequence[int], class_labels: Sequence[int | None] | None,
+                         kind: ModelKind) -> list[int] | None:
+    """The label of every image: as given, or (None, or an entry None) drawn from its seed; None for an
+    unconditional model. ValueError naming `class_labels` for labels the model does not take."""
+    labels = check_class_labels(class_labels, len(seeds), kind)
+    if not kind.class_conditional:
+        return None
+    labels = labels or [None] * len(seeds)
+    return [default_class_label(seed, kind.num_classes) if label is None else label
+            for seed, label in zip(seeds, labels, strict=True)]
