@@ -5,13 +5,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import json
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from service import events
+from service.events import Emission, JobEvent
 from service.jobs import JobRecord
-from service.queue.base import Delivery, IdempotencyConflict, JobQueue, QueueFull
+from service.queue.base import Delivery, IdempotencyConflict, JobQueue, QueueFull, WebhookTask
 
 
 @dataclass
@@ -24,7 +27,12 @@ class _Pending:
 class MemoryQueue(JobQueue):
     """Every method runs on the event loop that owns the queue; none awaits mid-update, so each is atomic."""
 
-    def __init__(self) -> None:
+    def __init__(self, events_maxlen: int = 500) -> None:
+        self.events_maxlen = events_maxlen
+        self._job_events: dict[str, deque[JobEvent]] = {}  # expire with their job (see get)
+        self._outbox: OrderedDict[str, WebhookTask] = OrderedDict()
+        self._outbox_pending: dict[str, _Pending] = {}
+        self._outbox_tasks: dict[str, WebhookTask] = {}  # pending ones, by id
         self._jobs: dict[str, tuple[JobRecord, float]] = {}
         self._images: dict[str, tuple[list[bytes], float]] = {}
         self._idem: dict[str, tuple[str, float]] = {}
@@ -58,6 +66,18 @@ class MemoryQueue(JobQueue):
     def _next_id(self) -> str:
         return f"{next(self._ids)}-0"
 
+    def _emit(self, job: JobRecord, emit: Emission, position: int | None = None) -> None:
+        """Record the event and, when the job's webhook subscribed to its hook, queue the webhook task."""
+        data = json.loads(emit.encoded())
+        if position is not None:
+            data["queue_position"] = position
+        event = JobEvent(self._next_id(), data)
+        self._job_events.setdefault(job.id, deque(maxlen=self.events_maxlen)).append(event)
+        if emit.hook is not None and job.webhook and emit.hook in job.webhook_events:
+            msg_id = self._next_id()
+            self._outbox[msg_id] = WebhookTask(msg_id, job.id, emit.hook, event.id)
+        self._notify()
+
     @staticmethod
     def _live(entry: tuple[object, float] | None) -> bool:
         return entry is not None and entry[1] > time.time()
@@ -81,7 +101,7 @@ class MemoryQueue(JobQueue):
         if idempotency_key is not None:
             self._idem[idempotency_key] = (job.id, expires)
         self._streams.setdefault(job.stream, OrderedDict())[msg_id] = job.id
-        self._notify()
+        self._emit(job, events.queued(job.id), position=depth)
         return job, True
 
     async def get(self, job_id: str) -> JobRecord | None:
@@ -89,6 +109,7 @@ class MemoryQueue(JobQueue):
         if not self._live(entry):
             self._jobs.pop(job_id, None)
             self._images.pop(job_id, None)
+            self._job_events.pop(job_id, None)
             return None
         return entry[0]
 
@@ -155,12 +176,13 @@ class MemoryQueue(JobQueue):
         self._pending.get(delivery.stream, {}).pop(delivery.msg_id, None)
 
     async def transition(self, job_id: str, to: str, from_states: Iterable[str], ttl_s: int,
-                         **fields: object) -> JobRecord | None:
+                         emit: Emission | None = None, **fields: object) -> JobRecord | None:
         job = await self.get(job_id)
         if job is None or job.status not in tuple(from_states):
             return None
         job = job.model_copy(update={**fields, "status": to})
         self._jobs[job_id] = (job, time.time() + ttl_s)
+        self._emit(job, emit or events.state_change(job_id, to))
         return job
 
     async def set_progress(self, progress: dict[str, tuple[int, int]]) -> dict[str, str | None]:
@@ -173,11 +195,58 @@ class MemoryQueue(JobQueue):
             if job.status == "running":
                 job = job.model_copy(update={"progress_step": step, "progress_total": total})
                 self._jobs[job_id] = (job, self._jobs[job_id][1])
+                self._emit(job, events.progress(job_id, step, total))
             out[job_id] = job.status
         return out
 
     async def store_images(self, job_id: str, pngs: list[bytes], ttl_s: int) -> None:
         self._images[job_id] = (list(pngs), time.time() + ttl_s)
+
+    async def read_events(self, job_id: str, after: str | None, block_ms: int) -> list[JobEvent]:
+        deadline = time.monotonic() + block_ms / 1000
+        after_key = events.id_key(after) if after else (-1, -1)
+        while True:
+            await self.get(job_id)  # drops the events of an expired job
+            out = [e for e in self._job_events.get(job_id, ()) if events.id_key(e.id) > after_key]
+            if out or time.monotonic() >= deadline:
+                return out[:100]
+            await self._wait(deadline)
+
+    # -- webhook outbox --------------------------------------------------------------------------------------------
+    async def read_webhooks(self, consumer: str, count: int, block_ms: int, min_idle_ms: int) -> list[WebhookTask]:
+        deadline = time.monotonic() + block_ms / 1000
+        now = time.monotonic()
+        out: list[WebhookTask] = []
+        for msg_id, entry in self._outbox_pending.items():
+            if len(out) < count and (now - entry.since) * 1000 >= min_idle_ms:
+                entry.consumer, entry.since = consumer, now
+                out.append(self._outbox_tasks[msg_id])
+        while True:
+            while self._outbox and len(out) < count:
+                msg_id, task = self._outbox.popitem(last=False)
+                self._outbox_pending[msg_id] = _Pending(task.job_id, consumer, time.monotonic())
+                self._outbox_tasks[msg_id] = task
+                out.append(task)
+            if out or time.monotonic() >= deadline:
+                return out
+            await self._wait(deadline)
+
+    async def renew_webhooks(self, tasks: Iterable[WebhookTask], consumer: str) -> None:
+        now = time.monotonic()
+        for task in tasks:
+            entry = self._outbox_pending.get(task.msg_id)
+            if entry is not None and entry.consumer == consumer:
+                entry.since = now
+
+    async def ack_webhook(self, task: WebhookTask) -> None:
+        self._outbox_pending.pop(task.msg_id, None)
+        self._outbox_tasks.pop(task.msg_id, None)
+
+    async def record_webhook_attempt(self, job_id: str, attempt: dict, keep: int) -> None:
+        job = await self.get(job_id)
+        if job is not None:
+            attempts = [*job.webhook_attempts, dict(attempt)][-keep:]
+            self._jobs[job_id] = (job.model_copy(update={"webhook_attempts": attempts}), self._jobs[job_id][1])
 
     # -- registry and control --------------------------------------------------------------------------------------
     async def heartbeat(self, worker_id: str, info: dict, ttl_s: float) -> None:

@@ -3,11 +3,14 @@
 Keys (P = redis_prefix): P:job:ID (hash of JSON values), P:img:ID (hash k -> PNG), P:idem:KEY (job id),
 P:stream:MODEL|PRECISION (entries {job: ID}, group "workers"), P:worker:ID (heartbeat JSON with TTL),
 P:control (broadcast stream, read without a group), P:op:ID (re-quantize operation). Acked entries are deleted,
-so XLEN - pending = jobs waiting.
+so XLEN - pending = jobs waiting. P:events:ID (the job's events: entries {e: JSON[, pos: queue position]}, MAXLEN
+events_maxlen, expiring with the job), P:webhooks (the webhook outbox: entries {job, hook, event}, group
+"dispatchers"). Every script that changes a job's state appends its event (and outbox task) in the same step.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 from collections.abc import Awaitable, Callable, Iterable
@@ -20,14 +23,47 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from service import events
+from service.events import Emission, JobEvent
 from service.jobs import JobRecord, encode_fields
-from service.queue.base import Delivery, IdempotencyConflict, JobQueue, QueueFull, QueueUnavailable
+from service.queue.base import Delivery, IdempotencyConflict, JobQueue, QueueFull, QueueUnavailable, WebhookTask
 
 GROUP = "workers"
+WEBHOOK_GROUP = "dispatchers"
+OUTBOX_MAXLEN = 100_000  # approximate; only reached when no dispatcher has run for a long time
 T = TypeVar("T")
 
-# KEYS: job, stream, idem ('' for none). ARGV: job id, ttl, max depth, group, field, value, ...
-_SUBMIT = """
+# Appends an event to a job's event stream (MAXLEN, expiring with the job) and, when the job's webhook subscribed to
+# `hook`, a task to the webhook outbox. Returns the event id.
+_EMIT = """
+local function emit(job_key, ev_key, outbox_key, maxlen, ttl_ms, payload, hook, job_id, pos)
+  local id
+  if pos then
+    id = redis.call('XADD', ev_key, 'MAXLEN', maxlen, '*', 'e', payload, 'pos', pos)
+  else
+    id = redis.call('XADD', ev_key, 'MAXLEN', maxlen, '*', 'e', payload)
+  end
+  if ttl_ms > 0 then redis.call('PEXPIRE', ev_key, ttl_ms) end
+  if hook ~= '' then
+    local url = redis.call('HGET', job_key, 'webhook')
+    if url and url ~= 'null' then
+      local wanted = cjson.decode(redis.call('HGET', job_key, 'webhook_events') or '[]')
+      for _, w in ipairs(wanted) do
+        if w == hook then
+          redis.call('XADD', outbox_key, 'MAXLEN', '~', '""" + str(OUTBOX_MAXLEN) + """', '*',
+                     'job', job_id, 'hook', hook, 'event', id)
+          break
+        end
+      end
+    end
+  end
+  return id
+end
+"""
+
+# KEYS: job, stream, idem ('' for none), events, outbox. ARGV: job id, ttl, max depth, group, events maxlen,
+# queued event JSON, field, value, ...
+_SUBMIT = _EMIT + """
 if KEYS[3] ~= '' then
   local existing = redis.call('GET', KEYS[3])
   if existing then return {'existing', existing} end
@@ -35,39 +71,60 @@ end
 pcall(redis.call, 'XGROUP', 'CREATE', KEYS[2], ARGV[4], '0', 'MKSTREAM')
 local waiting = redis.call('XLEN', KEYS[2]) - redis.call('XPENDING', KEYS[2], ARGV[4])[1]
 if waiting >= tonumber(ARGV[3]) then return {'full', tostring(waiting)} end
-redis.call('HSET', KEYS[1], unpack(ARGV, 5))
+redis.call('HSET', KEYS[1], unpack(ARGV, 7))
 local id = redis.call('XADD', KEYS[2], '*', 'job', ARGV[1])
 redis.call('HSET', KEYS[1], 'msg_id', cjson.encode(id))
 redis.call('EXPIRE', KEYS[1], ARGV[2])
 if KEYS[3] ~= '' then redis.call('SET', KEYS[3], ARGV[1], 'EX', ARGV[2]) end
+emit(KEYS[1], KEYS[4], KEYS[5], ARGV[5], tonumber(ARGV[2]) * 1000, ARGV[6], '', ARGV[1], tostring(waiting))
 return {'created', id}
 """
 
-# KEYS: job. ARGV: ttl, n_from, from..., field, value, ... (all values JSON text). 1 = applied, 0 = not, -1 = gone.
-_TRANSITION = """
+# KEYS: job, events, outbox. ARGV: ttl, events maxlen, event JSON, hook ('' for none), job id, n_from, from...,
+# field, value, ... (all values JSON text). 1 = applied, 0 = not, -1 = gone.
+_TRANSITION = _EMIT + """
 local cur = redis.call('HGET', KEYS[1], 'status')
 if not cur then return -1 end
-local n = tonumber(ARGV[2])
+local n = tonumber(ARGV[6])
 local ok = false
-for i = 3, n + 2 do if ARGV[i] == cur then ok = true end end
+for i = 7, n + 6 do if ARGV[i] == cur then ok = true end end
 if not ok then return 0 end
-redis.call('HSET', KEYS[1], unpack(ARGV, n + 3))
+redis.call('HSET', KEYS[1], unpack(ARGV, n + 7))
 redis.call('EXPIRE', KEYS[1], ARGV[1])
+emit(KEYS[1], KEYS[2], KEYS[3], ARGV[2], tonumber(ARGV[1]) * 1000, ARGV[3], ARGV[4], ARGV[5], nil)
 return 1
 """
 
-# KEYS: jobs. ARGV: step_total JSON pairs per job. Returns each status (JSON text) or false.
-_PROGRESS = """
+# KEYS: n jobs, their n event streams, the outbox. ARGV: events maxlen, then per job: id, step_total JSON pair,
+# event JSON. Returns each status (JSON text) or false.
+_PROGRESS = _EMIT + """
 local out = {}
-for i, key in ipairs(KEYS) do
+local n = (#KEYS - 1) / 2
+for i = 1, n do
+  local key = KEYS[i]
   local cur = redis.call('HGET', key, 'status')
   if cur == '"running"' then
-    local p = cjson.decode(ARGV[i])
+    local base = 3 * (i - 1) + 1
+    local p = cjson.decode(ARGV[base + 2])
     redis.call('HSET', key, 'progress_step', tostring(p[1]), 'progress_total', tostring(p[2]))
+    emit(key, KEYS[n + i], KEYS[#KEYS], ARGV[1], redis.call('PTTL', key), ARGV[base + 3], 'progress', ARGV[base + 1],
+         nil)
   end
   out[i] = cur
 end
 return out
+"""
+
+# KEYS: job. ARGV: attempt JSON, how many to keep. Appends to the job's webhook_attempts (a JSON list).
+_ATTEMPT = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+local raw = redis.call('HGET', KEYS[1], 'webhook_attempts')
+local list = {}
+if raw and raw ~= '[]' then list = cjson.decode(raw) end
+table.insert(list, cjson.decode(ARGV[1]))
+while #list > tonumber(ARGV[2]) do table.remove(list, 1) end
+redis.call('HSET', KEYS[1], 'webhook_attempts', cjson.encode(list))
+return 1
 """
 
 _RELEASE = """
@@ -94,8 +151,9 @@ def _unavailable(fn: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]
 
 
 class RedisQueue(JobQueue):
-    def __init__(self, url: str, prefix: str = "ptq4dm") -> None:
+    def __init__(self, url: str, prefix: str = "ptq4dm", events_maxlen: int = 500) -> None:
         self.prefix = prefix
+        self.events_maxlen = events_maxlen
         self.r = aioredis.Redis.from_url(
             url, socket_connect_timeout=2, socket_timeout=10, health_check_interval=5,
             # Pooled connections go stale when Redis restarts: retry once on a fresh one before reporting 503.
@@ -106,6 +164,7 @@ class RedisQueue(JobQueue):
         self._transition = self.r.register_script(_TRANSITION)
         self._progress = self.r.register_script(_PROGRESS)
         self._release = self.r.register_script(_RELEASE)
+        self._attempt = self.r.register_script(_ATTEMPT)
 
     def _k(self, *parts: str) -> str:
         return ":".join((self.prefix, *parts))
@@ -122,10 +181,11 @@ class RedisQueue(JobQueue):
     async def submit(self, job: JobRecord, idempotency_key: str | None, max_depth: int,
                      ttl_s: int) -> tuple[JobRecord, bool]:
         idem = self._k("idem", idempotency_key) if idempotency_key is not None else ""
-        args: list[Any] = [job.id, ttl_s, max_depth, GROUP]
+        args: list[Any] = [job.id, ttl_s, max_depth, GROUP, self.events_maxlen, events.queued(job.id).encoded()]
         for key, value in job.to_fields().items():
             args += [key, value]
-        kind, value = await self._submit(keys=[self._k("job", job.id), self._stream(job.stream), idem], args=args)
+        keys = [self._k("job", job.id), self._stream(job.stream), idem, self._k("events", job.id), self._k("webhooks")]
+        kind, value = await self._submit(keys=keys, args=args)
         kind, value = kind.decode(), value.decode()
         if kind == "full":
             raise QueueFull(job.stream, int(value))
@@ -239,12 +299,14 @@ class RedisQueue(JobQueue):
 
     @_unavailable
     async def transition(self, job_id: str, to: str, from_states: Iterable[str], ttl_s: int,
-                         **fields: object) -> JobRecord | None:
+                         emit: Emission | None = None, **fields: object) -> JobRecord | None:
+        emit = emit or events.state_change(job_id, to)
         states = [json.dumps(s) for s in from_states]
-        args: list[Any] = [ttl_s, len(states), *states]
+        args: list[Any] = [ttl_s, self.events_maxlen, emit.encoded(), emit.hook or "", job_id, len(states), *states]
         for key, value in encode_fields(**fields, status=to).items():
             args += [key, value]
-        applied = await self._transition(keys=[self._k("job", job_id)], args=args)
+        keys = [self._k("job", job_id), self._k("events", job_id), self._k("webhooks")]
+        applied = await self._transition(keys=keys, args=args)
         return await self.get(job_id) if applied == 1 else None
 
     @_unavailable
@@ -252,9 +314,62 @@ class RedisQueue(JobQueue):
         ids = list(progress)
         if not ids:
             return {}
-        statuses = await self._progress(keys=[self._k("job", i) for i in ids],
-                                        args=[json.dumps(list(progress[i])) for i in ids])
+        args: list[Any] = [self.events_maxlen]
+        for i in ids:
+            step, total = progress[i]
+            args += [i, json.dumps([step, total]), events.progress(i, step, total).encoded()]
+        keys = [self._k("job", i) for i in ids] + [self._k("events", i) for i in ids] + [self._k("webhooks")]
+        statuses = await self._progress(keys=keys, args=args)
         return {i: (json.loads(s) if s else None) for i, s in zip(ids, statuses, strict=True)}
+
+    @_unavailable
+    async def read_events(self, job_id: str, after: str | None, block_ms: int) -> list[JobEvent]:
+        key = self._k("events", job_id)
+        reply = await self.r.xread({key: after or "0-0"}, count=100, block=block_ms if block_ms > 0 else None)
+        out = []
+        for _, entries in reply or []:
+            for msg_id, fields in entries:
+                data = json.loads(fields[b"e"])
+                if b"pos" in fields:
+                    data["queue_position"] = int(fields[b"pos"])
+                out.append(JobEvent(msg_id.decode(), data))
+        return out
+
+    # -- webhook outbox --------------------------------------------------------------------------------------------
+    @_unavailable
+    async def read_webhooks(self, consumer: str, count: int, block_ms: int, min_idle_ms: int) -> list[WebhookTask]:
+        key = self._k("webhooks")
+        try:
+            reply = await self.r.xautoclaim(key, WEBHOOK_GROUP, consumer, min_idle_ms, "0-0", count=count)
+        except ResponseError as exc:
+            if "NOGROUP" not in str(exc):
+                raise
+            with contextlib.suppress(ResponseError):  # BUSYGROUP: another dispatcher created it meanwhile
+                await self.r.xgroup_create(key, WEBHOOK_GROUP, id="0", mkstream=True)
+            reply = [b"0-0", []]
+        out = [_webhook_task(msg_id, fields) for msg_id, fields in reply[1] if fields]
+        if len(out) < count:
+            fresh = await self.r.xreadgroup(WEBHOOK_GROUP, consumer, {key: ">"}, count=count - len(out),
+                                            block=None if out or block_ms <= 0 else block_ms)
+            out += [_webhook_task(msg_id, fields) for _, entries in fresh or [] for msg_id, fields in entries]
+        return out
+
+    @_unavailable
+    async def renew_webhooks(self, tasks: Iterable[WebhookTask], consumer: str) -> None:
+        ids = [t.msg_id for t in tasks]
+        if ids:
+            await self.r.xclaim(self._k("webhooks"), WEBHOOK_GROUP, consumer, 0, ids, justid=True)
+
+    @_unavailable
+    async def ack_webhook(self, task: WebhookTask) -> None:
+        pipe = self.r.pipeline(transaction=True)
+        pipe.xack(self._k("webhooks"), WEBHOOK_GROUP, task.msg_id)
+        pipe.xdel(self._k("webhooks"), task.msg_id)
+        await pipe.execute()
+
+    @_unavailable
+    async def record_webhook_attempt(self, job_id: str, attempt: dict, keep: int) -> None:
+        await self._attempt(keys=[self._k("job", job_id)], args=[json.dumps(attempt), keep])
 
     @_unavailable
     async def store_images(self, job_id: str, pngs: list[bytes], ttl_s: int) -> None:
@@ -332,6 +447,10 @@ class RedisQueue(JobQueue):
 
     async def close(self) -> None:
         await self.r.aclose()
+
+
+def _webhook_task(msg_id: bytes, fields: dict[bytes, bytes]) -> WebhookTask:
+    return WebhookTask(msg_id.decode(), fields[b"job"].decode(), fields[b"hook"].decode(), fields[b"event"].decode())
 
 
 def _id_tuple(msg_id: str) -> tuple[int, int]:

@@ -1,4 +1,4 @@
-"""/v1: submit, poll, fetch images, cancel, and the synchronous /v1/generate."""
+"""/v1: submit, poll or follow (Server-Sent Events), fetch images, cancel, and the synchronous /v1/generate."""
 
 from __future__ import annotations
 
@@ -6,16 +6,20 @@ import base64
 import hashlib
 import json
 import secrets
+from collections.abc import AsyncIterator
 from typing import Annotated
 
 from fastapi import APIRouter, Header, HTTPException, Path, Request, Response
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, StreamingResponse
 
+from service import events
 from service.deps import Services, Svc, field_error
 from service.errors import clip_text
 from service.jobs import JobRecord
+from service.queue import QueueUnavailable
 from service.responses import BODY_ERRORS, errors
-from service.schemas import GeneratedImages, GenerateRequest, JobCreated, JobRequest, JobStatus, Progress, Timings
+from service.schemas import GeneratedImages, GenerateRequest, JobCreated, JobRequest, JobStatus, job_status
+from service.webhooks import url_problem
 
 router = APIRouter(prefix="/v1", tags=["jobs"])
 
@@ -44,27 +48,25 @@ def build_job(req: JobRequest, svc: Services) -> JobRecord:
         raise field_error("n", f"n must be in 1..{s.max_n}", req.n)
     if sampler == "ddpm" and req.eta != 0.0:
         raise field_error("eta", "eta applies to the ddim sampler only; leave it at 0 for ddpm", req.eta)
+    if req.webhook is not None:
+        if s.webhook_secret is None:
+            raise field_error("webhook", "webhooks are off on this server: no webhook_secret is configured "
+                              "(PTQ4DM_WEBHOOK_SECRET)", req.webhook)
+        problem = url_problem(req.webhook, s.webhook_allowed_hosts, s.webhook_allow_loopback)
+        if problem is not None:
+            raise field_error("webhook", f"webhook URL refused: {problem}", req.webhook)
     seed = req.seed if req.seed is not None else secrets.randbelow(2**31)
     # The fingerprint is the request as sent (seed absent stays absent): a retried request matches it.
     sent = req.model_dump(exclude={"timeout_s"})
     fingerprint = hashlib.sha256(json.dumps(sent, sort_keys=True).encode()).hexdigest()
     return JobRecord(model=model, precision=req.precision, sampler=sampler, steps=steps, eta=req.eta, n=req.n,
-                     seed=seed, fingerprint=fingerprint)
+                     seed=seed, fingerprint=fingerprint, webhook=req.webhook,
+                     webhook_events=list(req.webhook_events) if req.webhook else [])
 
 
 async def to_status(job: JobRecord, svc: Services) -> JobStatus:
     position = await svc.queue.position(job) if job.status == "queued" else None
-    wait = job.started_at - job.created_at if job.started_at else None
-    run = job.finished_at - job.started_at if job.finished_at and job.started_at else None
-    images = [f"/v1/jobs/{job.id}/images/{k}" for k in range(job.n)] if job.status == "succeeded" else []
-    return JobStatus(
-        id=job.id, status=job.status, model=job.model, precision=job.precision, sampler=job.sampler,
-        steps=job.steps, eta=job.eta, n=job.n, seed=job.seed, seeds=job.seeds,
-        progress=Progress(step=job.progress_step, total=job.progress_total or job.steps), queue_position=position,
-        timings=Timings(created_at=job.created_at, started_at=job.started_at, finished_at=job.finished_at,
-                        wait_s=wait, run_s=run, compute_s=job.compute_s),
-        attempts=job.attempts, worker=job.worker, model_version=job.model_version,
-        calibration_hash=job.calibration_hash, error=job.error, images=images)
+    return job_status(job, position)
 
 
 async def submit(req: JobRequest, svc: Services, idempotency_key: str | None) -> tuple[JobRecord, bool]:
@@ -99,6 +101,52 @@ async def create_job(req: JobRequest, response: Response, svc: Svc,
 @router.get("/jobs/{job_id}", response_model=JobStatus, responses=_JOB_ERRORS)
 async def read_job(job_id: str, svc: Svc) -> JobStatus:
     return await to_status(await get_job(job_id, svc), svc)
+
+
+_SSE_DOC = ("`text/event-stream`: events `queued` (`queue_position`: jobs ahead at submission), `running` "
+            "(`step`/`total`), then one of `succeeded` (`images`: URLs), `failed` (`error`), `cancelled`, after which "
+            "the stream ends. Each event's `id:` is resumable: reconnect with `Last-Event-ID` to get only the events "
+            "after it. Comments (`: keepalive`) every few seconds while nothing happens.")
+
+
+@router.get("/jobs/{job_id}/events", response_class=StreamingResponse,
+            responses={200: {"content": {"text/event-stream": {"schema": {"type": "string"}}},
+                             "description": _SSE_DOC},
+                       204: {"description": "the job already finished and Last-Event-ID is its last event"},
+                       **_JOB_ERRORS})
+async def job_events(job_id: str, svc: Svc, last_event_id: Annotated[str | None, Header(
+        alias="Last-Event-ID", max_length=64, description="resume after this event id")] = None) -> Response:
+    """Follow a job live (Server-Sent Events) until it succeeds, fails or is cancelled."""
+    job = await get_job(job_id, svc)
+    after = events.valid_event_id(last_event_id)
+    first = await svc.queue.read_events(job_id, after, 0)
+    if not first and job.terminal:
+        return Response(status_code=204)  # nothing left to tell: EventSource clients stop reconnecting on 204
+    headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no", "X-Job-Id": job_id}
+    return StreamingResponse(_event_stream(svc, job_id, first, after), media_type="text/event-stream",
+                             headers=headers)
+
+
+async def _event_stream(svc: Services, job_id: str, first: list[events.JobEvent],
+                        after: str | None) -> AsyncIterator[bytes]:
+    """Relay the job's event stream (blocking reads, no polling) until its terminal event; keepalive comments
+    between events let proxies and clients tell a quiet job from a dead connection."""
+    yield events.SSE_RETRY
+    batch = first
+    while True:
+        for event in batch:
+            yield events.sse_message(event)
+            after = event.id
+            if event.terminal:
+                return
+        try:
+            batch = await svc.queue.read_events(job_id, after, events.BLOCK_SLICE_MS)
+        except QueueUnavailable:
+            return  # the client reconnects with its Last-Event-ID once Redis is back
+        if not batch:
+            if await svc.queue.get(job_id) is None:
+                return  # expired
+            yield events.SSE_KEEPALIVE
 
 
 @router.get("/jobs/{job_id}/images/{k}", response_class=Response,
