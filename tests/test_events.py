@@ -1,0 +1,236 @@
+"""Live job events: the queue's event streams (both backends) and GET /v1/jobs/{id}/events over real HTTP.
+
+The app runs under uvicorn on loopback (real HTTP, real streaming); with Redis, two API replicas share one
+redis-server: a client follows a job on one and resumes with Last-Event-ID on the other.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import shutil
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+import pytest_asyncio
+import uvicorn
+
+from service import events
+from service.api import create_app
+from service.jobs import JobRecord, stream_name
+from service.queue import MemoryQueue
+from service.settings import ServiceSettings
+
+pytest_plugins = ["service.testing"]
+HAVE_REDIS = shutil.which("redis-server") is not None
+NO_REDIS = pytest.mark.skipif(not HAVE_REDIS, reason="no redis-server")
+BACKENDS = ["memory", pytest.param("redis", marks=NO_REDIS)]
+STREAM = stream_name("tiny", "fp32")
+
+
+# -- the queue contract ------------------------------------------------------------------------------------------
+@pytest_asyncio.fixture(params=BACKENDS)
+async def queue(request: pytest.FixtureRequest):
+    if request.param == "memory":
+        q = MemoryQueue(events_maxlen=10)
+    else:
+        from service.queue.redis import RedisQueue
+
+        q = RedisQueue(request.getfixturevalue("redis_server").url, request.getfixturevalue("redis_prefix"),
+                       events_maxlen=10)
+    await q.ensure_streams([STREAM])
+    yield q
+    await q.close()
+
+
+def job(**kw: object) -> JobRecord:
+    return JobRecord(**{"model": "tiny", "precision": "fp32", "sampler": "ddim", "steps": 4, "n": 2, "seed": 1, **kw})
+
+
+@pytest.mark.asyncio
+async def test_state_changes_record_ordered_events_and_reads_block_until_one_arrives(queue):
+    first, _ = await queue.submit(job(), None, 10, 60)
+    second, _ = await queue.submit(job(), None, 10, 60)
+    assert [(e.type, e.data["queue_position"]) for e in await queue.read_events(second.id, None, 0)] == [("queued", 1)]
+    await queue.transition(first.id, "running", ("queued",), 60, emit=events.started(first.id, 4))
+    await queue.set_progress({first.id: (2, 4)})
+    reader = asyncio.create_task(queue.read_events(first.id, (await queue.read_events(first.id, None, 0))[-1].id, 3000))
+    await asyncio.sleep(0.1)
+    t0 = time.monotonic()
+    await queue.transition(first.id, "succeeded", ("running",), 60, emit=events.succeeded(first.id, 2))
+    woke = await reader
+    assert time.monotonic() - t0 < 1.0 and [e.type for e in woke] == ["succeeded"]
+    got = await queue.read_events(first.id, None, 0)
+    assert [e.type for e in got] == ["queued", "running", "running", "succeeded"]
+    assert [e.id for e in got] == sorted((e.id for e in got), key=events.id_key) and len({e.id for e in got}) == 4
+    assert got[2].data["step"] == 2 and got[2].data["total"] == 4
+    assert got[3].data["images"] == [f"/v1/jobs/{first.id}/images/{k}" for k in range(2)]
+    assert await queue.read_events(first.id, got[1].id, 0) == got[2:]  # resume after an id: no repeats, no gaps
+    assert await queue.read_events(first.id, got[3].id, 50) == []
+    # A transition that does not apply (already terminal) records nothing.
+    assert await queue.transition(first.id, "cancelled", ("queued", "running"), 60) is None
+    assert len(await queue.read_events(first.id, None, 0)) == 4
+
+
+@pytest.mark.asyncio
+async def test_event_stream_is_bounded_and_webhook_tasks_follow_the_subscription(queue):
+    hooked, _ = await queue.submit(job(webhook="http://example.com/h", webhook_events=["start", "completed"]),
+                                   None, 10, 60)
+    plain, _ = await queue.submit(job(), None, 10, 60)
+    for j in (hooked, plain):
+        await queue.transition(j.id, "running", ("queued",), 60, emit=events.started(j.id, 40))
+        for step in range(1, 30):
+            await queue.set_progress({j.id: (step, 40)})
+        await queue.transition(j.id, "succeeded", ("running",), 60, emit=events.succeeded(j.id, 2))
+    kept = await queue.read_events(hooked.id, None, 0)
+    assert len(kept) == 10 and kept[-1].type == "succeeded"  # MAXLEN: the oldest progress went, the end stays
+    tasks = await queue.read_webhooks("d1", 10, 100, 60_000)
+    assert [(t.job_id, t.hook) for t in tasks] == [(hooked.id, "start"), (hooked.id, "completed")]
+    assert tasks[1].event_id == kept[-1].id
+    assert await queue.read_webhooks("d2", 10, 50, 60_000) == []  # pending with d1
+    await queue.ack_webhook(tasks[0])
+    reclaimed = await queue.read_webhooks("d2", 10, 50, 0)  # d1 "died": its unacked task is reclaimed
+    assert reclaimed == [tasks[1]]
+    for k in range(25):
+        await queue.record_webhook_attempt(hooked.id, {"webhook_id": "w", "attempt": k, "ok": False}, 20)
+    attempts = (await queue.get(hooked.id)).webhook_attempts
+    assert [a["attempt"] for a in attempts] == list(range(5, 25))
+
+
+# -- over HTTP ---------------------------------------------------------------------------------------------------
+def make_settings(tiny_model_dir: Path, **overrides: object) -> ServiceSettings:
+    base = {"models": [f"tiny={tiny_model_dir}"], "precisions": ["fp32"], "default_steps": 2, "max_n": 4,
+            "block_ms": 100, "max_wait_ms": 5, "result_ttl_s": 120, "generate_timeout_s": 20, "heartbeat_ms": 200,
+            "lease_ms": 5000, "progress_interval_ms": 0}
+    return ServiceSettings(**{**base, **overrides})
+
+
+@contextlib.contextmanager
+def served(settings: ServiceSettings) -> Iterator[str]:
+    """The app under uvicorn in a thread: real HTTP and real streaming (TestClient buffers whole responses)."""
+    from service.testing import free_port
+
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(create_app(settings), host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
+        time.sleep(0.02)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(30)
+
+
+def wait_ready(url: str, timeout_s: float = 60) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        r = httpx.get(f"{url}/readyz")
+        if r.status_code == 200 and all(m["state"] == "ready" for m in r.json().get("models", {}).values()):
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"never ready: {httpx.get(f'{url}/readyz').json()}")
+
+
+def read_sse(lines: Iterator[str], stop_after: int | None = None) -> list[dict]:
+    """Parse Server-Sent Events into {id, event, data}; until the server ends the stream (or `stop_after`)."""
+    out: list[dict] = []
+    current: dict = {}
+    for line in lines:
+        if line == "":
+            if "data" in current:
+                out.append({**current, "data": json.loads(current["data"])})
+                if stop_after is not None and len(out) >= stop_after:
+                    return out
+            current = {}
+        elif not line.startswith(":"):
+            name, _, value = line.partition(":")
+            current[name] = value.removeprefix(" ")
+    return out
+
+
+@pytest.fixture
+def replicas(request: pytest.FixtureRequest, tiny_model_dir: Path) -> Iterator[tuple[str, str]]:
+    """(url A, url B): with Redis two API replicas (A runs the embedded worker); in memory one app twice."""
+    if request.param == "memory":
+        with served(make_settings(tiny_model_dir)) as url:
+            wait_ready(url)
+            yield url, url
+        return
+    shared = {"redis_url": request.getfixturevalue("redis_server").url,
+              "redis_prefix": request.getfixturevalue("redis_prefix")}
+    with served(make_settings(tiny_model_dir, embedded_worker=True, **shared)) as a, \
+            served(make_settings(tiny_model_dir, embedded_worker=False, **shared)) as b:
+        wait_ready(a)
+        yield a, b
+
+
+@pytest.mark.parametrize("replicas", BACKENDS, indirect=True)
+def test_sse_queued_running_succeeded_and_resume_with_last_event_id(replicas):
+    a, b = replicas
+    with httpx.Client(timeout=30) as client:
+        job_id = client.post(f"{a}/v1/jobs", json={"steps": 40, "n": 2, "seed": 5}).json()["id"]
+        with client.stream("GET", f"{a}/v1/jobs/{job_id}/events") as r:
+            assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+            seen = read_sse(r.iter_lines())  # returns when the server ends the stream, after the terminal event
+        types = [e["event"] for e in seen]
+        assert types[0] == "queued" and seen[0]["data"]["queue_position"] == 0
+        assert types[-1] == "succeeded" and set(types[1:-1]) == {"running"} and len(types) >= 4
+        running = [e["data"] for e in seen if e["event"] == "running"]
+        assert running[0] == {**running[0], "step": 0, "total": 40}
+        assert [d["step"] for d in running] == sorted(d["step"] for d in running) and running[-1]["step"] > 0
+        assert all(d["total"] == 40 for d in running)
+        assert seen[-1]["data"]["images"] == [f"/v1/jobs/{job_id}/images/{k}" for k in range(2)]
+        assert all(e["data"]["job_id"] == job_id for e in seen)
+        assert client.get(f"{b}{seen[-1]['data']['images'][1]}").status_code == 200
+        # Reconnect (on the other replica) after the second event: exactly the rest, same ids, same data.
+        with client.stream("GET", f"{b}/v1/jobs/{job_id}/events", headers={"Last-Event-ID": seen[1]["id"]}) as r:
+            assert read_sse(r.iter_lines()) == seen[2:]
+        # After the terminal event there is nothing left: 204 tells EventSource clients to stop reconnecting.
+        done = client.get(f"{b}/v1/jobs/{job_id}/events", headers={"Last-Event-ID": seen[-1]["id"]})
+        assert done.status_code == 204
+        assert client.get(f"{b}/v1/jobs/nope/events").status_code == 404
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_sse_is_live_across_replicas_until_cancelled(backend, tiny_model_dir, request):
+    """No worker: the job stays queued, the stream waits on a blocking read; a cancel through another replica (or
+    the same app) arrives as the `cancelled` event and ends the stream."""
+    shared = {"embedded_worker": False}
+    if backend == "redis":
+        shared |= {"redis_url": request.getfixturevalue("redis_server").url,
+                   "redis_prefix": request.getfixturevalue("redis_prefix")}
+    with contextlib.ExitStack() as stack:
+        a = stack.enter_context(served(make_settings(tiny_model_dir, **shared)))
+        b = stack.enter_context(served(make_settings(tiny_model_dir, **shared))) if backend == "redis" else a
+        client = stack.enter_context(httpx.Client(timeout=30))
+        client.post(f"{a}/v1/jobs", json={})
+        job_id = client.post(f"{a}/v1/jobs", json={}).json()["id"]
+        got: list[dict] = []
+        with client.stream("GET", f"{a}/v1/jobs/{job_id}/events") as r:
+            lines = r.iter_lines()
+            got += read_sse(lines, stop_after=1)
+            assert got[0]["event"] == "queued" and got[0]["data"]["queue_position"] == 1
+            cancel_at = time.monotonic()
+            threading.Timer(0.3, lambda: httpx.delete(f"{b}/v1/jobs/{job_id}")).start()
+            got += read_sse(lines)
+        assert [e["event"] for e in got] == ["queued", "cancelled"]
+        assert 0.3 <= time.monotonic() - cancel_at < 3
+
+
+def test_generate_waits_on_events_not_polling(tiny_model_dir):
+    """/v1/generate returns as soon as the terminal event lands (the wait blocks on the job's event stream)."""
+    with served(make_settings(tiny_model_dir)) as url:
+        wait_ready(url)
+        r = httpx.post(f"{url}/v1/generate", json={"seed": 4, "steps": 3}, timeout=30)
+        assert r.status_code == 200 and r.json()["seeds"] == [4]
+        job = httpx.get(f"{url}/v1/jobs/{r.json()['id']}").json()
+        assert job["status"] == "succeeded" and job["webhook"] is None and job["webhook_attempts"] == []
