@@ -23,6 +23,7 @@ from urllib.parse import urlsplit
 import httpx
 
 from service.jobs import JobRecord
+from service.metrics import Metrics
 from service.queue.base import JobQueue, QueueUnavailable, WebhookTask
 from service.schemas import job_status
 from service.settings import ServiceSettings
@@ -40,8 +41,10 @@ class _Refused(Exception):
 
 
 class WebhookDispatcher:
-    def __init__(self, settings: ServiceSettings, queue: JobQueue, consumer: str) -> None:
+    def __init__(self, settings: ServiceSettings, queue: JobQueue, consumer: str,
+                 metrics: Metrics | None = None) -> None:
         self.settings = settings
+        self.metrics = metrics or Metrics()
         self.queue = queue
         self.consumer = consumer
         self._held: dict[str, WebhookTask] = {}
@@ -129,12 +132,14 @@ class WebhookDispatcher:
                 response = await self._post(client, job.webhook, webhook_id, body)
                 record["status_code"] = response.status_code
                 record["ok"] = 200 <= response.status_code < 300
+                outcome = "ok" if record["ok"] else "http_error"
                 if not record["ok"]:
                     record["error"] = f"HTTP {response.status_code}"
             except _Refused as exc:
-                record["error"], final = f"refused: {exc}", True
+                record["error"], final, outcome = f"refused: {exc}", True, "refused"
             except httpx.HTTPError as exc:
-                record["error"] = f"{type(exc).__name__}: {exc}"[:300]
+                record["error"], outcome = f"{type(exc).__name__}: {exc}"[:300], "network_error"
+            self.metrics.webhook_attempts.labels(outcome).inc()
             await self.queue.record_webhook_attempt(job.id, record, ATTEMPTS_KEPT)
             if record["ok"] or final:
                 return

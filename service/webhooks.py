@@ -16,6 +16,7 @@ from urllib.parse import urlsplit
 
 MAX_URL_LENGTH = 2048
 ATTEMPTS_KEPT = 20  # delivery attempts listed on a job record (the newest)
+OUTBOX_MAXLEN = 100_000  # undelivered webhook tasks kept (only reached when no dispatcher runs for a long time)
 ALLOWED_SCHEMES = ("http", "https")
 # Cloud instance-metadata endpoints: a webhook aimed at one would hand the response (credentials) to nobody, but
 # the request itself can act with the instance's identity.

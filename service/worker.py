@@ -72,7 +72,7 @@ class Worker:
         self._control_last: str | None = None
         self._ops: list[dict] = []
         self._preparing: asyncio.Task | None = None
-        self.webhooks = WebhookDispatcher(settings, queue, self.id)
+        self.webhooks = WebhookDispatcher(settings, queue, self.id, self.metrics)
 
     # -- lifecycle -------------------------------------------------------------------------------------------------
     @property

@@ -152,6 +152,9 @@ def test_500_twice_then_200_is_delivered_on_the_third_try(tiny_model_dir, backen
             assert call["headers"]["webhook-signature"] == expected_signature(WHSEC_KEY, call["headers"], call["body"])
         time.sleep(0.3)
         assert len(receiver.calls) == 3  # delivered: no more tries
+        metrics = client.get("/metrics").text
+        assert 'ptq4dm_webhook_attempts_total{outcome="http_error"} 2.0' in metrics
+        assert 'ptq4dm_webhook_attempts_total{outcome="ok"} 1.0' in metrics
 
 
 def test_a_receiver_that_is_down_loses_nothing_but_the_delivery(tiny_model_dir):

@@ -15,6 +15,7 @@ from service import events
 from service.events import Emission, JobEvent
 from service.jobs import JobRecord
 from service.queue.base import Delivery, IdempotencyConflict, JobQueue, QueueFull, WebhookTask
+from service.webhooks import OUTBOX_MAXLEN
 
 
 @dataclass
@@ -76,6 +77,8 @@ class MemoryQueue(JobQueue):
         if emit.hook is not None and job.webhook and emit.hook in job.webhook_events:
             msg_id = self._next_id()
             self._outbox[msg_id] = WebhookTask(msg_id, job.id, emit.hook, event.id)
+            while len(self._outbox) > OUTBOX_MAXLEN:
+                self._outbox.popitem(last=False)
         self._notify()
 
     @staticmethod

@@ -27,10 +27,10 @@ from service import events
 from service.events import Emission, JobEvent
 from service.jobs import JobRecord, encode_fields
 from service.queue.base import Delivery, IdempotencyConflict, JobQueue, QueueFull, QueueUnavailable, WebhookTask
+from service.webhooks import OUTBOX_MAXLEN
 
 GROUP = "workers"
 WEBHOOK_GROUP = "dispatchers"
-OUTBOX_MAXLEN = 100_000  # approximate; only reached when no dispatcher has run for a long time
 T = TypeVar("T")
 
 # Appends an event to a job's event stream (MAXLEN, expiring with the job) and, when the job's webhook subscribed to
