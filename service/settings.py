@@ -132,6 +132,12 @@ class ServiceSettings(BaseSettings):
     def _json_object(cls, value: object) -> object:
         return json.loads(value) if isinstance(value, str) else value
 
+    @field_validator("webhook_secret", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, value: object) -> object:
+        """`PTQ4DM_WEBHOOK_SECRET=` (as in .env.example) means no secret, never an empty signing key."""
+        return None if value == "" else value
+
     @field_validator("backend")
     @classmethod
     def _known_backend(cls, value: str) -> str:
