@@ -7,7 +7,10 @@ redis-server: a client follows a job on one and resumes with Last-Event-ID on th
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
+import hashlib
+import hmac
 import json
 import shutil
 import threading
@@ -234,3 +237,59 @@ def test_generate_waits_on_events_not_polling(tiny_model_dir):
         assert r.status_code == 200 and r.json()["seeds"] == [4]
         job = httpx.get(f"{url}/v1/jobs/{r.json()['id']}").json()
         assert job["status"] == "succeeded" and job["webhook"] is None and job["webhook_attempts"] == []
+
+
+@pytest.mark.skipif(not HAVE_REDIS, reason="no redis-server")
+def test_a_ptq4dm_worker_process_feeds_the_stream_and_the_webhook(tiny_model_dir, redis_server, redis_prefix):
+    """Across processes: `ptq4dm worker` runs the job and delivers its webhook, an API-only replica streams it."""
+    import os
+    import subprocess
+    import sys
+    import tempfile
+
+    from service.testing import WebhookReceiver, free_port
+
+    secret = "events-test-secret"
+
+    health = free_port()
+    args = {"redis-url": redis_server.url, "redis-prefix": redis_prefix, "models": f"tiny={tiny_model_dir}",
+            "precisions": "fp32", "worker-id": "wev", "health-port": health, "torch-threads": 1, "block-ms": 100,
+            "heartbeat-ms": 200, "progress-interval-ms": 0, "webhook-secret": secret,
+            "webhook-allow-loopback": "true"}
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "TORCHINDUCTOR_CACHE_DIR": tempfile.mkdtemp(prefix="ptq4dm-ev-")}
+    worker = subprocess.Popen([sys.executable, "-m", "service.cli", "worker", *(f"--{k}={v}" for k, v in args.items())],
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    api = make_settings(tiny_model_dir, redis_url=redis_server.url, redis_prefix=redis_prefix, embedded_worker=False,
+                        webhook_secret=secret, webhook_allow_loopback=True)
+    try:
+        with WebhookReceiver() as receiver, served(api) as url, httpx.Client(timeout=30) as client:
+            deadline = time.monotonic() + 90
+            while not _answers(f"http://127.0.0.1:{health}/readyz"):
+                assert worker.poll() is None and time.monotonic() < deadline, "worker did not get ready"
+                time.sleep(0.1)
+            job_id = client.post(f"{url}/v1/jobs", json={"steps": 20, "webhook": receiver.url,
+                                                         "webhook_events": ["completed", "failed"]}).json()["id"]
+            with client.stream("GET", f"{url}/v1/jobs/{job_id}/events") as r:
+                seen = read_sse(r.iter_lines())
+            assert [seen[0]["event"], seen[1]["event"], seen[-1]["event"]] == ["queued", "running", "succeeded"]
+            assert seen[1]["data"]["total"] == 20 and len(seen) >= 4
+            deadline = time.monotonic() + 20
+            while not receiver.calls:
+                assert time.monotonic() < deadline, "no webhook"
+                time.sleep(0.05)
+            call = receiver.calls[0]
+            assert json.loads(call["body"])["type"] == "job.completed"
+            signed = f"{call['headers']['webhook-id']}.{call['headers']['webhook-timestamp']}.".encode() + call["body"]
+            mac = base64.b64encode(hmac.new(secret.encode(), signed, hashlib.sha256).digest()).decode()
+            assert call["headers"]["webhook-signature"] == f"v1,{mac}"
+    finally:
+        worker.terminate()
+        out, _ = worker.communicate(timeout=30)
+    assert worker.returncode == 0, out.decode(errors="replace")[-3000:]
+
+
+def _answers(url: str) -> bool:
+    try:
+        return httpx.get(url, timeout=1).status_code == 200
+    except httpx.HTTPError:
+        return False

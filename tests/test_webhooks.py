@@ -12,10 +12,8 @@ import hmac
 import json
 import secrets
 import shutil
-import threading
 import time
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -31,38 +29,10 @@ PLAIN_SECRET = "a-shared-secret"
 WHSEC_KEY = secrets.token_bytes(24)
 
 
-class Receiver:
-    """A webhook receiver on a loopback port that answers the scripted statuses in turn (then 200)."""
+def receiver_on_loopback(statuses: list[int] | None = None):  # noqa: ANN201
+    from service.testing import WebhookReceiver  # lazily: pytest loads service.testing as a plugin first
 
-    def __init__(self, statuses: list[int] | None = None) -> None:
-        self.statuses = list(statuses or [])
-        self.calls: list[dict] = []
-        receiver = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:  # noqa: N802 (http.server's naming)
-                body = self.rfile.read(int(self.headers["content-length"]))
-                receiver.calls.append({"headers": {k.lower(): v for k, v in self.headers.items()}, "body": body,
-                                       "at": time.time()})
-                status = receiver.statuses.pop(0) if receiver.statuses else 200
-                self.send_response(status)
-                self.send_header("content-length", "0")
-                self.end_headers()
-
-            def log_message(self, *_: object) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hooks/ptq4dm"
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-
-    def __enter__(self) -> Receiver:
-        self.thread.start()
-        return self
-
-    def __exit__(self, *_: object) -> None:
-        self.server.shutdown()
-        self.server.server_close()
+    return WebhookReceiver(statuses)
 
 
 def make_settings(tiny_model_dir: Path, **overrides: object) -> ServiceSettings:
@@ -102,7 +72,8 @@ def expected_signature(key: bytes, headers: dict, body: bytes) -> str:
 
 @pytest.mark.parametrize("backend_settings", BACKENDS, indirect=True)
 def test_completed_webhook_is_signed_and_carries_the_public_record(tiny_model_dir, backend_settings):
-    with Receiver() as receiver, TestClient(create_app(make_settings(tiny_model_dir, **backend_settings))) as client:
+    settings = make_settings(tiny_model_dir, **backend_settings)
+    with receiver_on_loopback() as receiver, TestClient(create_app(settings)) as client:
         wait_ready(client)
         r = client.post("/v1/jobs", json={"n": 2, "seed": 3, "webhook": receiver.url,
                                           "webhook_events": ["start", "completed"]})
@@ -133,7 +104,7 @@ def test_completed_webhook_is_signed_and_carries_the_public_record(tiny_model_di
 def test_500_twice_then_200_is_delivered_on_the_third_try(tiny_model_dir, backend_settings):
     secret = "whsec_" + base64.b64encode(WHSEC_KEY).decode()  # Standard Webhooks' secret format: base64 key
     settings = make_settings(tiny_model_dir, webhook_secret=secret, **backend_settings)
-    with Receiver([500, 500]) as receiver, TestClient(create_app(settings)) as client:
+    with receiver_on_loopback([500, 500]) as receiver, TestClient(create_app(settings)) as client:
         wait_ready(client)
         job_id = client.post("/v1/jobs", json={"seed": 1, "webhook": receiver.url}).json()["id"]
         job = wait_until(lambda: len((j := client.get(f"/v1/jobs/{job_id}").json())["webhook_attempts"]) >= 3 and j)
@@ -158,7 +129,7 @@ def test_500_twice_then_200_is_delivered_on_the_third_try(tiny_model_dir, backen
 
 
 def test_a_receiver_that_is_down_loses_nothing_but_the_delivery(tiny_model_dir):
-    with Receiver() as receiver:
+    with receiver_on_loopback() as receiver:
         down = receiver.url  # closed when the block ends: connections are refused
     with TestClient(create_app(make_settings(tiny_model_dir, webhook_max_attempts=2))) as client:
         wait_ready(client)
