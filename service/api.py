@@ -33,7 +33,7 @@ log = logging.getLogger(__name__)
 
 
 def build_services(settings: ServiceSettings, queue: JobQueue | None = None) -> Services:
-    queue = queue or make_queue(settings.redis_url, settings.redis_prefix)
+    queue = queue or make_queue(settings.redis_url, settings.redis_prefix, settings.priority_aging_batches)
     metrics = Metrics()
     precisions = served_precisions(settings.precisions)
     if not precisions:

@@ -47,6 +47,17 @@ def field_error(field_name: str, msg: str, value: object = None, status: int = 4
 _bearer = HTTPBearer(auto_error=False, description="PTQ4DM_ADMIN_TOKEN")
 
 
+def is_admin(svc: Svc,
+             credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)] = None) -> bool:
+    """Whether the request carries the admin token (routes open to all that grant the admin more, e.g. priority)."""
+    token = svc.settings.admin_token
+    return bool(token) and credentials is not None and secrets.compare_digest(credentials.credentials.encode(),
+                                                                               token.encode())
+
+
+IsAdmin = Annotated[bool, Depends(is_admin)]
+
+
 def require_admin(svc: Svc,
                   credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)] = None) -> None:
     """No token configured: admin routes do not exist (404). Wrong or missing token: 401."""

@@ -44,6 +44,7 @@ class JobRecord(BaseModel):
     worker: str | None = None
     msg_id: str | None = None
     fingerprint: str = ""
+    priority: int = 5  # 0..9, 9 first (service.priority); records from before priorities read as normal
 
     @property
     def stream(self) -> str:

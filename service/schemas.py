@@ -7,6 +7,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 from service.jobs import JobState
+from service.priority import PriorityValue
 
 MAX_SEED = 2**32 - 1
 
@@ -28,6 +29,9 @@ class JobRequest(BaseModel):
     n: int = Field(1, ge=1, description="images, 1..max_n; image k uses seed + k")
     seed: int | None = Field(None, ge=0, le=MAX_SEED, description="chosen and returned when absent")
     precision: str = Field("fp32", description="one of the served precisions (fp32, w8a8, w4a8, ...)")
+    priority: PriorityValue | None = Field(None, description="high, normal (default), low, or 0..9 (high=9, normal=5, "
+                                           "low=1): higher priorities are served first; above normal may need the "
+                                           "admin token (high_priority_requires_token)")
 
     @field_validator("eta")
     @classmethod
@@ -75,8 +79,10 @@ class JobStatus(BaseModel):
     n: int
     seed: int
     seeds: list[int]
+    priority: int = Field(5, description="0..9, served high to low (high=9, normal=5, low=1)")
     progress: Progress
-    queue_position: int | None
+    queue_position: int | None = Field(description="jobs served before it: every waiting job of a higher "
+                                       "priority, then the older ones of its own")
     timings: Timings
     attempts: int
     worker: str | None = Field(description="the worker that ran (or runs) it")

@@ -11,9 +11,10 @@ from typing import Annotated
 from fastapi import APIRouter, Header, HTTPException, Path, Request, Response
 from fastapi.responses import JSONResponse
 
-from service.deps import Services, Svc, field_error
+from service.deps import IsAdmin, Services, Svc, field_error
 from service.errors import clip_text
 from service.jobs import JobRecord
+from service.priority import NORMAL, level
 from service.responses import BODY_ERRORS, errors
 from service.schemas import GeneratedImages, GenerateRequest, JobCreated, JobRequest, JobStatus, Progress, Timings
 
@@ -27,9 +28,13 @@ _IDEMPOTENCY_REUSED = "the Idempotency-Key was already used for a different requ
 _LOCATION = {"Location": {"description": "the job's status URL", "schema": {"type": "string"}}}
 
 
-def build_job(req: JobRequest, svc: Services) -> JobRecord:
+def build_job(req: JobRequest, svc: Services, admin: bool = False) -> JobRecord:
     """Fill defaults and check what depends on configuration; 422 names the field and lists what is served."""
     s = svc.settings
+    priority = level(req.priority)
+    if priority > NORMAL and s.high_priority_requires_token and not admin:
+        raise field_error("priority", "priorities above normal need 'Authorization: Bearer <admin_token>' here "
+                          "(high_priority_requires_token)", req.priority, status=403)
     model = req.model or s.default_model
     if model not in svc.models:
         raise field_error("model", f"unknown model {clip_text(repr(model), 80)}; served: {svc.models}", model)
@@ -46,10 +51,10 @@ def build_job(req: JobRequest, svc: Services) -> JobRecord:
         raise field_error("eta", "eta applies to the ddim sampler only; leave it at 0 for ddpm", req.eta)
     seed = req.seed if req.seed is not None else secrets.randbelow(2**31)
     # The fingerprint is the request as sent (seed absent stays absent): a retried request matches it.
-    sent = req.model_dump(exclude={"timeout_s"})
+    sent = req.model_dump(exclude={"timeout_s"} | ({"priority"} if req.priority is None else set()))
     fingerprint = hashlib.sha256(json.dumps(sent, sort_keys=True).encode()).hexdigest()
     return JobRecord(model=model, precision=req.precision, sampler=sampler, steps=steps, eta=req.eta, n=req.n,
-                     seed=seed, fingerprint=fingerprint)
+                     seed=seed, fingerprint=fingerprint, priority=priority)
 
 
 async def to_status(job: JobRecord, svc: Services) -> JobStatus:
@@ -59,7 +64,7 @@ async def to_status(job: JobRecord, svc: Services) -> JobStatus:
     images = [f"/v1/jobs/{job.id}/images/{k}" for k in range(job.n)] if job.status == "succeeded" else []
     return JobStatus(
         id=job.id, status=job.status, model=job.model, precision=job.precision, sampler=job.sampler,
-        steps=job.steps, eta=job.eta, n=job.n, seed=job.seed, seeds=job.seeds,
+        steps=job.steps, eta=job.eta, n=job.n, seed=job.seed, seeds=job.seeds, priority=job.priority,
         progress=Progress(step=job.progress_step, total=job.progress_total or job.steps), queue_position=position,
         timings=Timings(created_at=job.created_at, started_at=job.started_at, finished_at=job.finished_at,
                         wait_s=wait, run_s=run, compute_s=job.compute_s),
@@ -67,8 +72,9 @@ async def to_status(job: JobRecord, svc: Services) -> JobStatus:
         calibration_hash=job.calibration_hash, error=job.error, images=images)
 
 
-async def submit(req: JobRequest, svc: Services, idempotency_key: str | None) -> tuple[JobRecord, bool]:
-    job = build_job(req, svc)
+async def submit(req: JobRequest, svc: Services, idempotency_key: str | None,
+                 admin: bool = False) -> tuple[JobRecord, bool]:
+    job = build_job(req, svc, admin)
     job, created = await svc.queue.submit(job, idempotency_key, svc.settings.max_queue, svc.settings.result_ttl_s)
     if created:
         svc.metrics.jobs_submitted.inc()
@@ -87,11 +93,12 @@ async def get_job(job_id: str, svc: Services) -> JobRecord:
 
 
 @router.post("/jobs", status_code=202, response_model=JobCreated,
-             responses={202: {"headers": _LOCATION}, **errors(*BODY_ERRORS, 409, 429, 503, e409=_IDEMPOTENCY_REUSED)})
-async def create_job(req: JobRequest, response: Response, svc: Svc,
+             responses={202: {"headers": _LOCATION},
+                        **errors(*BODY_ERRORS, 403, 409, 429, 503, e409=_IDEMPOTENCY_REUSED)})
+async def create_job(req: JobRequest, response: Response, svc: Svc, admin: IsAdmin,
                      idempotency_key: IdempotencyKey = None) -> JobCreated:
     """Queue a generation; poll the Location for its status."""
-    job, _ = await submit(req, svc, idempotency_key)
+    job, _ = await submit(req, svc, idempotency_key, admin)
     response.headers["Location"] = f"/v1/jobs/{job.id}"
     return await created_body(job, svc)
 
@@ -132,15 +139,16 @@ async def cancel_job(job_id: str, svc: Svc) -> JobStatus:
              responses={200: {"content": {"image/png": {}}},
                         202: {"model": JobCreated, "headers": _LOCATION,
                               "description": "still running at the timeout: poll the Location"},
-                        **errors(*BODY_ERRORS, 404, 409, 429, 500, 503, e404="the images expired before they were read",
+                        **errors(*BODY_ERRORS, 403, 404, 409, 429, 500, 503,
+                                 e404="the images expired before they were read",
                                  e409=f"the job was cancelled, or {_IDEMPOTENCY_REUSED}")})
-async def generate(req: GenerateRequest, request: Request, svc: Svc,
+async def generate(req: GenerateRequest, request: Request, svc: Svc, admin: IsAdmin,
                    idempotency_key: IdempotencyKey = None) -> Response:
     """Submit and wait. n=1 with `Accept: image/png` returns the PNG; otherwise JSON with base64 PNGs.
 
     On timeout the work is not lost: 202 with the job id, to poll like any job.
     """
-    job, _ = await submit(req, svc, idempotency_key)
+    job, _ = await submit(req, svc, idempotency_key, admin)
     timeout = min(req.timeout_s or svc.settings.generate_timeout_s, svc.settings.generate_timeout_s)
     final = await svc.queue.wait(job.id, timeout) or job
     location = {"Location": f"/v1/jobs/{job.id}"}
