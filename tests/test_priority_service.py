@@ -50,12 +50,12 @@ def test_priority_above_normal_needs_the_admin_token_when_the_setting_is_on(tiny
 
 
 class ServeProcess:
-    """`ptq4dm serve` (API only: Redis, no embedded worker) as a real subprocess on its own port."""
+    """`ptq4dm serve` as a real subprocess on its own port (API only with a redis-url, else embedded)."""
 
-    def __init__(self, tiny_model_dir: Path, redis_url: str, prefix: str) -> None:
+    def __init__(self, tiny_model_dir: Path, **settings: object) -> None:
         self.port = free_port()
-        args = {"redis-url": redis_url, "redis-prefix": prefix, "models": f"tiny={tiny_model_dir}",
-                "precisions": "fp32", "port": self.port, "default-steps": 2, "max-queue": 64}
+        args = {"models": f"tiny={tiny_model_dir}", "precisions": "fp32", "port": self.port, "default-steps": 2,
+                "max-queue": 64, "torch-threads": 1, **settings}
         cmd = [sys.executable, "-m", "service.cli", "serve"] + [f"--{k}={v}" for k, v in args.items()]
         # A file, not a pipe: an unread pipe fills up with access logs and then blocks the server.
         self.log = tempfile.TemporaryFile()  # noqa: SIM115  (lives as long as the process)
@@ -89,7 +89,7 @@ class ServeProcess:
 
 @NO_REDIS
 def test_high_priority_job_starts_before_twenty_normal_ones_queued_ahead(tiny_model_dir, redis_server, redis_prefix):
-    api = ServeProcess(tiny_model_dir, redis_server.url, redis_prefix)
+    api = ServeProcess(tiny_model_dir, **{"redis-url": redis_server.url, "redis-prefix": redis_prefix})
     worker = None
     try:
         api.wait_ready()
