@@ -29,14 +29,23 @@ def error_type(status: int) -> str:
 def to_openai(status: int, detail: Any) -> OpenAIErrorBody:
     """`detail` is a message, or a list of field errors whose `loc` ends with the field (FastAPI's 422 shape)."""
     if isinstance(detail, list) and detail and isinstance(detail[0], dict):
-        fields = [e.get("loc", [])[1:] if e.get("loc", [None])[0] == "body" else e.get("loc", []) for e in detail]
-        names = [".".join(str(part) for part in loc) or None for loc in fields]
+        names = [_field_name(e.get("loc")) for e in detail]
         message = "; ".join(f"{name}: {e.get('msg', '')}" if name else str(e.get("msg", ""))
                             for name, e in zip(names, detail, strict=True))
         return OpenAIErrorBody(error=OpenAIError(message=message, type=error_type(status), param=names[0],
                                                  code=str(detail[0].get("type") or "") or None))
     message = detail if isinstance(detail, str) else json.dumps(detail)
     return OpenAIErrorBody(error=OpenAIError(message=message, type=error_type(status), code=_CODES.get(status)))
+
+
+def _field_name(loc: Any) -> str | None:
+    """The field a FastAPI error `loc` names (["body", "size"] -> "size"); None for the body as a whole."""
+    parts = list(loc or [])
+    if parts and parts[0] in ("body", "query", "header", "path"):
+        parts = parts[1:]
+    if not parts or not isinstance(parts[0], str):  # e.g. ["body", 12]: invalid JSON at offset 12
+        return None
+    return ".".join(str(part) for part in parts)
 
 
 def _handler_for(request: Request, exc: Exception) -> Callable[..., Coroutine[Any, Any, Response]] | None:

@@ -11,6 +11,7 @@ from typing import Any
 
 from fastapi import FastAPI
 
+from service.model_info import model_info
 from service.settings import ServiceSettings
 
 _JOB_MODELS = ("JobRequest", "GenerateRequest", "ImageGenerationRequest")
@@ -48,8 +49,6 @@ def apply_live_limits(schema: dict[str, Any], settings: ServiceSettings, models:
 
 def _restrict_openai_images(props: dict[str, Any], settings: ServiceSettings, models: list[str]) -> None:
     """The sizes the served models generate, and no prompt when none of them takes one."""
-    from service.model_info import model_info
-
     infos = [model_info(settings.model_paths[m]) for m in models if m in settings.model_paths]
     sizes = [i.size for i in infos]
     if infos and None not in sizes:

@@ -273,6 +273,8 @@ class RedisQueue(JobQueue):
     @_unavailable
     async def read(self, streams: list[str], consumer: str, count: int, block_ms: int) -> list[Delivery]:
         classes = class_streams(streams)
+        if not classes:
+            return []
         deadline = time.monotonic() + block_ms / 1000
         while True:
             aging = self._aging.due(consumer)
