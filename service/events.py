@@ -51,9 +51,10 @@ class JobEvent:
         return self.type in TERMINAL_EVENTS
 
 
-def queued(job_id: str) -> Emission:
-    """The queue adds `queue_position` (jobs ahead at submission) when it stores the event."""
-    return Emission({"type": "queued", "job_id": job_id})
+def queued(job_id: str, priority: int) -> Emission:
+    """The queue adds `queue_position` (jobs served before it at submission: every waiting job of a higher
+    priority, then the older ones of its own) when it stores the event."""
+    return Emission({"type": "queued", "job_id": job_id, "priority": priority})
 
 
 def started(job_id: str, total: int) -> Emission:

@@ -47,6 +47,7 @@ class JobRecord(BaseModel):
     webhook: str | None = None  # the receiver's URL (validated at submission: service.webhooks.url_problem)
     webhook_events: list[str] = Field(default_factory=list)  # which hooks it wants (service.events.HOOKS)
     webhook_attempts: list[dict] = Field(default_factory=list)  # the last delivery attempts, bounded
+    priority: int = 5  # 0..9, 9 first (service.priority); records from before priorities read as normal
 
     @property
     def stream(self) -> str:

@@ -8,6 +8,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validat
 
 from service.events import DEFAULT_HOOKS
 from service.jobs import JobRecord, JobState, image_urls
+from service.priority import PriorityValue
 from service.webhooks import MAX_URL_LENGTH
 
 Hook = Literal["start", "progress", "completed", "failed"]
@@ -32,6 +33,9 @@ class JobRequest(BaseModel):
     n: int = Field(1, ge=1, description="images, 1..max_n; image k uses seed + k")
     seed: int | None = Field(None, ge=0, le=MAX_SEED, description="chosen and returned when absent")
     precision: str = Field("fp32", description="one of the served precisions (fp32, w8a8, w4a8, ...)")
+    priority: PriorityValue | None = Field(None, description="high, normal (default), low, or 0..9 (high=9, normal=5, "
+                                           "low=1): higher priorities are served first; above normal may need the "
+                                           "admin token (high_priority_requires_token)")
     webhook: str | None = Field(None, max_length=MAX_URL_LENGTH,
                                 description="http(s) URL that receives signed POSTs for `webhook_events` (Standard "
                                 "Webhooks headers); link-local and metadata hosts are refused")
@@ -102,8 +106,10 @@ class JobStatus(BaseModel):
     n: int
     seed: int
     seeds: list[int]
+    priority: int = Field(5, description="0..9, served high to low (high=9, normal=5, low=1)")
     progress: Progress
-    queue_position: int | None
+    queue_position: int | None = Field(description="jobs served before it: every waiting job of a higher "
+                                       "priority, then the older ones of its own")
     timings: Timings
     attempts: int
     worker: str | None = Field(description="the worker that ran (or runs) it")
@@ -122,7 +128,7 @@ def job_status(job: JobRecord, position: int | None) -> JobStatus:
     run = job.finished_at - job.started_at if job.finished_at and job.started_at else None
     return JobStatus(
         id=job.id, status=job.status, model=job.model, precision=job.precision, sampler=job.sampler,
-        steps=job.steps, eta=job.eta, n=job.n, seed=job.seed, seeds=job.seeds,
+        steps=job.steps, eta=job.eta, n=job.n, seed=job.seed, seeds=job.seeds, priority=job.priority,
         progress=Progress(step=job.progress_step, total=job.progress_total or job.steps), queue_position=position,
         timings=Timings(created_at=job.created_at, started_at=job.started_at, finished_at=job.finished_at,
                         wait_s=wait, run_s=run, compute_s=job.compute_s),

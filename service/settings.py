@@ -15,6 +15,7 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 # quantizer.constants, not the modules that define these for the library: the API process never imports torch.
 from quantizer.constants import BUILTIN_MODEL_NAME, DEFAULT_CALIBRATION_CACHE_DIR, PRECISION_PRESETS, SERVING_PRESET
+from service.priority import DEFAULT_AGING_BATCHES
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +91,9 @@ class ServiceSettings(BaseSettings):
     retry_after_s: int = Field(2, ge=1, description="Retry-After sent with 429 and 503")
     result_ttl_s: int = Field(3600, ge=1, description="job records and PNGs expire this long after the last update")
     generate_timeout_s: float = Field(30.0, gt=0, description="how long POST /v1/generate waits before 202")
+    high_priority_requires_token: bool = Field(False, description="priorities above normal (high, 6..9) need "
+                                               "'Authorization: Bearer <admin_token>'; otherwise 403 naming "
+                                               "`priority`")
 
     # Worker: batching, leases, retries.
     worker_id: str | None = Field(None, description="consumer name; default HOST-PID")
@@ -101,6 +105,9 @@ class ServiceSettings(BaseSettings):
     lease_ms: int = Field(15000, ge=100, description="a pending job idle this long is reclaimed by another worker")
     heartbeat_ms: int = Field(3000, ge=50, description="worker heartbeat and lease renewal period")
     max_deliveries: int = Field(3, ge=1, description="a job delivered more often than this is dead-lettered")
+    priority_aging_batches: int = Field(DEFAULT_AGING_BATCHES, ge=1, description="after this many consecutive "
+                                        "batches that passed over waiting lower-priority jobs, a worker's next "
+                                        "batch starts with the lower class waiting longest")
 
     # Live events and webhooks.
     events_maxlen: int = Field(500, ge=10, le=100_000, description="events kept per job (SSE stream, Redis MAXLEN); "

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from service import events
 from service.events import Emission, JobEvent
 from service.jobs import ACTIVE, JobRecord
+from service.priority import class_stream
 
 
 class QueueUnavailable(RuntimeError):
@@ -70,11 +71,12 @@ class JobQueue(ABC):
 
     @abstractmethod
     async def position(self, job: JobRecord) -> int | None:
-        """Jobs ahead of a queued job in its stream (0 = next); None once it is no longer queued."""
+        """Jobs ahead of a queued job in its stream (0 = next): every waiting job of a higher priority, then the
+        older ones of its own; None once it is no longer queued."""
 
     @abstractmethod
     async def depth(self, stream: str) -> int:
-        """Jobs waiting (not yet delivered to any worker) in a stream."""
+        """Jobs waiting (not yet delivered to any worker) in a stream, all priorities."""
 
     @abstractmethod
     async def fetch_image(self, job_id: str, k: int) -> bytes | None: ...
@@ -88,13 +90,13 @@ class JobQueue(ABC):
                                     finished_at=time.time())
         if job is not None:
             if job.msg_id is not None:
-                await self._drop_queued(job.stream, job.msg_id)
+                await self._drop_queued(class_stream(job.stream, job.priority), job.msg_id)
             return job
         return await self.get(job_id)
 
     @abstractmethod
     async def _drop_queued(self, stream: str, msg_id: str) -> None:
-        """Remove a not-yet-delivered entry so it no longer counts in depth and positions."""
+        """Remove a not-yet-delivered entry of a class stream so it no longer counts in depth and positions."""
 
     async def wait(self, job_id: str, timeout_s: float) -> JobRecord | None:
         """Wait on the job's event stream until it is terminal or the timeout passes; returns the last record.
@@ -128,11 +130,17 @@ class JobQueue(ABC):
 
     @abstractmethod
     async def read(self, streams: list[str], consumer: str, count: int, block_ms: int) -> list[Delivery]:
-        """Up to `count` never-delivered entries across `streams`, waiting up to `block_ms` for the first."""
+        """Up to `count` never-delivered entries across `streams`, waiting up to `block_ms` for the first.
+
+        Higher priorities first, with aging (service.priority): after `aging_batches` consecutive reads by this
+        consumer that passed over waiting lower-priority entries, the next read starts with the lower class whose
+        head waited longest. Deliveries name the class stream they came from (ack and renew take it).
+        """
 
     @abstractmethod
     async def reclaim(self, stream: str, consumer: str, min_idle_ms: int, count: int) -> list[Delivery]:
-        """Take over entries pending longer than `min_idle_ms` (their worker stopped renewing its lease)."""
+        """Take over entries pending longer than `min_idle_ms` (their worker stopped renewing its lease), in every
+        priority class of `stream`, higher classes first."""
 
     @abstractmethod
     async def renew(self, deliveries: Iterable[Delivery], consumer: str) -> None:

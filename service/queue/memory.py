@@ -14,6 +14,17 @@ from dataclasses import dataclass
 from service import events
 from service.events import Emission, JobEvent
 from service.jobs import JobRecord
+from service.priority import (
+    DEFAULT_AGING_BATCHES,
+    AgingCounter,
+    Head,
+    class_stream,
+    class_streams,
+    higher_classes,
+    parse_id,
+    passed_over,
+    read_order,
+)
 from service.queue.base import Delivery, IdempotencyConflict, JobQueue, QueueFull, WebhookTask
 from service.webhooks import OUTBOX_MAXLEN
 
@@ -28,8 +39,9 @@ class _Pending:
 class MemoryQueue(JobQueue):
     """Every method runs on the event loop that owns the queue; none awaits mid-update, so each is atomic."""
 
-    def __init__(self, events_maxlen: int = 500) -> None:
+    def __init__(self, events_maxlen: int = 500, aging_batches: int = DEFAULT_AGING_BATCHES) -> None:
         self.events_maxlen = events_maxlen
+        self._aging = AgingCounter(aging_batches)
         self._job_events: dict[str, deque[JobEvent]] = {}  # expire with their job (see get)
         self._outbox: OrderedDict[str, WebhookTask] = OrderedDict()
         self._outbox_pending: dict[str, _Pending] = {}
@@ -81,6 +93,10 @@ class MemoryQueue(JobQueue):
                 self._outbox.popitem(last=False)
         self._notify()
 
+    def _heads(self, classes: list[tuple[str, int]]) -> dict[str, Head | None]:
+        """The oldest waiting entry of each class stream (entries leave the dict when delivered)."""
+        return {name: parse_id(next(iter(q))) if (q := self._streams.get(name)) else None for name, _ in classes}
+
     @staticmethod
     def _live(entry: tuple[object, float] | None) -> bool:
         return entry is not None and entry[1] > time.time()
@@ -103,8 +119,9 @@ class MemoryQueue(JobQueue):
         self._jobs[job.id] = (job, expires)
         if idempotency_key is not None:
             self._idem[idempotency_key] = (job.id, expires)
-        self._streams.setdefault(job.stream, OrderedDict())[msg_id] = job.id
-        self._emit(job, events.queued(job.id), position=depth)
+        self._streams.setdefault(class_stream(job.stream, job.priority), OrderedDict())[msg_id] = job.id
+        # The position at submission counts the waiting jobs of higher priorities, not the whole depth.
+        self._emit(job, events.queued(job.id, job.priority), position=self._position(job))
         return job, True
 
     async def get(self, job_id: str) -> JobRecord | None:
@@ -117,16 +134,20 @@ class MemoryQueue(JobQueue):
         return entry[0]
 
     async def position(self, job: JobRecord) -> int | None:
-        queue = self._streams.get(job.stream, OrderedDict())
+        return self._position(job)
+
+    def _position(self, job: JobRecord) -> int | None:
+        queue = self._streams.get(class_stream(job.stream, job.priority), OrderedDict())
         if job.msg_id not in queue:
             return None
+        ahead = sum(len(self._streams.get(name, ())) for name in higher_classes(job.stream, job.priority))
         for index, msg_id in enumerate(queue):
             if msg_id == job.msg_id:
-                return index
+                return ahead + index
         return None
 
     async def depth(self, stream: str) -> int:
-        return len(self._streams.get(stream, ()))
+        return sum(len(self._streams.get(name, ())) for name, _ in class_streams([stream]))
 
     async def fetch_image(self, job_id: str, k: int) -> bytes | None:
         entry = self._images.get(job_id)
@@ -139,33 +160,40 @@ class MemoryQueue(JobQueue):
 
     # -- worker side -----------------------------------------------------------------------------------------------
     async def ensure_streams(self, streams: Iterable[str]) -> None:
-        for stream in streams:
-            self._streams.setdefault(stream, OrderedDict())
-            self._pending.setdefault(stream, {})
+        for name, _ in class_streams(streams):
+            self._streams.setdefault(name, OrderedDict())
+            self._pending.setdefault(name, {})
 
     async def read(self, streams: list[str], consumer: str, count: int, block_ms: int) -> list[Delivery]:
         deadline = time.monotonic() + block_ms / 1000
+        classes = class_streams(streams)
         while True:
             out: list[Delivery] = []
-            for stream in streams:
-                queue = self._streams.setdefault(stream, OrderedDict())
+            aging = self._aging.due(consumer)
+            for name in read_order(classes, self._heads(classes), aging):
+                queue = self._streams.setdefault(name, OrderedDict())
                 while queue and len(out) < count:
                     msg_id, job_id = queue.popitem(last=False)
-                    self._pending.setdefault(stream, {})[msg_id] = _Pending(job_id, consumer, time.monotonic())
-                    out.append(Delivery(stream, msg_id, job_id))
-            if out or time.monotonic() >= deadline:
+                    self._pending.setdefault(name, {})[msg_id] = _Pending(job_id, consumer, time.monotonic())
+                    out.append(Delivery(name, msg_id, job_id))
+            if out:
+                passed = passed_over(classes, {d.stream for d in out}, self._heads(classes))
+                self._aging.record(consumer, aging, passed)
+                return out
+            if time.monotonic() >= deadline:
                 return out
             await self._wait(deadline)
 
     async def reclaim(self, stream: str, consumer: str, min_idle_ms: int, count: int) -> list[Delivery]:
         now = time.monotonic()
         out = []
-        for msg_id, entry in self._pending.get(stream, {}).items():
-            if len(out) >= count:
-                break
-            if (now - entry.since) * 1000 >= min_idle_ms:
-                entry.consumer, entry.since = consumer, now
-                out.append(Delivery(stream, msg_id, entry.job_id))
+        for name, _ in class_streams([stream]):
+            for msg_id, entry in self._pending.get(name, {}).items():
+                if len(out) >= count:
+                    return out
+                if (now - entry.since) * 1000 >= min_idle_ms:
+                    entry.consumer, entry.since = consumer, now
+                    out.append(Delivery(name, msg_id, entry.job_id))
         return out
 
     async def renew(self, deliveries: Iterable[Delivery], consumer: str) -> None:

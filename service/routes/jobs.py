@@ -13,9 +13,10 @@ from fastapi import APIRouter, Header, HTTPException, Path, Request, Response
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from service import events
-from service.deps import Services, Svc, field_error
+from service.deps import IsAdmin, Services, Svc, field_error
 from service.errors import clip_text
 from service.jobs import JobRecord
+from service.priority import NORMAL, level
 from service.queue import QueueUnavailable
 from service.responses import BODY_ERRORS, errors
 from service.schemas import GeneratedImages, GenerateRequest, JobCreated, JobRequest, JobStatus, job_status
@@ -31,9 +32,13 @@ _IDEMPOTENCY_REUSED = "the Idempotency-Key was already used for a different requ
 _LOCATION = {"Location": {"description": "the job's status URL", "schema": {"type": "string"}}}
 
 
-def build_job(req: JobRequest, svc: Services) -> JobRecord:
+def build_job(req: JobRequest, svc: Services, admin: bool = False) -> JobRecord:
     """Fill defaults and check what depends on configuration; 422 names the field and lists what is served."""
     s = svc.settings
+    priority = level(req.priority)
+    if priority > NORMAL and s.high_priority_requires_token and not admin:
+        raise field_error("priority", "priorities above normal need 'Authorization: Bearer <admin_token>' here "
+                          "(high_priority_requires_token)", req.priority, status=403)
     model = req.model or s.default_model
     if model not in svc.models:
         raise field_error("model", f"unknown model {clip_text(repr(model), 80)}; served: {svc.models}", model)
@@ -57,10 +62,10 @@ def build_job(req: JobRequest, svc: Services) -> JobRecord:
             raise field_error("webhook", f"webhook URL refused: {problem}", req.webhook)
     seed = req.seed if req.seed is not None else secrets.randbelow(2**31)
     # The fingerprint is the request as sent (seed absent stays absent): a retried request matches it.
-    sent = req.model_dump(exclude={"timeout_s"})
+    sent = req.model_dump(exclude={"timeout_s"} | ({"priority"} if req.priority is None else set()))
     fingerprint = hashlib.sha256(json.dumps(sent, sort_keys=True).encode()).hexdigest()
     return JobRecord(model=model, precision=req.precision, sampler=sampler, steps=steps, eta=req.eta, n=req.n,
-                     seed=seed, fingerprint=fingerprint, webhook=req.webhook,
+                     seed=seed, fingerprint=fingerprint, priority=priority, webhook=req.webhook,
                      webhook_events=list(req.webhook_events) if req.webhook else [])
 
 
@@ -69,8 +74,9 @@ async def to_status(job: JobRecord, svc: Services) -> JobStatus:
     return job_status(job, position)
 
 
-async def submit(req: JobRequest, svc: Services, idempotency_key: str | None) -> tuple[JobRecord, bool]:
-    job = build_job(req, svc)
+async def submit(req: JobRequest, svc: Services, idempotency_key: str | None,
+                 admin: bool = False) -> tuple[JobRecord, bool]:
+    job = build_job(req, svc, admin)
     job, created = await svc.queue.submit(job, idempotency_key, svc.settings.max_queue, svc.settings.result_ttl_s)
     if created:
         svc.metrics.jobs_submitted.inc()
@@ -89,11 +95,12 @@ async def get_job(job_id: str, svc: Services) -> JobRecord:
 
 
 @router.post("/jobs", status_code=202, response_model=JobCreated,
-             responses={202: {"headers": _LOCATION}, **errors(*BODY_ERRORS, 409, 429, 503, e409=_IDEMPOTENCY_REUSED)})
-async def create_job(req: JobRequest, response: Response, svc: Svc,
+             responses={202: {"headers": _LOCATION},
+                        **errors(*BODY_ERRORS, 403, 409, 429, 503, e409=_IDEMPOTENCY_REUSED)})
+async def create_job(req: JobRequest, response: Response, svc: Svc, admin: IsAdmin,
                      idempotency_key: IdempotencyKey = None) -> JobCreated:
     """Queue a generation; poll the Location for its status."""
-    job, _ = await submit(req, svc, idempotency_key)
+    job, _ = await submit(req, svc, idempotency_key, admin)
     response.headers["Location"] = f"/v1/jobs/{job.id}"
     return await created_body(job, svc)
 
@@ -103,7 +110,8 @@ async def read_job(job_id: str, svc: Svc) -> JobStatus:
     return await to_status(await get_job(job_id, svc), svc)
 
 
-_SSE_DOC = ("`text/event-stream`: events `queued` (`queue_position`: jobs ahead at submission), `running` "
+_SSE_DOC = ("`text/event-stream`: events `queued` (`priority`; `queue_position`: jobs served before it at submission, "
+            "every waiting job of a higher priority then the older ones of its own), `running` "
             "(`step`/`total`), then one of `succeeded` (`images`: URLs), `failed` (`error`), `cancelled`, after which "
             "the stream ends. Each event's `id:` is resumable: reconnect with `Last-Event-ID` to get only the events "
             "after it. Comments (`: keepalive`) every few seconds while nothing happens.")
@@ -180,15 +188,16 @@ async def cancel_job(job_id: str, svc: Svc) -> JobStatus:
              responses={200: {"content": {"image/png": {}}},
                         202: {"model": JobCreated, "headers": _LOCATION,
                               "description": "still running at the timeout: poll the Location"},
-                        **errors(*BODY_ERRORS, 404, 409, 429, 500, 503, e404="the images expired before they were read",
+                        **errors(*BODY_ERRORS, 403, 404, 409, 429, 500, 503,
+                                 e404="the images expired before they were read",
                                  e409=f"the job was cancelled, or {_IDEMPOTENCY_REUSED}")})
-async def generate(req: GenerateRequest, request: Request, svc: Svc,
+async def generate(req: GenerateRequest, request: Request, svc: Svc, admin: IsAdmin,
                    idempotency_key: IdempotencyKey = None) -> Response:
     """Submit and wait. n=1 with `Accept: image/png` returns the PNG; otherwise JSON with base64 PNGs.
 
     On timeout the work is not lost: 202 with the job id, to poll like any job.
     """
-    job, _ = await submit(req, svc, idempotency_key)
+    job, _ = await submit(req, svc, idempotency_key, admin)
     timeout = min(req.timeout_s or svc.settings.generate_timeout_s, svc.settings.generate_timeout_s)
     final = await svc.queue.wait(job.id, timeout) or job
     location = {"Location": f"/v1/jobs/{job.id}"}
