@@ -26,7 +26,7 @@ import uvicorn
 from service import events
 from service.api import create_app
 from service.jobs import JobRecord, stream_name
-from service.queue import MemoryQueue
+from service.queue import MemoryQueue, QueueFull
 from service.settings import ServiceSettings
 
 pytest_plugins = ["service.testing"]
@@ -227,6 +227,64 @@ def test_sse_is_live_across_replicas_until_cancelled(backend, tiny_model_dir, re
             got += read_sse(lines)
         assert [e["event"] for e in got] == ["queued", "cancelled"]
         assert 0.3 <= time.monotonic() - cancel_at < 3
+
+
+@pytest.mark.asyncio
+async def test_queued_event_position_counts_higher_priorities_at_submission(queue):
+    """Events x priorities: the submit script records the queued event with the priority-aware position (every
+    waiting job of a higher priority, then the older ones of its own), never the whole depth."""
+    normals = [(await queue.submit(job(), None, 10, 60))[0] for _ in range(3)]
+    low, _ = await queue.submit(job(priority=1), None, 10, 60)
+    high, _ = await queue.submit(job(priority=9), None, 10, 60)
+    late, _ = await queue.submit(job(), None, 10, 60)
+
+    async def queued_event(j: JobRecord) -> dict:
+        [event] = await queue.read_events(j.id, None, 0)
+        assert event.type == "queued"
+        return event.data
+
+    assert [(await queued_event(j))["queue_position"] for j in (*normals, low, high, late)] == [0, 1, 2, 3, 0, 4]
+    assert [(await queued_event(j))["priority"] for j in (normals[0], low, high)] == [5, 1, 9]
+    # The event keeps the position at submission; the live one moved as higher work arrived after the low job.
+    assert await queue.position(low) == 5 and await queue.position(high) == 0
+    # The depth limit still counts every class: a full queue refuses any priority, and records no event.
+    with pytest.raises(QueueFull):
+        await queue.submit(job(priority=9), None, 6, 60)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_sse_queued_event_of_a_high_priority_job_reports_its_priority_position(backend, tiny_model_dir, request):
+    """No worker: two normal jobs wait; a high one submitted after them streams `queued` with priority 9 and
+    position 0 (over HTTP, on another replica with Redis), GET agrees, and its cancel ends the stream."""
+    shared = {"embedded_worker": False}
+    if backend == "redis":
+        shared |= {"redis_url": request.getfixturevalue("redis_server").url,
+                   "redis_prefix": request.getfixturevalue("redis_prefix")}
+    with contextlib.ExitStack() as stack:
+        a = stack.enter_context(served(make_settings(tiny_model_dir, **shared)))
+        b = stack.enter_context(served(make_settings(tiny_model_dir, **shared))) if backend == "redis" else a
+        client = stack.enter_context(httpx.Client(timeout=30))
+        normal = [client.post(f"{a}/v1/jobs", json={}).json() for _ in range(2)]
+        assert [j["queue_position"] for j in normal] == [0, 1]
+        created = client.post(f"{a}/v1/jobs", json={"priority": "high"})
+        assert created.status_code == 202 and created.json()["queue_position"] == 0
+        job_id = created.json()["id"]
+        status = client.get(f"{b}/v1/jobs/{job_id}").json()
+        assert status["priority"] == 9 and status["queue_position"] == 0
+        assert client.get(f"{b}/v1/jobs/{normal[1]['id']}").json()["queue_position"] == 2  # behind the high one
+        got: list[dict] = []
+        with client.stream("GET", f"{b}/v1/jobs/{job_id}/events") as r:
+            lines = r.iter_lines()
+            got += read_sse(lines, stop_after=1)
+            assert got[0]["event"] == "queued"
+            assert got[0]["data"] == {**got[0]["data"], "job_id": job_id, "priority": 9, "queue_position": 0}
+            threading.Timer(0.3, lambda: httpx.delete(f"{a}/v1/jobs/{job_id}")).start()
+            got += read_sse(lines)
+        assert [e["event"] for e in got] == ["queued", "cancelled"]
+        # A normal job's queued event: the position at its submission, counted in its own class.
+        with client.stream("GET", f"{b}/v1/jobs/{normal[1]['id']}/events") as r:
+            first = read_sse(r.iter_lines(), stop_after=1)[0]
+        assert first["data"]["priority"] == 5 and first["data"]["queue_position"] == 1
 
 
 def test_generate_waits_on_events_not_polling(tiny_model_dir):
