@@ -24,7 +24,7 @@ from service.metrics import Metrics
 from service.model_kinds import served_model_kinds
 from service.openapi import document_live_limits
 from service.queue import IdempotencyConflict, JobQueue, QueueFull, QueueUnavailable, make_queue
-from service.routes import admin, health, jobs
+from service.routes import admin, health, jobs, openai_images
 from service.settings import ServiceSettings, served_precisions
 
 if TYPE_CHECKING:
@@ -34,7 +34,8 @@ log = logging.getLogger(__name__)
 
 
 def build_services(settings: ServiceSettings, queue: JobQueue | None = None) -> Services:
-    queue = queue or make_queue(settings.redis_url, settings.redis_prefix)
+    queue = queue or make_queue(settings.redis_url, settings.redis_prefix, settings.events_maxlen,
+                                settings.priority_aging_batches)
     metrics = Metrics()
     precisions = served_precisions(settings.precisions)
     if not precisions:
@@ -81,6 +82,7 @@ def create_app(settings: ServiceSettings | None = None, queue: JobQueue | None =
                   description="Post-training-quantized diffusion models as a service. Async jobs under /v1.")
     app.state.services = services
     app.include_router(jobs.router)
+    app.include_router(openai_images.router)
     app.include_router(admin.router)
     app.include_router(health.router)
     mount_offline_docs(app)

@@ -6,7 +6,7 @@ import secrets
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Annotated
 
-from fastapi import Depends, HTTPException, Request
+from fastapi import Depends, Header, HTTPException, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from quantizer.diffusion.kinds import ModelKind
@@ -48,6 +48,20 @@ def field_error(field_name: str, msg: str, value: object = None, status: int = 4
 
 # auto_error=False: the dependency only declares the scheme (OpenAPI `security`); require_admin decides 404 vs 401.
 _bearer = HTTPBearer(auto_error=False, description="PTQ4DM_ADMIN_TOKEN")
+
+
+def is_admin(svc: Svc, authorization: Annotated[str | None, Header(include_in_schema=False)] = None) -> bool:
+    """Whether the request carries the admin token, on routes open to everyone that grant the admin more (priority).
+
+    A plain header, not the Bearer security scheme: these routes need no credentials, and the schema says so.
+    """
+    token = svc.settings.admin_token
+    scheme, _, given = (authorization or "").partition(" ")
+    return bool(token) and scheme.lower() == "bearer" and secrets.compare_digest(given.strip().encode(),
+                                                                                 token.encode())
+
+
+IsAdmin = Annotated[bool, Depends(is_admin)]
 
 
 def require_admin(svc: Svc,

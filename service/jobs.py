@@ -45,6 +45,10 @@ class JobRecord(BaseModel):
     worker: str | None = None
     msg_id: str | None = None
     fingerprint: str = ""
+    webhook: str | None = None  # the receiver's URL (validated at submission: service.webhooks.url_problem)
+    webhook_events: list[str] = Field(default_factory=list)  # which hooks it wants (service.events.HOOKS)
+    webhook_attempts: list[dict] = Field(default_factory=list)  # the last delivery attempts, bounded
+    priority: int = 5  # 0..9, 9 first (service.priority); records from before priorities read as normal
 
     @property
     def stream(self) -> str:
@@ -65,6 +69,11 @@ class JobRecord(BaseModel):
     @classmethod
     def from_fields(cls, fields: dict[str, str]) -> JobRecord:
         return cls.model_validate({k: json.loads(v) for k, v in fields.items()})
+
+
+def image_urls(job_id: str, n: int) -> list[str]:
+    """The public URLs of a succeeded job's PNGs (job status, SSE `succeeded` events, webhook bodies)."""
+    return [f"/v1/jobs/{job_id}/images/{k}" for k in range(n)]
 
 
 def encode_fields(**fields: object) -> dict[str, str]:

@@ -24,6 +24,8 @@ class Metrics:
         self.jobs_finished = Counter("ptq4dm_jobs_finished_total", "jobs by final status", ["status"], registry=r)
         self.failures = Counter("ptq4dm_job_failures_total", "failed jobs by reason", ["reason"], registry=r)
         self.workers_ready = Gauge("ptq4dm_workers_ready", "workers reporting ready", registry=r)
+        self.webhook_attempts = Counter("ptq4dm_webhook_attempts_total", "webhook delivery attempts by outcome "
+                                        "(ok, http_error, network_error, refused)", ["outcome"], registry=r)
         self.requantizations = Counter("ptq4dm_requantizations_total", "model swaps", ["result"], registry=r)
 
     def render(self) -> bytes:

@@ -11,9 +11,10 @@ from typing import Any
 
 from fastapi import FastAPI
 
+from service.model_info import model_info
 from service.settings import ServiceSettings
 
-_JOB_MODELS = ("JobRequest", "GenerateRequest")
+_JOB_MODELS = ("JobRequest", "GenerateRequest", "ImageGenerationRequest")
 
 
 def _branch(prop: dict[str, Any] | None, json_type: str) -> dict[str, Any] | None:
@@ -42,7 +43,18 @@ def apply_live_limits(schema: dict[str, Any], settings: ServiceSettings, models:
         props = components.get(name, {}).get("properties", {})
         _restrict(props.get("steps"), "integer", maximum=settings.max_steps)
         _restrict(props.get("n"), "integer", maximum=settings.max_n)
+    _restrict_openai_images(components.get("ImageGenerationRequest", {}).get("properties", {}), settings, models)
     return schema
+
+
+def _restrict_openai_images(props: dict[str, Any], settings: ServiceSettings, models: list[str]) -> None:
+    """The sizes the served models generate, and no prompt when none of them takes one."""
+    infos = [model_info(settings.model_paths[m]) for m in models if m in settings.model_paths]
+    sizes = [i.size for i in infos]
+    if infos and None not in sizes:
+        _restrict(props.get("size"), "string", enum=[*dict.fromkeys(sizes), "auto"])
+    if infos and not any(i.takes_prompt for i in infos):
+        _restrict(props.get("prompt"), "string", maxLength=0)
 
 
 def document_live_limits(app: FastAPI, settings: ServiceSettings, models: list[str], precisions: list[str]) -> None:

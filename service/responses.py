@@ -12,6 +12,8 @@ ERRORS: dict[int, dict[str, Any]] = {
     400: {"model": ErrorDetail, "description": "the body could not be decoded (not UTF-8 text)"},
     401: {"model": ErrorDetail, "description": "missing or wrong Bearer token (WWW-Authenticate: Bearer)",
           "headers": {"WWW-Authenticate": {"description": "Bearer", "schema": {"type": "string"}}}},
+    403: {"model": ValidationErrorBody, "description": "a field asks for more than this caller may use (e.g. a "
+          "priority above normal without the admin token); `loc` names it"},
     404: {"model": ErrorDetail, "description": "not found"},
     409: {"model": ErrorDetail, "description": "conflict"},
     413: {"model": ErrorDetail, "description": "request body over max_body_bytes (refused before parsing)"},

@@ -22,7 +22,10 @@ def serve(settings: ServiceSettings) -> int:
     """uvicorn turns SIGTERM/SIGINT into a graceful shutdown; the lifespan then stops the embedded worker."""
     mode = "embedded in-memory queue + worker" if settings.redis_url is None else f"redis {settings.redis_url}"
     log.info("ptq4dm serve on http://%s:%d (%s)", settings.host, settings.port, mode)
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level="info")
+    # Open event streams (SSE) would hold a graceful shutdown for as long as their jobs run: after the longest
+    # /v1/generate wait they are closed, and their clients resume on another replica with Last-Event-ID.
+    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level="info",
+                timeout_graceful_shutdown=int(settings.generate_timeout_s) + 5)
     return 0
 
 

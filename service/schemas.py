@@ -6,7 +6,12 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
-from service.jobs import JobState
+from service.events import DEFAULT_HOOKS
+from service.jobs import JobRecord, JobState, image_urls
+from service.priority import PriorityValue
+from service.webhooks import MAX_URL_LENGTH
+
+Hook = Literal["start", "progress", "completed", "failed"]
 
 MAX_SEED = 2**32 - 1
 ClassLabel = Annotated[int, Field(ge=0)]
@@ -32,6 +37,20 @@ class JobRequest(BaseModel):
     class_labels: list[ClassLabel] | ClassLabel | None = Field(
         None, description="class-conditional models only: the class of each image (a list of n), or one class for "
         "all; default: drawn from each image's seed")
+    priority: PriorityValue | None = Field(None, description="high, normal (default), low, or 0..9 (high=9, normal=5, "
+                                           "low=1): higher priorities are served first; above normal may need the "
+                                           "admin token (high_priority_requires_token)")
+    webhook: str | None = Field(None, max_length=MAX_URL_LENGTH,
+                                description="http(s) URL that receives signed POSTs for `webhook_events` (Standard "
+                                "Webhooks headers); link-local and metadata hosts are refused")
+    webhook_events: list[Hook] = Field(list(DEFAULT_HOOKS), min_length=1, max_length=4,
+                                       description="which events call the webhook: start, progress, completed, "
+                                       "failed")
+
+    @field_validator("webhook_events")
+    @classmethod
+    def _unique_hooks(cls, hooks: list[str]) -> list[str]:
+        return list(dict.fromkeys(hooks))
 
     @field_validator("eta")
     @classmethod
@@ -60,6 +79,18 @@ class Timings(BaseModel):
                                                       "service time is queue and bookkeeping overhead")
 
 
+class WebhookAttempt(BaseModel):
+    """One delivery attempt of a webhook event (the newest ones are kept on the job)."""
+
+    webhook_id: str = Field(description="the webhook-id header: the same on every retry of one event")
+    event: str = Field(description="start | progress | completed | failed")
+    attempt: int
+    at: float = Field(description="when the attempt started (Unix time)")
+    status_code: int | None = Field(None, description="the receiver's HTTP status, when it answered")
+    error: str | None = Field(None, description="why the attempt failed, when it did")
+    ok: bool
+
+
 class JobCreated(BaseModel):
     id: str
     status: JobState
@@ -81,8 +112,10 @@ class JobStatus(BaseModel):
     seeds: list[int]
     class_labels: list[int] | None = Field(None, description="the class of each image: as requested, and once "
                                            "succeeded as run (drawn from the seed where none was given)")
+    priority: int = Field(5, description="0..9, served high to low (high=9, normal=5, low=1)")
     progress: Progress
-    queue_position: int | None
+    queue_position: int | None = Field(description="jobs served before it: every waiting job of a higher "
+                                       "priority, then the older ones of its own")
     timings: Timings
     attempts: int
     worker: str | None = Field(description="the worker that ran (or runs) it")
@@ -90,6 +123,27 @@ class JobStatus(BaseModel):
     calibration_hash: str | None
     error: str | None
     images: list[str] = Field(description="URLs of the PNGs, once succeeded")
+    webhook: str | None = None
+    webhook_events: list[str] = Field(default_factory=list)
+    webhook_attempts: list[WebhookAttempt] = Field(default_factory=list, description="the newest delivery attempts")
+
+
+def job_status(job: JobRecord, position: int | None) -> JobStatus:
+    """The public record of a job (GET /v1/jobs/{id}, webhook bodies); `position` only while it is queued."""
+    wait = job.started_at - job.created_at if job.started_at else None
+    run = job.finished_at - job.started_at if job.finished_at and job.started_at else None
+    return JobStatus(
+        id=job.id, status=job.status, model=job.model, precision=job.precision, sampler=job.sampler,
+        steps=job.steps, eta=job.eta, n=job.n, seed=job.seed, seeds=job.seeds, class_labels=job.class_labels,
+        priority=job.priority,
+        progress=Progress(step=job.progress_step, total=job.progress_total or job.steps), queue_position=position,
+        timings=Timings(created_at=job.created_at, started_at=job.started_at, finished_at=job.finished_at,
+                        wait_s=wait, run_s=run, compute_s=job.compute_s),
+        attempts=job.attempts, worker=job.worker, model_version=job.model_version,
+        calibration_hash=job.calibration_hash, error=job.error,
+        images=image_urls(job.id, job.n) if job.status == "succeeded" else [],
+        webhook=job.webhook, webhook_events=job.webhook_events if job.webhook else [],
+        webhook_attempts=[WebhookAttempt.model_validate(a) for a in job.webhook_attempts])
 
 
 class GeneratedImages(BaseModel):

@@ -10,11 +10,12 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Annotated, Any
 
-from pydantic import Field, field_validator
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 # quantizer.constants, not the modules that define these for the library: the API process never imports torch.
 from quantizer.constants import BUILTIN_MODEL_NAME, DEFAULT_CALIBRATION_CACHE_DIR, PRECISION_PRESETS, SERVING_PRESET
+from service.priority import DEFAULT_AGING_BATCHES
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +91,9 @@ class ServiceSettings(BaseSettings):
     retry_after_s: int = Field(2, ge=1, description="Retry-After sent with 429 and 503")
     result_ttl_s: int = Field(3600, ge=1, description="job records and PNGs expire this long after the last update")
     generate_timeout_s: float = Field(30.0, gt=0, description="how long POST /v1/generate waits before 202")
+    high_priority_requires_token: bool = Field(False, description="priorities above normal (high, 6..9) need "
+                                               "'Authorization: Bearer <admin_token>'; otherwise 403 naming "
+                                               "`priority`")
 
     # Worker: batching, leases, retries.
     worker_id: str | None = Field(None, description="consumer name; default HOST-PID")
@@ -101,10 +105,29 @@ class ServiceSettings(BaseSettings):
     lease_ms: int = Field(15000, ge=100, description="a pending job idle this long is reclaimed by another worker")
     heartbeat_ms: int = Field(3000, ge=50, description="worker heartbeat and lease renewal period")
     max_deliveries: int = Field(3, ge=1, description="a job delivered more often than this is dead-lettered")
+    priority_aging_batches: int = Field(DEFAULT_AGING_BATCHES, ge=1, description="after this many consecutive "
+                                        "batches that passed over waiting lower-priority jobs, a worker's next "
+                                        "batch starts with the lower class waiting longest")
+
+    # Live events and webhooks.
+    events_maxlen: int = Field(500, ge=10, le=100_000, description="events kept per job (SSE stream, Redis MAXLEN); "
+                               "a client resuming from an older Last-Event-ID misses the trimmed progress events")
+    webhook_secret: SecretStr | None = Field(None, description="HMAC-SHA256 key signing webhooks (Standard Webhooks; "
+                                             "a 'whsec_' prefix means base64); unset = requests with a webhook are "
+                                             "refused (422)")
+    webhook_max_attempts: int = Field(5, ge=1, le=20, description="delivery attempts per webhook event")
+    webhook_backoff_s: float = Field(1.0, ge=0, le=60, description="delay before the 2nd attempt; it doubles per "
+                                     "attempt (at most 300 s)")
+    webhook_timeout_s: float = Field(10.0, gt=0, le=60, description="per-attempt HTTP timeout")
+    webhook_allowed_hosts: CommaList = Field(default_factory=list, description="comma list of hosts webhooks may "
+                                             "target ('*.example.com' for subdomains); empty = any public or "
+                                             "private host")
+    webhook_allow_loopback: bool = Field(False, description="allow webhooks to loopback addresses (127.0.0.0/8, "
+                                         "::1, localhost); off because a worker's loopback is its own services")
     health_host: str = "127.0.0.1"
     health_port: int = Field(8001, description="worker probes and /metrics (`ptq4dm worker` only)")
 
-    @field_validator("models", "precisions", mode="before")
+    @field_validator("models", "precisions", "webhook_allowed_hosts", mode="before")
     @classmethod
     def _split_commas(cls, value: object) -> object:
         if isinstance(value, str):
@@ -115,6 +138,12 @@ class ServiceSettings(BaseSettings):
     @classmethod
     def _json_object(cls, value: object) -> object:
         return json.loads(value) if isinstance(value, str) else value
+
+    @field_validator("webhook_secret", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, value: object) -> object:
+        """`PTQ4DM_WEBHOOK_SECRET=` (as in .env.example) means no secret, never an empty signing key."""
+        return None if value == "" else value
 
     @field_validator("backend")
     @classmethod

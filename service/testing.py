@@ -1,4 +1,4 @@
-"""Test and benchmark helpers: a real redis-server on a free loopback port, a tiny model on disk.
+"""Test and benchmark helpers: a real redis-server on a free loopback port, a tiny model on disk, a webhook receiver.
 
 Loaded by the service tests as a pytest plugin (`pytest_plugins = ["service.testing"]`), so the session-scoped
 Redis is started once for the whole run. Nothing here is imported by the running service.
@@ -9,9 +9,11 @@ from __future__ import annotations
 import shutil
 import socket
 import subprocess
+import threading
 import time
 import uuid
 from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -78,6 +80,40 @@ class RedisServer:
 
 def have_redis() -> bool:
     return shutil.which("redis-server") is not None
+
+
+class WebhookReceiver:
+    """A webhook receiver on a loopback port that answers the scripted statuses in turn (then 200)."""
+
+    def __init__(self, statuses: list[int] | None = None) -> None:
+        self.statuses = list(statuses or [])
+        self.calls: list[dict] = []
+        receiver = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:  # noqa: N802 (http.server's naming)
+                body = self.rfile.read(int(self.headers["content-length"]))
+                receiver.calls.append({"headers": {k.lower(): v for k, v in self.headers.items()}, "body": body,
+                                       "at": time.time()})
+                status = receiver.statuses.pop(0) if receiver.statuses else 200
+                self.send_response(status)
+                self.send_header("content-length", "0")
+                self.end_headers()
+
+            def log_message(self, *_: object) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hooks/ptq4dm"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    def __enter__(self) -> WebhookReceiver:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.server.shutdown()
+        self.server.server_close()
 
 
 @pytest.fixture(scope="session")

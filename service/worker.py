@@ -22,7 +22,9 @@ import numpy as np
 
 from quantizer.diffusion.images import png_bytes
 from quantizer.engine import Generation
+from service import events
 from service.batching import ImageSlot, group_compatible, pack_passes, passes_per_job
+from service.dispatcher import WebhookDispatcher
 from service.jobs import ACTIVE, JobRecord, stream_name
 from service.metrics import Metrics
 from service.provider import ModelProvider, ServedModel
@@ -70,6 +72,7 @@ class Worker:
         self._control_last: str | None = None
         self._ops: list[dict] = []
         self._preparing: asyncio.Task | None = None
+        self.webhooks = WebhookDispatcher(settings, queue, self.id, self.metrics)
 
     # -- lifecycle -------------------------------------------------------------------------------------------------
     @property
@@ -157,6 +160,7 @@ class Worker:
         """Serve until request_stop(); start() must have succeeded."""
         beats = asyncio.create_task(self._heartbeat_loop())
         control = asyncio.create_task(self._control_loop())
+        hooks = asyncio.create_task(self.webhooks.run(self._done))
         try:
             while not self._stop.is_set():
                 try:
@@ -172,7 +176,7 @@ class Worker:
         finally:
             # The loops notice _done within one block_ms; cancelling a blocked redis-py read can hang instead.
             self._done.set()
-            loops = {beats, control} | ({self._preparing} if self._preparing is not None else set())
+            loops = {beats, control, hooks} | ({self._preparing} if self._preparing is not None else set())
             _, pending = await asyncio.wait(loops, timeout=5 + 2 * self.settings.block_ms / 1000)
             for task in pending:
                 task.cancel()
@@ -242,8 +246,9 @@ class Worker:
             await self._fail(d, job, str(exc).strip("'\""), "invalid", attempts=attempts)
             return None
         now = time.time()
-        running = await q.transition(job.id, "running", ACTIVE, s.result_ttl_s, started_at=now, worker=self.id,
-                                     attempts=attempts, progress_step=0, progress_total=job.steps)
+        running = await q.transition(job.id, "running", ACTIVE, s.result_ttl_s, emit=events.started(job.id, job.steps),
+                                     started_at=now, worker=self.id, attempts=attempts, progress_step=0,
+                                     progress_total=job.steps)
         if running is None:
             await q.ack(d)
             return None
@@ -341,7 +346,8 @@ class Worker:
         # The labels as run: the record then says which class each image is, also where they were drawn.
         ran = {"class_labels": [labels[k] for k in range(job.n)]} if len(labels) == job.n else {}
         done = await self._retrying(lambda: self.queue.transition(
-            job.id, "succeeded", ("running",), s.result_ttl_s, finished_at=time.time(), progress_step=total,
+            job.id, "succeeded", ("running",), s.result_ttl_s, emit=events.succeeded(job.id, job.n),
+            finished_at=time.time(), progress_step=total,
             progress_total=total, model_version=served.version, calibration_hash=served.calibration_hash,
             compute_s=round(compute_s, 6), **ran))
         await self._retrying(lambda: self.queue.ack(d))
@@ -355,7 +361,8 @@ class Worker:
 
     async def _fail(self, d: Delivery, job: JobRecord, error: str, reason: str, **fields: object) -> None:
         await self._retrying(lambda: self.queue.transition(
-            job.id, "failed", ACTIVE, self.settings.result_ttl_s, error=error, finished_at=time.time(), **fields))
+            job.id, "failed", ACTIVE, self.settings.result_ttl_s, emit=events.failed(job.id, error), error=error,
+            finished_at=time.time(), **fields))
         await self._retrying(lambda: self.queue.ack(d))
         self.metrics.failures.labels(reason).inc()
         self.metrics.jobs_finished.labels("failed").inc()

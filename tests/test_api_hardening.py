@@ -137,11 +137,11 @@ def test_openapi_documents_every_error_and_the_admin_scheme(client):
         for op in ops.values():
             assert (op.get("security") == [{"HTTPBearer": []}]) == path.startswith("/admin"), path
     expected = {
-        ("/v1/jobs", "post"): {"202", "400", "409", "413", "422", "429", "503"},
+        ("/v1/jobs", "post"): {"202", "400", "403", "409", "413", "422", "429", "503"},
         ("/v1/jobs/{job_id}", "get"): {"200", "404", "422", "503"},
         ("/v1/jobs/{job_id}", "delete"): {"200", "404", "409", "422", "503"},
         ("/v1/jobs/{job_id}/images/{k}", "get"): {"200", "404", "409", "422", "503"},
-        ("/v1/generate", "post"): {"200", "202", "400", "404", "409", "413", "422", "429", "500", "503"},
+        ("/v1/generate", "post"): {"200", "202", "400", "403", "404", "409", "413", "422", "429", "500", "503"},
         ("/admin/requantize", "post"): {"202", "400", "401", "404", "413", "422", "503"},
         ("/admin/workers", "get"): {"200", "401", "404", "503"},
         ("/readyz", "get"): {"200", "503"},

@@ -31,7 +31,8 @@ SEED = 20261202
 SEEN: Counter[tuple[str, int]] = Counter()  # (method, status) of every generated request, for the last test
 EXAMPLES_PER_OPERATION = 25
 # POST /v1/jobs and /v1/generate: `sampler: ddpm` with a non-zero `eta` is a 422, a cross-field rule the schema
-# does not express (everything that depends on settings, served models/precisions, max_steps, max_n, it does).
+# does not express (everything that depends on settings, served models/precisions, max_steps, max_n, it does);
+# /v1/images/generations: a size or prompt valid for one served model but not the requested one is a 422 too.
 CONFIG = f"""
 seed = {SEED}
 
@@ -39,7 +40,7 @@ seed = {SEED}
 max-examples = {EXAMPLES_PER_OPERATION}
 
 [[operations]]
-include-path-regex = "^/v1/(jobs|generate)$"
+include-path-regex = "^/v1/(jobs|generate|images/generations)$"
 include-method = "POST"
 checks.positive_data_acceptance.expected-statuses = ["2xx", "401", "403", "404", "409", "422", "429", "5xx"]
 """

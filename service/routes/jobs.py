@@ -1,4 +1,4 @@
-"""/v1: submit, poll, fetch images, cancel, and the synchronous /v1/generate."""
+"""/v1: submit, poll or follow (Server-Sent Events), fetch images, cancel, and the synchronous /v1/generate."""
 
 from __future__ import annotations
 
@@ -6,17 +6,22 @@ import base64
 import hashlib
 import json
 import secrets
+from collections.abc import AsyncIterator
 from typing import Annotated
 
 from fastapi import APIRouter, Header, HTTPException, Path, Request, Response
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, StreamingResponse
 
 from quantizer.diffusion.kinds import check_class_labels
-from service.deps import Services, Svc, field_error
+from service import events
+from service.deps import IsAdmin, Services, Svc, field_error
 from service.errors import clip_text
 from service.jobs import JobRecord
+from service.priority import NORMAL, level
+from service.queue import QueueUnavailable
 from service.responses import BODY_ERRORS, errors
-from service.schemas import GeneratedImages, GenerateRequest, JobCreated, JobRequest, JobStatus, Progress, Timings
+from service.schemas import GeneratedImages, GenerateRequest, JobCreated, JobRequest, JobStatus, job_status
+from service.webhooks import url_problem
 
 router = APIRouter(prefix="/v1", tags=["jobs"])
 
@@ -28,9 +33,13 @@ _IDEMPOTENCY_REUSED = "the Idempotency-Key was already used for a different requ
 _LOCATION = {"Location": {"description": "the job's status URL", "schema": {"type": "string"}}}
 
 
-def build_job(req: JobRequest, svc: Services) -> JobRecord:
+def build_job(req: JobRequest, svc: Services, admin: bool = False) -> JobRecord:
     """Fill defaults and check what depends on configuration; 422 names the field and lists what is served."""
     s = svc.settings
+    priority = level(req.priority)
+    if priority > NORMAL and s.high_priority_requires_token and not admin:
+        raise field_error("priority", "priorities above normal need 'Authorization: Bearer <admin_token>' here "
+                          "(high_priority_requires_token)", req.priority, status=403)
     model = req.model or s.default_model
     if model not in svc.models:
         raise field_error("model", f"unknown model {clip_text(repr(model), 80)}; served: {svc.models}", model)
@@ -46,13 +55,23 @@ def build_job(req: JobRequest, svc: Services) -> JobRecord:
     if sampler == "ddpm" and req.eta != 0.0:
         raise field_error("eta", "eta applies to the ddim sampler only; leave it at 0 for ddpm", req.eta)
     class_labels = _class_labels(req, model, svc)
+    if req.webhook is not None:
+        if s.webhook_secret is None:
+            raise field_error("webhook", "webhooks are off on this server: no webhook_secret is configured "
+                              "(PTQ4DM_WEBHOOK_SECRET)", req.webhook)
+        problem = url_problem(req.webhook, s.webhook_allowed_hosts, s.webhook_allow_loopback)
+        if problem is not None:
+            raise field_error("webhook", f"webhook URL refused: {problem}", req.webhook)
     seed = req.seed if req.seed is not None else secrets.randbelow(2**31)
     # The fingerprint is the request as sent (seed absent stays absent): a retried request matches it. Absent
-    # class labels are left out, so requests without them keep the fingerprint they had before the field existed.
-    sent = req.model_dump(exclude={"timeout_s"} | ({"class_labels"} if req.class_labels is None else set()))
+    # class labels and priority are left out, so requests without them keep the fingerprint they had before the
+    # fields existed.
+    absent = {name for name in ("class_labels", "priority") if getattr(req, name) is None}
+    sent = req.model_dump(exclude={"timeout_s"} | absent)
     fingerprint = hashlib.sha256(json.dumps(sent, sort_keys=True).encode()).hexdigest()
     return JobRecord(model=model, precision=req.precision, sampler=sampler, steps=steps, eta=req.eta, n=req.n,
-                     seed=seed, class_labels=class_labels, fingerprint=fingerprint)
+                     seed=seed, class_labels=class_labels, fingerprint=fingerprint, priority=priority,
+                     webhook=req.webhook, webhook_events=list(req.webhook_events) if req.webhook else [])
 
 
 def _class_labels(req: JobRequest, model: str, svc: Services) -> list[int] | None:
@@ -70,21 +89,12 @@ def _class_labels(req: JobRequest, model: str, svc: Services) -> list[int] | Non
 
 async def to_status(job: JobRecord, svc: Services) -> JobStatus:
     position = await svc.queue.position(job) if job.status == "queued" else None
-    wait = job.started_at - job.created_at if job.started_at else None
-    run = job.finished_at - job.started_at if job.finished_at and job.started_at else None
-    images = [f"/v1/jobs/{job.id}/images/{k}" for k in range(job.n)] if job.status == "succeeded" else []
-    return JobStatus(
-        id=job.id, status=job.status, model=job.model, precision=job.precision, sampler=job.sampler,
-        steps=job.steps, eta=job.eta, n=job.n, seed=job.seed, seeds=job.seeds, class_labels=job.class_labels,
-        progress=Progress(step=job.progress_step, total=job.progress_total or job.steps), queue_position=position,
-        timings=Timings(created_at=job.created_at, started_at=job.started_at, finished_at=job.finished_at,
-                        wait_s=wait, run_s=run, compute_s=job.compute_s),
-        attempts=job.attempts, worker=job.worker, model_version=job.model_version,
-        calibration_hash=job.calibration_hash, error=job.error, images=images)
+    return job_status(job, position)
 
 
-async def submit(req: JobRequest, svc: Services, idempotency_key: str | None) -> tuple[JobRecord, bool]:
-    job = build_job(req, svc)
+async def submit(req: JobRequest, svc: Services, idempotency_key: str | None,
+                 admin: bool = False) -> tuple[JobRecord, bool]:
+    job = build_job(req, svc, admin)
     job, created = await svc.queue.submit(job, idempotency_key, svc.settings.max_queue, svc.settings.result_ttl_s)
     if created:
         svc.metrics.jobs_submitted.inc()
@@ -108,11 +118,12 @@ async def get_job(job_id: str, svc: Services) -> JobRecord:
 
 
 @router.post("/jobs", status_code=202, response_model=JobCreated,
-             responses={202: {"headers": _LOCATION}, **errors(*BODY_ERRORS, 409, 429, 503, e409=_IDEMPOTENCY_REUSED)})
-async def create_job(req: JobRequest, response: Response, svc: Svc,
+             responses={202: {"headers": _LOCATION},
+                        **errors(*BODY_ERRORS, 403, 409, 429, 503, e409=_IDEMPOTENCY_REUSED)})
+async def create_job(req: JobRequest, response: Response, svc: Svc, admin: IsAdmin,
                      idempotency_key: IdempotencyKey = None) -> JobCreated:
     """Queue a generation; poll the Location for its status."""
-    job, _ = await submit(req, svc, idempotency_key)
+    job, _ = await submit(req, svc, idempotency_key, admin)
     response.headers["Location"] = f"/v1/jobs/{job.id}"
     return await created_body(job, svc)
 
@@ -120,6 +131,53 @@ async def create_job(req: JobRequest, response: Response, svc: Svc,
 @router.get("/jobs/{job_id}", response_model=JobStatus, responses=_JOB_ERRORS)
 async def read_job(job_id: str, svc: Svc) -> JobStatus:
     return await to_status(await get_job(job_id, svc), svc)
+
+
+_SSE_DOC = ("`text/event-stream`: events `queued` (`priority`; `queue_position`: jobs served before it at submission, "
+            "every waiting job of a higher priority then the older ones of its own), `running` "
+            "(`step`/`total`), then one of `succeeded` (`images`: URLs), `failed` (`error`), `cancelled`, after which "
+            "the stream ends. Each event's `id:` is resumable: reconnect with `Last-Event-ID` to get only the events "
+            "after it. Comments (`: keepalive`) every few seconds while nothing happens.")
+
+
+@router.get("/jobs/{job_id}/events", response_class=StreamingResponse,
+            responses={200: {"content": {"text/event-stream": {"schema": {"type": "string"}}},
+                             "description": _SSE_DOC},
+                       204: {"description": "the job already finished and Last-Event-ID is its last event"},
+                       **_JOB_ERRORS})
+async def job_events(job_id: str, svc: Svc, last_event_id: Annotated[str | None, Header(
+        alias="Last-Event-ID", max_length=64, description="resume after this event id")] = None) -> Response:
+    """Follow a job live (Server-Sent Events) until it succeeds, fails or is cancelled."""
+    job = await get_job(job_id, svc)
+    after = events.valid_event_id(last_event_id)
+    first = await svc.queue.read_events(job_id, after, 0)
+    if not first and job.terminal:
+        return Response(status_code=204)  # nothing left to tell: EventSource clients stop reconnecting on 204
+    headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no", "X-Job-Id": job_id}
+    return StreamingResponse(_event_stream(svc, job_id, first, after), media_type="text/event-stream",
+                             headers=headers)
+
+
+async def _event_stream(svc: Services, job_id: str, first: list[events.JobEvent],
+                        after: str | None) -> AsyncIterator[bytes]:
+    """Relay the job's event stream (blocking reads, no polling) until its terminal event; keepalive comments
+    between events let proxies and clients tell a quiet job from a dead connection."""
+    yield events.SSE_RETRY
+    batch = first
+    while True:
+        for event in batch:
+            yield events.sse_message(event)
+            after = event.id
+            if event.terminal:
+                return
+        try:
+            batch = await svc.queue.read_events(job_id, after, events.BLOCK_SLICE_MS)
+        except QueueUnavailable:
+            return  # the client reconnects with its Last-Event-ID once Redis is back
+        if not batch:
+            if await svc.queue.get(job_id) is None:
+                return  # expired
+            yield events.SSE_KEEPALIVE
 
 
 @router.get("/jobs/{job_id}/images/{k}", response_class=Response,
@@ -154,15 +212,16 @@ async def cancel_job(job_id: str, svc: Svc) -> JobStatus:
              responses={200: {"content": {"image/png": {}}},
                         202: {"model": JobCreated, "headers": _LOCATION,
                               "description": "still running at the timeout: poll the Location"},
-                        **errors(*BODY_ERRORS, 404, 409, 429, 500, 503, e404="the images expired before they were read",
+                        **errors(*BODY_ERRORS, 403, 404, 409, 429, 500, 503,
+                                 e404="the images expired before they were read",
                                  e409=f"the job was cancelled, or {_IDEMPOTENCY_REUSED}")})
-async def generate(req: GenerateRequest, request: Request, svc: Svc,
+async def generate(req: GenerateRequest, request: Request, svc: Svc, admin: IsAdmin,
                    idempotency_key: IdempotencyKey = None) -> Response:
     """Submit and wait. n=1 with `Accept: image/png` returns the PNG; otherwise JSON with base64 PNGs.
 
     On timeout the work is not lost: 202 with the job id, to poll like any job.
     """
-    job, _ = await submit(req, svc, idempotency_key)
+    job, _ = await submit(req, svc, idempotency_key, admin)
     timeout = min(req.timeout_s or svc.settings.generate_timeout_s, svc.settings.generate_timeout_s)
     final = await svc.queue.wait(job.id, timeout) or job
     location = {"Location": f"/v1/jobs/{job.id}"}
