@@ -52,7 +52,13 @@ async function loadServed() {
   $("#served-state").textContent = waiting
     ? `${waiting} variant(s) still being prepared; their jobs wait in the queue.`
     : "Every served variant is ready.";
-  if (waiting) setTimeout(loadServed, 3000); // calibrating or compiling: refresh their labels until ready
+  if (waiting) setTimeout(refreshServed, 3000); // calibrating or compiling: refresh their labels until ready
+}
+
+function refreshServed() {
+  loadServed().catch((error) => {
+    $("#served-state").textContent = `Could not read what this server serves: ${error}`;
+  });
 }
 
 function precisionsOf(model) {
@@ -104,7 +110,7 @@ function showErrors(status, data) {
   const list = document.createElement("ul");
   const problems = Array.isArray(data && data.detail)
     ? data.detail.map((e) => ({ field: (e.loc || []).filter((part) => part !== "body").join("."), msg: e.msg }))
-    : [{ field: "", msg: (data && data.detail) || String(data || "no answer") }];
+    : [{ field: "", msg: typeof (data && data.detail) === "string" ? data.detail : JSON.stringify(data) }];
   for (const { field, msg } of problems) {
     const item = document.createElement("li");
     item.textContent = field ? `${field}: ${msg}` : msg;
@@ -263,7 +269,10 @@ function showPsnr(panel, reference, quantized) {
   const values = quantized.map((figure, k) => {
     const value = psnr(pixels($("img", reference[k])), pixels($("img", figure)));
     figure.dataset.psnr = String(value);
-    $("figcaption", figure).textContent += ` · PSNR ${decibels(value)}`;
+    const label = document.createElement("span");
+    label.className = "psnr";
+    label.textContent = `PSNR ${decibels(value)}`;
+    $("figcaption", figure).append(label);
     return value;
   });
   const finite = values.filter(Number.isFinite);
@@ -317,7 +326,5 @@ document.addEventListener("DOMContentLoaded", () => {
   });
   $("#compare").addEventListener("click", () => submit(true));
   $("#model").addEventListener("change", fillPrecisions);
-  loadServed().catch((error) => {
-    $("#served-state").textContent = `Could not read what this server serves: ${error}`;
-  });
+  refreshServed();
 });
