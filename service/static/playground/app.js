@@ -26,7 +26,7 @@ async function request(method, path, body) {
 
 // ---- what is served -------------------------------------------------------------------------------------------
 
-const served = { variants: {}, maxSteps: null, maxN: null };
+let variants = {}; // "model/precision" -> {state, stage, progress, ...}, as /readyz lists them
 let busy = false; // one submission at a time
 
 function integerMaximum(prop) {
@@ -38,19 +38,20 @@ function integerMaximum(prop) {
 
 async function loadServed() {
   const [ready, schema] = await Promise.all([request("GET", "readyz"), request("GET", "openapi.json")]);
-  served.variants = ready.data.models || {}; // "model/precision" -> {state, stage, progress, ...}
+  variants = ready.data.models || {};
+  // The live limits (max_steps, max_n) are in the schema; shown as the inputs' max, enforced by the API.
   const props = schema.ok ? schema.data.components.schemas.JobRequest.properties : {};
-  served.maxSteps = integerMaximum(props.steps);
-  served.maxN = integerMaximum(props.n);
-  if (served.maxSteps) $("#steps").max = served.maxSteps;
-  if (served.maxN) $("#n").max = served.maxN;
+  for (const name of ["steps", "n"]) {
+    const max = integerMaximum(props[name]);
+    if (max !== null) $(`#${name}`).max = max;
+  }
   $("#seed").max = MAX_SEED;
-  const models = [...new Set(Object.keys(served.variants).map((key) => key.split("/")[0]))];
+  const models = [...new Set(Object.keys(variants).map((key) => key.slice(0, key.lastIndexOf("/"))))];
   fillSelect($("#model"), models.map((m) => [m, m]));
   fillPrecisions();
-  const waiting = Object.values(served.variants).filter((v) => v.state !== "ready").length;
+  const waiting = Object.values(variants).filter((v) => v.state !== "ready").length;
   $("#served-state").textContent = waiting
-    ? `${waiting} variant(s) still being prepared; their jobs wait in the queue.`
+    ? `${waiting} variant(s) not ready yet; their jobs wait in the queue.`
     : "Every served variant is ready.";
   if (waiting) setTimeout(refreshServed, 3000); // calibrating or compiling: refresh their labels until ready
 }
@@ -62,7 +63,7 @@ function refreshServed() {
 }
 
 function precisionsOf(model) {
-  return Object.entries(served.variants)
+  return Object.entries(variants)
     .filter(([key]) => key.startsWith(`${model}/`))
     .map(([key, variant]) => [key.slice(model.length + 1), variant]);
 }
@@ -121,7 +122,7 @@ function showErrors(status, data) {
     }
   }
   const heading = document.createElement("p");
-  heading.textContent = status ? `The server refused the request (HTTP ${status}):` : "Cannot send this request:";
+  heading.textContent = status ? `The server refused the request (HTTP ${status}):` : "The request could not be completed:";
   $("#errors").replaceChildren(heading, list);
   $("#errors").hidden = false;
   $("#errors").focus();
@@ -276,9 +277,10 @@ function showPsnr(panel, reference, quantized) {
     return value;
   });
   const finite = values.filter(Number.isFinite);
-  const mean = finite.length ? finite.reduce((s, v) => s + v, 0) / finite.length : Infinity;
-  $(".summary", panel).textContent = `PSNR vs fp32, same seeds: mean ${decibels(mean)}` +
-    (finite.length < values.length ? ` over ${finite.length} differing image(s)` : "") + ".";
+  const mean = finite.reduce((s, v) => s + v, 0) / finite.length;
+  const some = finite.length < values.length ? ` over the ${finite.length} that differ` : "";
+  $(".summary", panel).textContent = "PSNR vs fp32, same seeds: " +
+    (finite.length ? `mean ${decibels(mean)}${some}.` : "identical images.");
 }
 
 async function submit(compare) {
@@ -312,6 +314,8 @@ async function submit(compare) {
     if (fp && q && fp.figures.length && fp.figures.length === q.figures.length) {
       showPsnr(quantized, fp.figures, q.figures);
     }
+  } catch (error) { // the network, or an image that no longer decodes (expired)
+    showErrors(null, { detail: String(error) });
   } finally {
     busy = false;
     $("#generate").disabled = false;
