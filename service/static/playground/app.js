@@ -122,7 +122,9 @@ function showErrors(status, data) {
     }
   }
   const heading = document.createElement("p");
-  heading.textContent = status ? `The server refused the request (HTTP ${status}):` : "The request could not be completed:";
+  heading.textContent = status
+    ? `The server refused the request (HTTP ${status}):`
+    : "The request could not be completed:";
   $("#errors").replaceChildren(heading, list);
   $("#errors").hidden = false;
   $("#errors").focus();
