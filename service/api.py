@@ -23,6 +23,7 @@ from service.errors import install_error_handlers
 from service.metrics import Metrics
 from service.model_kinds import served_model_kinds
 from service.openapi import document_live_limits
+from service.playground import mount_playground
 from service.queue import IdempotencyConflict, JobQueue, QueueFull, QueueUnavailable, make_queue
 from service.routes import admin, health, jobs, openai_images
 from service.settings import ServiceSettings, served_precisions
@@ -86,6 +87,7 @@ def create_app(settings: ServiceSettings | None = None, queue: JobQueue | None =
     app.include_router(admin.router)
     app.include_router(health.router)
     mount_offline_docs(app)
+    mount_playground(app)
     install_error_handlers(app)
     _install_error_handlers(app, services)
     document_live_limits(app, settings, services.models, services.precisions)

@@ -40,6 +40,7 @@ def test_the_api_process_never_imports_the_ml_stack(redis_server, redis_prefix, 
     assert api["loaded"] == []
     # Queued without any model loaded; precision and model are validated from the settings alone.
     assert api["codes"] == [202, 422, 422] and api["ready"] == 200
+    assert api["playground"] == [200, 200]  # the browser playground is static files: no ML stack either
     worker = _run(WORKER)
     with capsys.disabled():
         print(f"\nmax RSS: API process (import service.api, build the app, 3 requests) {api['rss_kib'] / 1024:.0f} "
@@ -57,7 +58,8 @@ def test_the_library_reads_its_constants_from_the_torch_free_module():
     assert constants.SERVING_PRESET is SERVING_PRESET and SERVING_PRESET in PRESETS
     assert constants.PRECISION_PRESETS is PRECISION_PRESETS
 
-# Builds the API-only app, submits one valid and two invalid requests, then reports what got imported and its RSS.
+# Builds the API-only app, submits one valid and two invalid requests, loads the playground, then reports what got
+# imported and its RSS.
 API_ONLY = """
 import json, sys
 from fastapi.testclient import TestClient
@@ -69,7 +71,8 @@ with TestClient(create_app(settings)) as client:
     codes = [client.post("/v1/jobs", json=body).status_code
              for body in ({"seed": 1}, {"precision": "w3a3"}, {"model": "other"})]
     ready = client.get("/readyz").status_code
-print(json.dumps({"codes": codes, "ready": ready, "rss_kib": peak_rss_kib(),
+    playground = [client.get(path).status_code for path in ("/", "/playground/app.js")]
+print(json.dumps({"codes": codes, "ready": ready, "playground": playground, "rss_kib": peak_rss_kib(),
                   "loaded": [m for m in sys.argv[3:] if m in sys.modules]}))
 """
 

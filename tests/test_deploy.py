@@ -381,6 +381,10 @@ def test_installed_wheel_serves_the_builtin_model(tmp_path):
         assert _wait_for(f"http://127.0.0.1:{port}/livez", proc, 120) == {"status": "alive"}
         ready = _wait_for(f"http://127.0.0.1:{port}/readyz", proc, 300)
         assert ready["checks"]["worker"] is True
+        # The playground's static files are package data: a wheel without them fails here.
+        for path in ("/", "/playground/app.js", "/playground/style.css"):
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=10) as page:
+                assert page.status == 200 and page.read(), path
         # A quiet start: nothing a user would report as a bug (library warnings, tracebacks) in the log.
         log.flush()
         noise = [line for line in (tmp_path / "serve.log").read_text().splitlines()
