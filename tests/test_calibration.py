@@ -194,3 +194,16 @@ def test_steps_beyond_the_training_schedule_are_rejected(tiny_unet, scheduler_co
     cfg = CalibrationConfig(steps=scheduler_config["num_train_timesteps"] + 1, n_samples=2)
     with pytest.raises(ValueError, match="steps"):
         build_calibration_set(tiny_unet, scheduler_config, cfg, progress=False)
+
+
+def test_every_trajectory_method_is_one_registered_draw(scheduler_config):
+    from quantizer.ptq.config import CALIBRATION_METHODS
+    from quantizer.ptq.timestep_draws import TIMESTEP_DRAWS, draw_for
+
+    assert set(TIMESTEP_DRAWS) | {"real_noised"} == set(CALIBRATION_METHODS)
+    timesteps = sampler_timesteps(scheduler_config, "ddim", 10)
+    for name, draw in TIMESTEP_DRAWS.items():
+        index = draw.step_indices(CalibrationConfig(method=name, n_samples=7, steps=10), timesteps, None)
+        assert index.shape == (7,) and int(index.min()) >= 0 and int(index.max()) <= 9, name
+    with pytest.raises(ValueError, match="real_noised"):
+        draw_for("real_noised")

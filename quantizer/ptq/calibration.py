@@ -22,8 +22,9 @@ from quantizer.diffusion.kinds import kind_of
 from quantizer.diffusion.sampling import make_scheduler, sample, sample_shape, validate_request
 from quantizer.ptq.config import CalibrationConfig
 from quantizer.ptq.progress import ProgressFn, track
+from quantizer.ptq.timestep_draws import TIMESTEP_DRAWS, draw_for
 
-TRAJECTORY_METHODS: tuple[str, ...] = ("ndtc", "ndtc_code", "uniform", "single_step")
+TRAJECTORY_METHODS: tuple[str, ...] = tuple(TIMESTEP_DRAWS)
 
 
 @dataclass
@@ -75,25 +76,9 @@ def sampler_timesteps(scheduler_config: dict, sampler: str, steps: int) -> torch
 
 def draw_step_indices(config: CalibrationConfig, timesteps: torch.Tensor,
                       generator: torch.Generator | None = None) -> torch.Tensor:
-    """Sampler step index (0 = noise end) of each calibration sample, for the trajectory methods.
-
-    ndtc: position from the image end ~ round(Normal(mu * steps, sigma * steps)), clipped to the trajectory.
-    ndtc_code: the same position counted from the noise end. Both round to the nearest step (the authors'
-    code truncates; at most one step apart).
-    """
-    n, steps = config.n_samples, len(timesteps)
-    if config.method in ("ndtc", "ndtc_code"):
-        draw = torch.normal(config.mu * steps, config.sigma * steps, (n,), generator=generator,
-                            dtype=torch.float64)
-        position = draw.round().clamp(0, steps - 1).long()
-        return steps - 1 - position if config.method == "ndtc" else position
-    if config.method == "uniform":
-        return torch.linspace(0, steps - 1, n, dtype=torch.float64).round().long()
-    if config.method == "single_step":
-        target = timesteps[steps // 2] if config.single_step_t is None else config.single_step_t
-        index = int((timesteps - target).abs().argmin())
-        return torch.full((n,), index, dtype=torch.long)
-    raise ValueError(f"method {config.method!r} does not sample time-steps along a trajectory")
+    """Sampler step index (0 = noise end) of each calibration sample, by the method's registered draw
+    (quantizer.ptq.timestep_draws)."""
+    return draw_for(config.method).step_indices(config, timesteps, generator)
 
 
 def build_calibration_set(unet: UNet2DModel, scheduler_config: dict, config: CalibrationConfig,
@@ -109,7 +94,7 @@ def build_calibration_set(unet: UNet2DModel, scheduler_config: dict, config: Cal
     generator = torch.Generator().manual_seed(config.seed)
     shape = sample_shape(unet)
     num_classes = kind_of(unet.config).num_classes
-    if config.method == "real_noised":
+    if config.method not in TIMESTEP_DRAWS:  # real_noised: the forward process on real images, no trajectories
         return _real_noised(scheduler_config, config, shape, real_images, generator, num_classes)
     timesteps = sampler_timesteps(scheduler_config, config.sampler, config.steps)
     step_indices = draw_step_indices(config, timesteps, generator)
