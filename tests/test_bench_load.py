@@ -39,7 +39,9 @@ def test_quick_run_measures_throughput_latency_and_overhead(tiny_model_dir):
     assert len(probe.samples) == 3 and math.isfinite(probe.compute_s) and probe.compute_s > 0
     assert finite_non_negative(probe.dispatch_s)
     assert all(math.isfinite(v) for v in probe.overhead_s)
-    assert sorted(probe.overhead_s)[1] >= 0  # the median: a lone job pays at least the max_wait_ms window
+    # Against the worker's own timing of the job's passes (same process, same clock) the service time can only be
+    # longer; against the offline run in another process it is a difference of two timings and may go negative.
+    assert all(v >= 0 for v in probe.in_worker_overhead_s)
     # The worker reports its own compute per job; the service time always covers it.
     assert finite_non_negative([s.worker_compute_s for s in probe.samples])
     assert finite_non_negative(probe.in_worker_overhead_s)
