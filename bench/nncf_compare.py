@@ -1,0 +1,106 @@
+"""Our OpenVINO int8 (PTQ4DM's scales as FakeQuantize nodes) against OpenVINO + NNCF's own post-training
+quantization of the same fp32 UNet: speed per forward on the same runtime, and fidelity to fp32.
+
+Why: issue #20's target is that our scales cost no speed against the runtime's own PTQ (>= 1.0x NNCF int8 at
+batch 1 and 16) while being more faithful. Both models are converted once, reshaped to a static batch and compiled
+with the same hints; timing is interleaved (each repeat runs every variant once), so a noisy neighbour slows all
+alike. NNCF (bench-only dependency: pip install 'nncf==3.4.0') calibrates on the same kind of inputs PTQ4DM uses
+(x_t from the FP model's own DDIM trajectories, uniform over the steps); it chooses its own ranges and layer set.
+
+    python bench/nncf_compare.py                         # built-in model, batch 1 and 16, fp32 and bf16 float ops
+    python bench/nncf_compare.py --model cifar --batches 16
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from speed import cifar_model, quantized  # noqa: E402  (the speed table's models and W8A8 quantization)
+
+from quantizer.diffusion.models import load_model  # noqa: E402
+from quantizer.execution.openvino import convert, runtime_layers, traceable_quantized  # noqa: E402
+from quantizer.ptq.calibration import build_calibration_set  # noqa: E402
+from quantizer.ptq.config import CalibrationConfig  # noqa: E402
+
+
+def rel_error(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", choices=("builtin", "cifar"), default="builtin")
+    parser.add_argument("--batches", default="1,16")
+    parser.add_argument("--precisions", default="f32,bf16", help="OpenVINO INFERENCE_PRECISION_HINT values")
+    parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--calibration-samples", type=int, default=256)
+    args = parser.parse_args(argv)
+    import nncf
+    import openvino as ov
+
+    model = cifar_model() if args.model == "cifar" else load_model(None)
+    calib = build_calibration_set(model.unet, model.scheduler_config,
+                                  CalibrationConfig(method="uniform", n_samples=args.calibration_samples + 64,
+                                                    steps=25, batch_size=64, seed=1), progress=False)
+    fit = [(calib.xs[i:i + 1].numpy(), calib.ts[i:i + 1].numpy()) for i in range(args.calibration_samples)]
+    held_x, held_t = calib.xs[args.calibration_samples:], calib.ts[args.calibration_samples:]
+
+    start = time.perf_counter()
+    fp32 = convert(model.unet)
+    ours = convert(traceable_quantized(quantized(model).unet))
+    ours_s = time.perf_counter() - start
+    start = time.perf_counter()
+    theirs = nncf.quantize(convert(model.unet), nncf.Dataset(fit, lambda item: list(item)),
+                           subset_size=len(fit))
+    nncf_s = time.perf_counter() - start
+
+    core = ov.Core()
+    graphs = {"ptq4dm scales": ours, "nncf default": theirs, "fp32 (no quantization)": fp32}
+    rows, calls = [], {}
+    for precision in args.precisions.split(","):
+        for batch in (int(b) for b in args.batches.split(",")):
+            x = np.ascontiguousarray(held_x[:batch].numpy())
+            t = np.ascontiguousarray(held_t[:batch].numpy())
+            outs = {}
+            for label, graph in graphs.items():
+                static = graph.clone()
+                static.reshape({static.inputs[0]: list(x.shape), static.inputs[1]: [batch]})
+                compiled = core.compile_model(static, "CPU", {"INFERENCE_PRECISION_HINT": precision,
+                                                             "PERFORMANCE_HINT": "LATENCY"})
+                request = compiled.create_infer_request()
+                outs[label] = np.array(request.infer([x, t])[0], copy=True)
+                int8 = sum(1 for _, kind, prec in runtime_layers(compiled)
+                           if kind in ("Convolution", "FullyConnected", "MatMul") and prec in ("u8", "i8"))
+                calls[(precision, batch, label)] = (lambda r=request, x=x, t=t: r.infer([x, t]), int8)
+            reference = outs["fp32 (no quantization)"]
+            for label in graphs:
+                rows.append((precision, batch, label, rel_error(outs[label], reference) if label in outs else 0.0))
+    times: dict[tuple, list[float]] = {k: [] for k in calls}
+    for _ in range(args.repeats):
+        for key, (call, _) in calls.items():
+            begin = time.perf_counter()
+            call()
+            times[key].append(time.perf_counter() - begin)
+    print(f"{model.name}; OpenVINO {ov.get_version()}, NNCF {nncf.__version__}, torch {torch.__version__}; "
+          f"{args.repeats} interleaved repeats (medians); quantization: ours {ours_s:.1f} s (convert + stats from "
+          f"the cache/shipped), NNCF {nncf_s:.1f} s on {len(fit)} samples\n")
+    print("| float ops | batch | variant | int8 layers | UNet fwd ms | ours: x faster | rel. error vs fp32 |")
+    print("|---|---|---|---|---|---|---|")
+    for precision, batch, label, err in rows:
+        ms = statistics.median(times[(precision, batch, label)]) * 1e3
+        ours_ms = statistics.median(times[(precision, batch, "ptq4dm scales")]) * 1e3
+        print(f"| {precision} | {batch} | {label} | {calls[(precision, batch, label)][1]} | {ms:.1f} | "
+              f"{ms / ours_ms:.2f}x | {err:.4f} |")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
