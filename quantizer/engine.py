@@ -6,6 +6,7 @@ is immutable: `quantize` and `compile` return new ones, so a batch that holds an
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -37,7 +38,7 @@ class Engine:
     """One model at one precision, ready to generate.
 
     model: the full-precision model as loaded (every quantized variant is built from it).
-    digest: sha256 of its UNet weights (identifies the model in versions and cache keys).
+    digest: sha256 of its weights (identifies the model in versions): the UNet's, with a latent model's decoder.
     unet: what runs: model.unet for fp32, else the quantized UNet on its execution backend.
     """
 
@@ -54,7 +55,7 @@ class Engine:
     def load(cls, name_or_path: str | Path, device: str = "cpu") -> Engine:
         """The fp32 engine of a built-in name, local diffusers directory or hub id."""
         model = load_model(name_or_path, device=device)
-        return cls(model, hash_state_dict(model.unet), model.unet)
+        return cls(model, model_digest(model), model.unet)
 
     @property
     def scheduler_config(self) -> dict:
@@ -66,8 +67,13 @@ class Engine:
 
     @property
     def model_kind(self) -> ModelKind:
-        """unconditional, or class-conditional with its number of classes."""
+        """unconditional, class-conditional with its number of classes, or latent."""
         return self.model.model_kind
+
+    @property
+    def decoder(self) -> nn.Module | None:
+        """A latent model's VAE: fp32 eager at every precision (only the UNet is quantized)."""
+        return self.model.decoder
 
     def quantize(self, precision: str, config: Mapping[str, Any], cache_dir: str | Path | None,
                  on_progress: ProgressFn | None = None) -> Engine:
@@ -99,7 +105,7 @@ class Engine:
         tiny generation, so the first request does not pay for lazy initialisation. Returns the backend's
         compile report (seconds per size), or None when nothing compiles."""
         report = self.unet.warmup(list(batch_sizes)) if hasattr(self.unet, "warmup") else None
-        sample(self.unet, self.scheduler_config, [0], sampler="ddim", steps=1)
+        sample(self.unet, self.scheduler_config, [0], sampler="ddim", steps=1, decoder=self.decoder)
         return report
 
     def validate(self, sampler: str, steps: int, eta: float, n: int,
@@ -119,7 +125,7 @@ class Engine:
         """
         labels = resolve_class_labels(list(seeds), class_labels, self.model_kind)
         x = sample(self.unet, self.scheduler_config, list(seeds), sampler=sampler, steps=steps, eta=eta,
-                   batch_size=len(seeds), callback=on_step, class_labels=labels)
+                   batch_size=len(seeds), callback=on_step, class_labels=labels, decoder=self.decoder)
         bad = non_finite_images(x)
         n, c, h, w = x.shape
         images = np.zeros((n, h, w, c), dtype=np.uint8)
@@ -127,3 +133,12 @@ class Engine:
         if keep:
             images[keep] = to_uint8(x[keep])
         return Generation(images, tuple(bad), None if labels is None else tuple(labels))
+
+
+def model_digest(model: DiffusionModel) -> str:
+    """sha256 of what the images depend on: the UNet's weights, and a latent model's decoder's beside them (the
+    calibration cache keys on the UNet alone, which is all PTQ4DM sees)."""
+    unet = hash_state_dict(model.unet)
+    if model.decoder is None:
+        return unet
+    return hashlib.sha256(f"{unet}|{hash_state_dict(model.decoder)}".encode()).hexdigest()

@@ -1,4 +1,5 @@
-"""What kind of diffusion model a directory holds, and which class labels it takes, from its JSON configs alone.
+"""What kind of diffusion model a directory holds, which class labels it takes and the size of the images it
+makes, from its JSON configs alone.
 
 Torch-free on purpose: the API process validates `class_labels` with it without loading the ML stack, and the
 library validates them with the same functions, so the two can never disagree. The model directories themselves
@@ -23,15 +24,19 @@ BUILTIN_MODEL_DIR = MODELS_DIR / BUILTIN_MODEL_NAME
 
 UNCONDITIONAL = "unconditional"
 CLASS_CONDITIONAL = "class-conditional"
-MODEL_KINDS: tuple[str, ...] = (UNCONDITIONAL, CLASS_CONDITIONAL)
+LATENT = "latent"  # an unconditional UNet2DModel in a VAE's latent space (diffusers' LDMPipeline layout)
+MODEL_KINDS: tuple[str, ...] = (UNCONDITIONAL, CLASS_CONDITIONAL, LATENT)
 # diffusers' class-embedding types whose labels are integers 0..num_class_embeds-1 (None: an embedding table).
 _INTEGER_CLASS_EMBEDS: tuple[str | None, ...] = (None, "timestep")
-_LATENT_COMPONENTS: tuple[str, ...] = ("vae", "vqvae")
+# model_index.json components that hold a latent decoder, and the decoder classes that can decode them.
+LATENT_COMPONENTS: tuple[str, ...] = ("vqvae", "vae")
+DECODER_CLASSES: tuple[str, ...] = ("VQModel", "AutoencoderKL")
 
 
 @dataclass(frozen=True)
 class ModelKind:
-    """unconditional, or class-conditional with `num_classes` labels 0..num_classes-1."""
+    """unconditional, class-conditional with `num_classes` labels 0..num_classes-1, or latent (unconditional, with a
+    decoder from latents to pixels)."""
 
     kind: str = UNCONDITIONAL
     num_classes: int | None = None
@@ -39,6 +44,10 @@ class ModelKind:
     @property
     def class_conditional(self) -> bool:
         return self.kind == CLASS_CONDITIONAL
+
+    @property
+    def latent(self) -> bool:
+        return self.kind == LATENT
 
 
 def resolve_model_path(name_or_path: str | Path | None) -> str:
@@ -69,18 +78,45 @@ def kind_of(unet_config: Mapping) -> ModelKind:
                      "class_embed_type null or 'timestep'")
 
 
-def check_pipeline(directory: Path) -> None:
-    """A diffusers pipeline folder (model_index.json) must be a pixel-space UNet pipeline: ValueError otherwise."""
+def pipeline_index(directory: Path) -> dict | None:
+    """model_index.json of a diffusers pipeline folder; None for a bare UNet folder."""
     index = directory / "model_index.json"
-    if not index.is_file():
-        return
-    components = json.loads(index.read_text())
-    if any(name in components for name in _LATENT_COMPONENTS):
-        raise ValueError(f"model: {directory} is a latent diffusion pipeline ({components.get('_class_name')}, "
-                         "with a VAE); latent models are not supported yet")
+    return json.loads(index.read_text()) if index.is_file() else None
+
+
+def latent_decoder(components: Mapping | None) -> tuple[str, str] | None:
+    """(component, class) of the decoder a pipeline index names ('vqvae', 'VQModel'), None for a pixel-space
+    pipeline; ValueError for a UNet or decoder class this project cannot serve."""
+    if components is None:
+        return None
     unet = components.get("unet")
     if isinstance(unet, list) and len(unet) == 2:  # ["diffusers", "UNet2DConditionModel"]
         kind_of({"_class_name": unet[1]})
+    for name in LATENT_COMPONENTS:
+        entry = components.get(name)
+        if isinstance(entry, list) and len(entry) == 2 and entry[1] is not None:
+            if entry[1] not in DECODER_CLASSES:
+                raise ValueError(f"model: latent decoder {name}={entry[1]} is not supported yet; latent models need "
+                                 f"one of {', '.join(DECODER_CLASSES)}")
+            return name, str(entry[1])
+    return None
+
+
+def check_pipeline(directory: Path) -> tuple[str, str] | None:
+    """The latent decoder (component, class) of a pipeline folder, None for a pixel-space one or a bare UNet
+    folder; ValueError for a pipeline this project cannot serve."""
+    return latent_decoder(pipeline_index(directory))
+
+
+def pipeline_kind(unet_config: Mapping, decoder: tuple[str, str] | None) -> ModelKind:
+    """The kind of a UNet (its config) with or without a latent decoder beside it."""
+    kind = kind_of(unet_config)
+    if decoder is None:
+        return kind
+    if kind.class_conditional:
+        raise ValueError("model: class-conditional latent models are not supported yet; ptq4dm serves "
+                         "unconditional latent UNet2DModels")
+    return ModelKind(LATENT)
 
 
 def unet_config_path(directory: Path) -> Path | None:
@@ -101,8 +137,30 @@ def read_kind(name_or_path: str | Path | None) -> ModelKind | None:
     config = unet_config_path(directory) if directory.is_dir() else None
     if config is None:
         return None
-    check_pipeline(directory)
-    return kind_of(json.loads(config.read_text()))
+    return pipeline_kind(json.loads(config.read_text()), check_pipeline(directory))
+
+
+def image_size(name_or_path: str | Path | None) -> tuple[int, int] | None:
+    """(height, width) of the images a local model makes, None where it is not readable here. A latent model's
+    are its UNet's sample_size times the decoder's upsampling, 2^(len(block_out_channels)-1) as in diffusers'
+    VQModel and AutoencoderKL (one downsampling per encoder block but the last)."""
+    try:
+        directory = Path(resolve_model_path(name_or_path))
+    except ValueError:
+        return None
+    config = unet_config_path(directory) if directory.is_dir() else None
+    if config is None:
+        return None
+    size = json.loads(config.read_text()).get("sample_size")
+    if size is None:
+        return None
+    height, width = (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+    decoder = check_pipeline(directory)
+    if decoder is None:
+        return height, width
+    decoder_config = json.loads((directory / decoder[0] / "config.json").read_text())
+    factor = 2 ** (len(decoder_config.get("block_out_channels") or (64,)) - 1)
+    return height * factor, width * factor
 
 
 def default_class_label(seed: int, num_classes: int) -> int:
@@ -121,7 +179,8 @@ def check_class_labels(class_labels: Sequence[int | None] | None, n: int,
     if class_labels is None:
         return None
     if kind is not None and not kind.class_conditional:
-        raise ValueError("class_labels: the model is unconditional and takes no class labels")
+        what = "an unconditional latent model" if kind.latent else "unconditional"
+        raise ValueError(f"class_labels: the model is {what} and takes no class labels")
     labels = list(class_labels)
     if len(labels) != n:
         raise ValueError(f"class_labels must hold one label per image ({n}), got {len(labels)}")

@@ -1,4 +1,5 @@
-"""DDPM/DDIM sampling with diffusers schedulers: a fresh scheduler per call, one seed (and class label) per image."""
+"""DDPM/DDIM sampling with diffusers schedulers: a fresh scheduler per call, one seed (and class label) per image;
+a latent model's samples are decoded to pixels at the end."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from diffusers import DDIMScheduler, DDPMScheduler, UNet2DModel
 from torch import nn
 
 from quantizer.diffusion.kinds import kind_of, resolve_class_labels
+from quantizer.diffusion.latents import decode_latents
 
 Sampler = Literal["ddpm", "ddim"]
 SAMPLERS: tuple[str, ...] = ("ddpm", "ddim")
@@ -61,8 +63,13 @@ def sample(
     batch_size: int | None = None,
     callback: StepCallback | None = None,
     class_labels: Sequence[int | None] | None = None,
+    decoder: nn.Module | None = None,
 ) -> torch.Tensor:
     """Generate len(seeds) images in model space ([-1, 1], N x C x H x W, float32 on CPU).
+
+    decoder: a latent model's VAE (`DiffusionModel.decoder`): the UNet samples latents, decoded to pixels per batch
+    at the end (`quantizer.diffusion.latents`). Without it a latent UNet's raw latents come back (calibration
+    records those). The callback sees the UNet's inputs, latents for a latent model.
 
     Image k depends only on seeds[k] (and, for a class-conditional model, its class label): its initial noise and
     every stochastic step (DDPM, DDIM eta>0) draw from a generator seeded by it, whatever the batch it lands in.
@@ -81,8 +88,9 @@ def sample(
     for start in range(0, len(seeds), batch_size):
         chunk = list(seeds[start: start + batch_size])
         chunk_labels = None if labels is None else labels[start: start + batch_size]
-        outputs.append(_sample_batch(unet, scheduler_config, chunk, chunk_labels, shape, sampler, steps, eta,
-                                     device, dtype, callback))
+        x = _sample_batch(unet, scheduler_config, chunk, chunk_labels, shape, sampler, steps, eta, device, dtype,
+                          callback)
+        outputs.append(x if decoder is None else decode_latents(decoder, x))
     return torch.cat(outputs)
 
 

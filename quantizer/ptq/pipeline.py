@@ -259,4 +259,5 @@ def quantize_model(model: DiffusionModel, precision: str | QuantConfig,
     logger.info("%s quantized to %s (stats: %s)", model.name, label, source)
     return QuantizedModel(name=model.name, unet=calibrated["unet"].eval(), scheduler_config=model.scheduler_config,
                           precision=label, config=config, calibration_hash=hash_state_dict(stats),
-                          cache_key=cache_key(parts), cache_hit=hit, stats_source=source, path=model.path)
+                          cache_key=cache_key(parts), cache_hit=hit, stats_source=source, path=model.path,
+                          decoder=model.decoder)
