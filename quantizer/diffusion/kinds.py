@@ -25,18 +25,22 @@ BUILTIN_MODEL_DIR = MODELS_DIR / BUILTIN_MODEL_NAME
 UNCONDITIONAL = "unconditional"
 CLASS_CONDITIONAL = "class-conditional"
 LATENT = "latent"  # an unconditional UNet2DModel in a VAE's latent space (diffusers' LDMPipeline layout)
-MODEL_KINDS: tuple[str, ...] = (UNCONDITIONAL, CLASS_CONDITIONAL, LATENT)
+TEXT_TO_IMAGE = "text-to-image"  # a UNet2DConditionModel with a CLIP text encoder and a VAE (StableDiffusionPipeline)
+MODEL_KINDS: tuple[str, ...] = (UNCONDITIONAL, CLASS_CONDITIONAL, LATENT, TEXT_TO_IMAGE)
 # diffusers' class-embedding types whose labels are integers 0..num_class_embeds-1 (None: an embedding table).
 _INTEGER_CLASS_EMBEDS: tuple[str | None, ...] = (None, "timestep")
 # model_index.json components that hold a latent decoder, and the decoder classes that can decode them.
 LATENT_COMPONENTS: tuple[str, ...] = ("vqvae", "vae")
 DECODER_CLASSES: tuple[str, ...] = ("VQModel", "AutoencoderKL")
+# What a text-to-image pipeline needs beside its UNet and VAE: component -> the classes that can fill it.
+TEXT_COMPONENTS: dict[str, tuple[str, ...]] = {"text_encoder": ("CLIPTextModel",),
+                                               "tokenizer": ("CLIPTokenizer", "CLIPTokenizerFast")}
 
 
 @dataclass(frozen=True)
 class ModelKind:
-    """unconditional, class-conditional with `num_classes` labels 0..num_classes-1, or latent (unconditional, with a
-    decoder from latents to pixels)."""
+    """unconditional, class-conditional with `num_classes` labels 0..num_classes-1, latent (unconditional, with a
+    decoder from latents to pixels), or text-to-image (latent, conditioned on a prompt)."""
 
     kind: str = UNCONDITIONAL
     num_classes: int | None = None
@@ -47,7 +51,17 @@ class ModelKind:
 
     @property
     def latent(self) -> bool:
-        return self.kind == LATENT
+        """Samples latents that a decoder turns into pixels."""
+        return self.kind in (LATENT, TEXT_TO_IMAGE)
+
+    @property
+    def takes_prompt(self) -> bool:
+        return self.kind == TEXT_TO_IMAGE
+
+    @property
+    def described(self) -> str:
+        """How error messages name it: 'the model is <described>'."""
+        return "an unconditional latent model" if self.kind == LATENT else self.kind
 
 
 def resolve_model_path(name_or_path: str | Path | None) -> str:
@@ -62,12 +76,16 @@ def resolve_model_path(name_or_path: str | Path | None) -> str:
 def kind_of(unet_config: Mapping) -> ModelKind:
     """The kind a UNet config describes; ValueError for a UNet this project cannot serve yet."""
     class_name = unet_config.get("_class_name")
-    if class_name == "UNet2DConditionModel":
-        raise ValueError("model: text-to-image models (UNet2DConditionModel) are not supported yet; ptq4dm serves "
-                         "unconditional and class-conditional UNet2DModel")
+    # A UNet built in memory has no _class_name in its config; cross-attention tells the conditional one apart.
+    if class_name == "UNet2DConditionModel" or (class_name is None and "cross_attention_dim" in unet_config):
+        for name in ("class_embed_type", "addition_embed_type", "num_class_embeds"):
+            if unet_config.get(name) is not None:
+                raise ValueError(f"model: text-to-image UNets with {name}={unet_config[name]!r} are not supported "
+                                 "yet; ptq4dm serves Stable Diffusion 1.x/2.x-style UNet2DConditionModels")
+        return ModelKind(TEXT_TO_IMAGE)
     if class_name not in (None, "UNet2DModel"):
-        raise ValueError(f"model: UNet class {class_name} is not supported yet; ptq4dm serves unconditional and "
-                         "class-conditional UNet2DModel")
+        raise ValueError(f"model: UNet class {class_name} is not supported yet; ptq4dm serves UNet2DModel and "
+                         "UNet2DConditionModel")
     embed_type, classes = unet_config.get("class_embed_type"), unet_config.get("num_class_embeds")
     if embed_type is None and classes is None:
         return ModelKind(UNCONDITIONAL)
@@ -90,8 +108,12 @@ def latent_decoder(components: Mapping | None) -> tuple[str, str] | None:
     if components is None:
         return None
     unet = components.get("unet")
-    if isinstance(unet, list) and len(unet) == 2:  # ["diffusers", "UNet2DConditionModel"]
-        kind_of({"_class_name": unet[1]})
+    if isinstance(unet, list) and len(unet) == 2 and kind_of({"_class_name": unet[1]}).takes_prompt:
+        for name, classes in TEXT_COMPONENTS.items():
+            entry = components.get(name)
+            if not (isinstance(entry, list) and len(entry) == 2 and entry[1] in classes):
+                raise ValueError(f"model: a text-to-image pipeline needs {name} ({' or '.join(classes)}), got "
+                                 f"{entry!r}")
     for name in LATENT_COMPONENTS:
         entry = components.get(name)
         if isinstance(entry, list) and len(entry) == 2 and entry[1] is not None:
@@ -111,7 +133,11 @@ def check_pipeline(directory: Path) -> tuple[str, str] | None:
 def pipeline_kind(unet_config: Mapping, decoder: tuple[str, str] | None) -> ModelKind:
     """The kind of a UNet (its config) with or without a latent decoder beside it."""
     kind = kind_of(unet_config)
-    if decoder is None:
+    if kind.takes_prompt and decoder is None:
+        raise ValueError("model: text-to-image models need the StableDiffusionPipeline layout (unet, vae, "
+                         "text_encoder, tokenizer, scheduler and model_index.json); pixel-space ones are not "
+                         "supported yet")
+    if decoder is None or kind.takes_prompt:
         return kind
     if kind.class_conditional:
         raise ValueError("model: class-conditional latent models are not supported yet; ptq4dm serves "
@@ -179,8 +205,7 @@ def check_class_labels(class_labels: Sequence[int | None] | None, n: int,
     if class_labels is None:
         return None
     if kind is not None and not kind.class_conditional:
-        what = "an unconditional latent model" if kind.latent else "unconditional"
-        raise ValueError(f"class_labels: the model is {what} and takes no class labels")
+        raise ValueError(f"class_labels: the model is {kind.described} and takes no class labels")
     labels = list(class_labels)
     if len(labels) != n:
         raise ValueError(f"class_labels must hold one label per image ({n}), got {len(labels)}")

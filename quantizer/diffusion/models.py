@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from diffusers import DDPMScheduler, DiffusionPipeline, UNet2DModel
+from diffusers import DDPMScheduler, DiffusionPipeline, UNet2DConditionModel, UNet2DModel
 from torch import nn
 
 from quantizer.constants import BUILTIN_MODEL_NAME
@@ -28,6 +28,7 @@ from quantizer.diffusion.kinds import (  # noqa: F401 - re-exported: the library
 )
 from quantizer.diffusion.latents import decoder_class, upsampling
 from quantizer.diffusion.sampling import sample_shape
+from quantizer.diffusion.text import PromptEncoder
 
 
 @dataclass
@@ -36,6 +37,7 @@ class DiffusionModel:
 
     decoder: a latent model's VAE (VQModel or AutoencoderKL), which turns the UNet's samples into pixels; None for
     a pixel-space model. It is never quantized.
+    text_encoder: a text-to-image model's CLIP tokenizer and text encoder (fp32, never quantized); None otherwise.
     """
 
     name: str
@@ -43,6 +45,7 @@ class DiffusionModel:
     scheduler_config: dict
     path: Path | None = None  # the local directory it was loaded from (None: a hub id or built in memory)
     decoder: nn.Module | None = None
+    text_encoder: PromptEncoder | None = None
 
     @property
     def num_train_timesteps(self) -> int:
@@ -70,7 +73,7 @@ class DiffusionModel:
 
     @property
     def kind(self) -> str:
-        """'unconditional', 'class-conditional' or 'latent'."""
+        """'unconditional', 'class-conditional', 'latent' or 'text-to-image'."""
         return self.model_kind.kind
 
     @property
@@ -98,10 +101,11 @@ def load_model(name_or_path: str | Path | None = None, device: str | torch.devic
         sub, sched_sub = "unet", "scheduler"
         decoder = latent_decoder(_hub_index(source))
     # ValueError for a UNet (or a latent one) that is not supported yet
-    pipeline_kind(UNet2DModel.load_config(source, subfolder=sub), decoder)
+    kind = pipeline_kind(UNet2DModel.load_config(source, subfolder=sub), decoder)
+    unet_class = UNet2DConditionModel if kind.takes_prompt else UNet2DModel
     # low_cpu_mem_usage (diffusers' default) needs accelerate and otherwise warns on every start; for UNets of
     # this size the plain load is as fast, so ask for it instead of adding a dependency.
-    unet = UNet2DModel.from_pretrained(source, subfolder=sub, low_cpu_mem_usage=False, variant=variant)
+    unet = unet_class.from_pretrained(source, subfolder=sub, low_cpu_mem_usage=False, variant=variant)
     try:
         scheduler_config = dict(DDPMScheduler.load_config(source, subfolder=sched_sub))
     except OSError:
@@ -113,9 +117,10 @@ def load_model(name_or_path: str | Path | None = None, device: str | torch.devic
         vae = decoder_class(class_name).from_pretrained(source, subfolder=component, low_cpu_mem_usage=False,
                                                         variant=variant)
         vae.eval().requires_grad_(False).to(device)
+    text_encoder = PromptEncoder.from_pretrained(source, variant=variant).to(device) if kind.takes_prompt else None
     name = BUILTIN_MODEL_NAME if source == str(BUILTIN_MODEL_DIR) else str(name_or_path)
     return DiffusionModel(name=name, unet=unet, scheduler_config=scheduler_config,
-                          path=local.resolve() if local.exists() else None, decoder=vae)
+                          path=local.resolve() if local.exists() else None, decoder=vae, text_encoder=text_encoder)
 
 
 def _hub_index(source: str) -> dict | None:

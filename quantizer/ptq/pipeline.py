@@ -260,4 +260,4 @@ def quantize_model(model: DiffusionModel, precision: str | QuantConfig,
     return QuantizedModel(name=model.name, unet=calibrated["unet"].eval(), scheduler_config=model.scheduler_config,
                           precision=label, config=config, calibration_hash=hash_state_dict(stats),
                           cache_key=cache_key(parts), cache_hit=hit, stats_source=source, path=model.path,
-                          decoder=model.decoder)
+                          decoder=model.decoder, text_encoder=model.text_encoder)
