@@ -17,6 +17,8 @@ import numpy as np
 import pytest
 import torch
 from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from test_openvino import OPENVINO_VS_FAKE_BOUND
+from test_quantize import rel_error
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from quantizer.diffusion.kinds import TEXT_TO_IMAGE, ModelKind, image_size, read_kind
@@ -25,7 +27,11 @@ from quantizer.diffusion.prompts import DEFAULT_GUIDANCE_SCALE, builtin_prompts,
 from quantizer.diffusion.sampling import sample
 from quantizer.engine import Engine
 from quantizer.evaluation.train import DEFAULT_SCHEDULER_CONFIG
+from quantizer.execution.executor import build_executor
 from quantizer.execution.openvino import openvino_unavailable
+from quantizer.ptq.calibration import build_calibration_set
+from quantizer.ptq.config import CalibrationConfig
+from quantizer.ptq.pipeline import quantize_model
 from service.model_info import model_info
 
 pytest_plugins = ["service.testing"]
@@ -131,3 +137,44 @@ def test_the_engine_takes_prompts(sd_dir):
     assert out.images.shape == (2, 8, 8, 3)
     with pytest.raises(ValueError, match="prompt"):
         engine.generate([5], steps=2)
+
+
+def test_calibration_runs_the_builtin_prompts_with_guidance_as_served(sd_model):
+    config = CalibrationConfig(method="uniform", n_samples=4, steps=4, batch_size=4, seed=0)
+    calib = build_calibration_set(sd_model.unet, sd_model.scheduler_config, config, progress=False,
+                                  text_encoder=sd_model.text_encoder)
+    # every x_t twice: with the negative ('') embedding, then with its prompt's
+    assert len(calib) == 8 and calib.encoder_hidden_states.shape == (8, CONTEXT, WIDTH)
+    torch.testing.assert_close(calib.xs[0::2], calib.xs[1::2])
+    empty = sd_model.text_encoder([""])[0]
+    torch.testing.assert_close(calib.encoder_hidden_states[0], empty)
+    assert not torch.allclose(calib.encoder_hidden_states[1], empty)
+    xs, ts, extra = next(calib.inputs())
+    assert extra["encoder_hidden_states"].shape[0] == len(xs) == len(ts)
+    with pytest.raises(ValueError, match="text encoder"):
+        build_calibration_set(sd_model.unet, sd_model.scheduler_config, config, progress=False)
+
+
+@needs_openvino
+def test_w8a8_on_openvino_matches_the_simulation(sd_model, tmp_path):
+    """Only the UNet is quantized; the OpenVINO graph takes the text embeddings as an input."""
+    q = quantize_model(sd_model, "w8a8", {**CALIBRATION, "preset": "ptq4dm"}, cache_dir=tmp_path, progress=False)
+    assert q.text_encoder is sd_model.text_encoder and q.decoder is sd_model.decoder
+    probe = build_calibration_set(sd_model.unet, sd_model.scheduler_config,
+                                  CalibrationConfig(method="uniform", n_samples=4, steps=4, seed=3), progress=False,
+                                  text_encoder=sd_model.text_encoder)
+    x, t, states = probe.xs, probe.ts, probe.encoder_hidden_states
+    executor = build_executor(q.unet, "openvino", max_batch=8)
+    with torch.no_grad():
+        real = executor(x, t, encoder_hidden_states=states).sample
+        fake = q.unet(x, t, encoder_hidden_states=states).sample
+        fp = sd_model.unet(x, t, encoder_hidden_states=states).sample
+        other = executor(x[:1], t[:1], encoder_hidden_states=states[1:2].flip(1)).sample
+    assert rel_error(real, fake) < OPENVINO_VS_FAKE_BOUND
+    assert rel_error(real, fake) < rel_error(fake, fp) / 2  # the quantized model, not the float one
+    assert rel_error(other, real[:1]) > 1e-3  # the text input reaches the graph
+    text = sd_model.text_encoder.condition(["a cat", "a dog"])
+    images = sample(executor, q.scheduler_config, [3, 4], steps=3, decoder=q.decoder, text=text)
+    assert images.shape == (2, 3, 8, 8)
+    torch.testing.assert_close(images[1:], sample(executor, q.scheduler_config, [4], steps=3, decoder=q.decoder,
+                                                  text=text.select(slice(1, 2))), atol=1e-4, rtol=0)
