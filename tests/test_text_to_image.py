@@ -9,6 +9,8 @@ a 4x4x4 latent UNet2DConditionModel and an AutoencoderKL that upsamples 2x (8x8 
 
 from __future__ import annotations
 
+import base64
+import io
 import json
 import string
 from pathlib import Path
@@ -17,10 +19,14 @@ import numpy as np
 import pytest
 import torch
 from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from fastapi.testclient import TestClient
+from PIL import Image
 from test_openvino import OPENVINO_VS_FAKE_BOUND
 from test_quantize import rel_error
+from test_service_api import wait_ready
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
+from quantizer.diffusion.images import to_uint8
 from quantizer.diffusion.kinds import TEXT_TO_IMAGE, ModelKind, image_size, read_kind
 from quantizer.diffusion.models import load_model
 from quantizer.diffusion.prompts import DEFAULT_GUIDANCE_SCALE, builtin_prompts, check_text_inputs
@@ -32,7 +38,9 @@ from quantizer.execution.openvino import openvino_unavailable
 from quantizer.ptq.calibration import build_calibration_set
 from quantizer.ptq.config import CalibrationConfig
 from quantizer.ptq.pipeline import quantize_model
+from service.api import create_app
 from service.model_info import model_info
+from service.settings import ServiceSettings
 
 pytest_plugins = ["service.testing"]
 needs_openvino = pytest.mark.skipif(openvino_unavailable() is not None, reason=str(openvino_unavailable()))
@@ -178,3 +186,59 @@ def test_w8a8_on_openvino_matches_the_simulation(sd_model, tmp_path):
     assert images.shape == (2, 3, 8, 8)
     torch.testing.assert_close(images[1:], sample(executor, q.scheduler_config, [4], steps=3, decoder=q.decoder,
                                                   text=text.select(slice(1, 2))), atol=1e-4, rtol=0)
+
+
+def _decode(png: bytes) -> np.ndarray:
+    image = Image.open(io.BytesIO(png))
+    assert image.format == "PNG"
+    return np.asarray(image)
+
+
+def test_api_validates_the_text_fields_against_each_model(sd_dir, tiny_model_dir, redis_server, redis_prefix):
+    """API-only (no worker): each 422 names its field, from the kinds read off the configs."""
+    settings = ServiceSettings(redis_url=redis_server.url, redis_prefix=redis_prefix, embedded_worker=False,
+                               models=[f"sd={sd_dir}", f"plain={tiny_model_dir}"], precisions=["fp32"])
+    with TestClient(create_app(settings)) as client:
+        bad = [({"model": "sd"}, "prompt", "required"),
+               ({"model": "sd", "prompt": "x" * 501}, "prompt", "at most 500"),
+               ({"model": "sd", "prompt": "a", "guidance_scale": 50.0}, "guidance_scale", "[1, 30]"),
+               ({"model": "sd", "prompt": "a", "class_labels": 0}, "class_labels", "text-to-image"),
+               ({"model": "plain", "prompt": "a cat"}, "prompt", "takes no prompt"),
+               ({"model": "plain", "negative_prompt": "a"}, "negative_prompt", "takes no prompt"),
+               ({"model": "plain", "guidance_scale": 2.0}, "guidance_scale", "text-to-image models only")]
+        for body, field, message in bad:
+            r = client.post("/v1/jobs", json=body)
+            assert r.status_code == 422, (body, r.text)
+            detail = r.json()["detail"]
+            assert detail[0]["loc"] == ["body", field] and message in detail[0]["msg"], (body, detail)
+        ok = client.post("/v1/jobs", json={"model": "sd", "prompt": "a red fox", "guidance_scale": 3.0})
+        assert ok.status_code == 202, ok.text
+        job = client.get(ok.headers["location"]).json()
+        assert (job["prompt"], job["guidance_scale"], job["negative_prompt"]) == ("a red fox", 3.0, None)
+
+
+@needs_openvino
+def test_served_end_to_end_with_a_real_worker(sd_dir, sd_model, redis_server, redis_prefix, tmp_path):
+    settings = ServiceSettings(
+        redis_url=redis_server.url, redis_prefix=redis_prefix, embedded_worker=True, models=[f"sd={sd_dir}"],
+        precisions=["fp32", "w8a8"], backend="openvino", calibration={**CALIBRATION, "preset": "ptq4dm"},
+        calibration_cache_dir=str(tmp_path / "cache"), default_steps=3, block_ms=100, max_wait_ms=20,
+        heartbeat_ms=200, generate_timeout_s=30)
+    with TestClient(create_app(settings)) as client:
+        wait_ready(client)
+        body = {"seed": 6, "prompt": "a red fox", "negative_prompt": "blurry", "guidance_scale": 5.0}
+        png = client.post("/v1/generate", json=body, headers={"Accept": "image/png"})
+        assert png.status_code == 200 and png.headers["content-type"] == "image/png", png.text
+        image = _decode(png.content)
+        assert image.shape == (8, 8, 3)  # the decoded size
+        text = sd_model.text_encoder.condition(["a red fox"], ["blurry"], [5.0])
+        expected = to_uint8(sample(sd_model.unet, sd_model.scheduler_config, [6], steps=3, decoder=sd_model.decoder,
+                                   text=text))
+        assert np.abs(image.astype(int) - expected[0].astype(int)).max() <= 1
+        q = [client.post("/v1/generate", json={"seed": 6, "precision": "w8a8", "prompt": p}).json()
+             for p in ("a red fox", "a blue ship")]
+        assert all(r["status"] == "succeeded" for r in q), q
+        assert _decode(base64.b64decode(q[0]["images_png_base64"][0])).shape == (8, 8, 3)
+        openai = client.post("/v1/images/generations", json={"prompt": "a red fox", "n": 1})
+        assert openai.status_code == 200, openai.text
+        assert client.post("/v1/generate", json={"seed": 6}).status_code == 422  # no prompt
