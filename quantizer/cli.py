@@ -58,7 +58,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     unet = build_executor(model.unet, args.backend, max_batch=args.batch_size)
     samples = generate_in_batches(unet, model.scheduler_config, seeds, args.sampler, args.steps,
-                                  args.batch_size, eta=args.eta, class_labels=labels)
+                                  args.batch_size, eta=args.eta, class_labels=labels, decoder=model.decoder)
     images = to_uint8(samples)
     for k, (s, img) in enumerate(zip(seeds, images, strict=True)):
         (out / f"{k:04d}_seed{s}.png").write_bytes(png_bytes(img))

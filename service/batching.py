@@ -1,8 +1,8 @@
 """Dynamic batching as pure functions: group compatible jobs, then pack their images into UNet passes.
 
 Jobs are compatible when they run on the same stream (model+precision) with the same sampler, steps and eta:
-their images can then share every UNet evaluation. Each image keeps its own seed (and class label), so batching
-never changes it.
+their images can then share every UNet evaluation. Each image keeps its own seed (and class label, or prompt and
+guidance), so batching never changes it.
 """
 
 from __future__ import annotations
@@ -19,6 +19,9 @@ class ImageSlot:
     k: int
     seed: int
     class_label: int | None = None  # None: the model's default (unconditional, or drawn from the seed)
+    prompt: str | None = None  # text-to-image: the job's prompt, negative prompt and guidance scale
+    negative_prompt: str | None = None
+    guidance_scale: float | None = None
 
 
 @dataclass
@@ -60,7 +63,8 @@ def pack_passes(jobs: Iterable[JobRecord], max_images: int) -> list[Pass]:
             if len(current.slots) == max_images:
                 passes.append(current)
                 current = Pass()
-            current.slots.append(ImageSlot(job.id, k, seed, label))
+            current.slots.append(ImageSlot(job.id, k, seed, label, job.prompt, job.negative_prompt,
+                                           job.guidance_scale))
     if current.slots:
         passes.append(current)
     return passes

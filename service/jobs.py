@@ -31,6 +31,9 @@ class JobRecord(BaseModel):
     n: int
     seed: int
     class_labels: list[int] | None = None  # one per image (class-conditional models); None: drawn from the seeds
+    prompt: str | None = None  # text-to-image models: every image's prompt (required there, refused elsewhere)
+    negative_prompt: str | None = None  # None: '' (plain classifier-free guidance)
+    guidance_scale: float | None = None  # None: quantizer.diffusion.prompts.DEFAULT_GUIDANCE_SCALE
     status: JobState = "queued"
     created_at: float = Field(default_factory=time.time)
     started_at: float | None = None

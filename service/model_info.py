@@ -1,17 +1,17 @@
 """What the API needs to know about a served model without loading it: image size and whether it takes a prompt.
 
-Read from the diffusers config on disk, because an API-only process never imports torch or diffusers.
+Read from the diffusers configs on disk (`quantizer.diffusion.kinds`, torch-free), because an API-only process never
+imports torch or diffusers. A latent model's size is its decoded one (the latent size times the VAE's upsampling).
 """
 
 from __future__ import annotations
 
 import functools
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from quantizer.constants import BUILTIN_MODEL_NAME
+from quantizer.diffusion.kinds import image_size, resolve_model_path, unet_config_path
 
 
 @dataclass(frozen=True)
@@ -26,23 +26,17 @@ class ModelInfo:
         return None if self.width is None else f"{self.width}x{self.height}"
 
 
-def _local_dir(path: str) -> Path:
-    """The same rule as quantizer.diffusion.models (which imports torch): the built-in name lives under MODELS_DIR."""
-    if path == BUILTIN_MODEL_NAME:
-        root = os.environ.get("PTQ4DM_MODELS_DIR") or Path(__file__).resolve().parents[1] / "models"
-        return Path(root) / BUILTIN_MODEL_NAME
-    return Path(path)
-
-
 @functools.lru_cache(maxsize=64)
 def model_info(path: str) -> ModelInfo:
     """`path` as in ServiceSettings.model_paths. Unconditional UNets (every model served today) take no prompt."""
-    local = _local_dir(path)
-    config_file = next((f for f in (local / "unet" / "config.json", local / "config.json") if f.is_file()), None)
+    try:
+        local = Path(resolve_model_path(path))
+    except ValueError:  # the built-in weights are not installed in this process's filesystem
+        return ModelInfo(None, None, takes_prompt=False)
+    config_file = unet_config_path(local) if local.is_dir() else None
     if config_file is None:
         return ModelInfo(None, None, takes_prompt=False)
     config = json.loads(config_file.read_text())
-    size = config.get("sample_size")
-    height, width = (size, size) if isinstance(size, int) else (None, None) if size is None else tuple(size)
+    height, width = image_size(local) or (None, None)
     takes_prompt = config.get("cross_attention_dim") is not None or "Condition" in str(config.get("_class_name"))
     return ModelInfo(width, height, takes_prompt)

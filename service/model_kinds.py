@@ -15,7 +15,7 @@ log = logging.getLogger(__name__)
 
 
 def served_model_kinds(model_paths: dict[str, str]) -> dict[str, ModelKind | None]:
-    """Model name -> its kind; ValueError for a model of a kind that cannot be served (text-to-image, latent)."""
+    """Model name -> its kind; ValueError for a model of a kind that cannot be served (text-to-image)."""
     kinds: dict[str, ModelKind | None] = {}
     for name, path in model_paths.items():
         try:

@@ -37,6 +37,12 @@ class JobRequest(BaseModel):
     class_labels: list[ClassLabel] | ClassLabel | None = Field(
         None, description="class-conditional models only: the class of each image (a list of n), or one class for "
         "all; default: drawn from each image's seed")
+    prompt: str | None = Field(None, description="text-to-image models only, and required there: what every image "
+                               "shows (at most 500 characters; the tokenizer truncates at its own limit)")
+    negative_prompt: str | None = Field(None, description="text-to-image models only: what to steer away from "
+                                        "(classifier-free guidance's unconditional half); default empty")
+    guidance_scale: float | None = Field(None, description="text-to-image models only: classifier-free guidance "
+                                         "scale in [1, 30]; default 7.5")
     priority: PriorityValue | None = Field(None, description="high, normal (default), low, or 0..9 (high=9, normal=5, "
                                            "low=1): higher priorities are served first; above normal may need the "
                                            "admin token (high_priority_requires_token)")
@@ -112,6 +118,9 @@ class JobStatus(BaseModel):
     seeds: list[int]
     class_labels: list[int] | None = Field(None, description="the class of each image: as requested, and once "
                                            "succeeded as run (drawn from the seed where none was given)")
+    prompt: str | None = None
+    negative_prompt: str | None = None
+    guidance_scale: float | None = None
     priority: int = Field(5, description="0..9, served high to low (high=9, normal=5, low=1)")
     progress: Progress
     queue_position: int | None = Field(description="jobs served before it: every waiting job of a higher "
@@ -135,6 +144,7 @@ def job_status(job: JobRecord, position: int | None) -> JobStatus:
     return JobStatus(
         id=job.id, status=job.status, model=job.model, precision=job.precision, sampler=job.sampler,
         steps=job.steps, eta=job.eta, n=job.n, seed=job.seed, seeds=job.seeds, class_labels=job.class_labels,
+        prompt=job.prompt, negative_prompt=job.negative_prompt, guidance_scale=job.guidance_scale,
         priority=job.priority,
         progress=Progress(step=job.progress_step, total=job.progress_total or job.steps), queue_position=position,
         timings=Timings(created_at=job.created_at, started_at=job.started_at, finished_at=job.finished_at,

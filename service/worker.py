@@ -241,7 +241,8 @@ class Worker:
             return None
         try:
             served = self.provider.get(job.model, job.precision)
-            served.engine.validate(job.sampler, job.steps, job.eta, job.n, job.class_labels)
+            served.engine.validate(job.sampler, job.steps, job.eta, job.n, job.class_labels, job.prompt,
+                                   job.negative_prompt, job.guidance_scale)
         except (KeyError, ValueError) as exc:
             await self._fail(d, job, str(exc).strip("'\""), "invalid", attempts=attempts)
             return None
@@ -333,9 +334,14 @@ class Worker:
                 raise _AllCancelled
 
         labels = [slot.class_label for slot in slots]
+        text = {}
+        if any(slot.prompt is not None for slot in slots):  # text-to-image: every job of the pass has one
+            text = {"prompts": [slot.prompt for slot in slots],
+                    "negative_prompts": [slot.negative_prompt for slot in slots],
+                    "guidance_scales": [slot.guidance_scale for slot in slots]}
         return served.engine.generate([slot.seed for slot in slots], sampler=spec.sampler, steps=spec.steps,
                                       eta=spec.eta, on_step=on_step,
-                                      class_labels=None if all(c is None for c in labels) else labels)
+                                      class_labels=None if all(c is None for c in labels) else labels, **text)
 
     async def _succeed(self, d: Delivery, job: JobRecord, images: dict[int, np.ndarray], labels: dict[int, int],
                        served: ServedModel, n_passes: int, compute_s: float) -> None:

@@ -101,7 +101,8 @@ def _folder(path: Path, config: dict, index: dict | None = None) -> Path:
 
 @pytest.mark.parametrize(("config", "index", "message"), [
     ({"_class_name": "UNet2DConditionModel", "cross_attention_dim": 32}, None, "text-to-image models"),
-    ({"_class_name": "UNet2DModel"}, {"_class_name": "LDMPipeline", "vqvae": ["diffusers", "VQModel"]}, "latent"),
+    ({"_class_name": "UNet2DModel"}, {"_class_name": "LDMPipeline", "vqvae": ["diffusers", "Mystery"]},
+     "latent decoder"),
     ({"_class_name": "UNet2DModel", "class_embed_type": "identity"}, None, "class_embed_type='identity'"),
 ])
 def test_unsupported_models_say_what_they_are(tmp_path, config, index, message):

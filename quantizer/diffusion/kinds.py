@@ -1,4 +1,5 @@
-"""What kind of diffusion model a directory holds, and which class labels it takes, from its JSON configs alone.
+"""What kind of diffusion model a directory holds, which class labels it takes and the size of the images it
+makes, from its JSON configs alone.
 
 Torch-free on purpose: the API process validates `class_labels` with it without loading the ML stack, and the
 library validates them with the same functions, so the two can never disagree. The model directories themselves
@@ -23,15 +24,23 @@ BUILTIN_MODEL_DIR = MODELS_DIR / BUILTIN_MODEL_NAME
 
 UNCONDITIONAL = "unconditional"
 CLASS_CONDITIONAL = "class-conditional"
-MODEL_KINDS: tuple[str, ...] = (UNCONDITIONAL, CLASS_CONDITIONAL)
+LATENT = "latent"  # an unconditional UNet2DModel in a VAE's latent space (diffusers' LDMPipeline layout)
+TEXT_TO_IMAGE = "text-to-image"  # a UNet2DConditionModel with a CLIP text encoder and a VAE (StableDiffusionPipeline)
+MODEL_KINDS: tuple[str, ...] = (UNCONDITIONAL, CLASS_CONDITIONAL, LATENT, TEXT_TO_IMAGE)
 # diffusers' class-embedding types whose labels are integers 0..num_class_embeds-1 (None: an embedding table).
 _INTEGER_CLASS_EMBEDS: tuple[str | None, ...] = (None, "timestep")
-_LATENT_COMPONENTS: tuple[str, ...] = ("vae", "vqvae")
+# model_index.json components that hold a latent decoder, and the decoder classes that can decode them.
+LATENT_COMPONENTS: tuple[str, ...] = ("vqvae", "vae")
+DECODER_CLASSES: tuple[str, ...] = ("VQModel", "AutoencoderKL")
+# What a text-to-image pipeline needs beside its UNet and VAE: component -> the classes that can fill it.
+TEXT_COMPONENTS: dict[str, tuple[str, ...]] = {"text_encoder": ("CLIPTextModel",),
+                                               "tokenizer": ("CLIPTokenizer", "CLIPTokenizerFast")}
 
 
 @dataclass(frozen=True)
 class ModelKind:
-    """unconditional, or class-conditional with `num_classes` labels 0..num_classes-1."""
+    """unconditional, class-conditional with `num_classes` labels 0..num_classes-1, latent (unconditional, with a
+    decoder from latents to pixels), or text-to-image (latent, conditioned on a prompt)."""
 
     kind: str = UNCONDITIONAL
     num_classes: int | None = None
@@ -39,6 +48,20 @@ class ModelKind:
     @property
     def class_conditional(self) -> bool:
         return self.kind == CLASS_CONDITIONAL
+
+    @property
+    def latent(self) -> bool:
+        """Samples latents that a decoder turns into pixels."""
+        return self.kind in (LATENT, TEXT_TO_IMAGE)
+
+    @property
+    def takes_prompt(self) -> bool:
+        return self.kind == TEXT_TO_IMAGE
+
+    @property
+    def described(self) -> str:
+        """How error messages name it: 'the model is <described>'."""
+        return "an unconditional latent model" if self.kind == LATENT else self.kind
 
 
 def resolve_model_path(name_or_path: str | Path | None) -> str:
@@ -53,12 +76,16 @@ def resolve_model_path(name_or_path: str | Path | None) -> str:
 def kind_of(unet_config: Mapping) -> ModelKind:
     """The kind a UNet config describes; ValueError for a UNet this project cannot serve yet."""
     class_name = unet_config.get("_class_name")
-    if class_name == "UNet2DConditionModel":
-        raise ValueError("model: text-to-image models (UNet2DConditionModel) are not supported yet; ptq4dm serves "
-                         "unconditional and class-conditional UNet2DModel")
+    # A UNet built in memory has no _class_name in its config; cross-attention tells the conditional one apart.
+    if class_name == "UNet2DConditionModel" or (class_name is None and "cross_attention_dim" in unet_config):
+        for name in ("class_embed_type", "addition_embed_type", "num_class_embeds"):
+            if unet_config.get(name) is not None:
+                raise ValueError(f"model: text-to-image UNets with {name}={unet_config[name]!r} are not supported "
+                                 "yet; ptq4dm serves Stable Diffusion 1.x/2.x-style UNet2DConditionModels")
+        return ModelKind(TEXT_TO_IMAGE)
     if class_name not in (None, "UNet2DModel"):
-        raise ValueError(f"model: UNet class {class_name} is not supported yet; ptq4dm serves unconditional and "
-                         "class-conditional UNet2DModel")
+        raise ValueError(f"model: UNet class {class_name} is not supported yet; ptq4dm serves UNet2DModel and "
+                         "UNet2DConditionModel")
     embed_type, classes = unet_config.get("class_embed_type"), unet_config.get("num_class_embeds")
     if embed_type is None and classes is None:
         return ModelKind(UNCONDITIONAL)
@@ -69,18 +96,53 @@ def kind_of(unet_config: Mapping) -> ModelKind:
                      "class_embed_type null or 'timestep'")
 
 
-def check_pipeline(directory: Path) -> None:
-    """A diffusers pipeline folder (model_index.json) must be a pixel-space UNet pipeline: ValueError otherwise."""
+def pipeline_index(directory: Path) -> dict | None:
+    """model_index.json of a diffusers pipeline folder; None for a bare UNet folder."""
     index = directory / "model_index.json"
-    if not index.is_file():
-        return
-    components = json.loads(index.read_text())
-    if any(name in components for name in _LATENT_COMPONENTS):
-        raise ValueError(f"model: {directory} is a latent diffusion pipeline ({components.get('_class_name')}, "
-                         "with a VAE); latent models are not supported yet")
+    return json.loads(index.read_text()) if index.is_file() else None
+
+
+def latent_decoder(components: Mapping | None) -> tuple[str, str] | None:
+    """(component, class) of the decoder a pipeline index names ('vqvae', 'VQModel'), None for a pixel-space
+    pipeline; ValueError for a UNet or decoder class this project cannot serve."""
+    if components is None:
+        return None
     unet = components.get("unet")
-    if isinstance(unet, list) and len(unet) == 2:  # ["diffusers", "UNet2DConditionModel"]
-        kind_of({"_class_name": unet[1]})
+    if isinstance(unet, list) and len(unet) == 2 and kind_of({"_class_name": unet[1]}).takes_prompt:
+        for name, classes in TEXT_COMPONENTS.items():
+            entry = components.get(name)
+            if not (isinstance(entry, list) and len(entry) == 2 and entry[1] in classes):
+                raise ValueError(f"model: a text-to-image pipeline needs {name} ({' or '.join(classes)}), got "
+                                 f"{entry!r}")
+    for name in LATENT_COMPONENTS:
+        entry = components.get(name)
+        if isinstance(entry, list) and len(entry) == 2 and entry[1] is not None:
+            if entry[1] not in DECODER_CLASSES:
+                raise ValueError(f"model: latent decoder {name}={entry[1]} is not supported yet; latent models need "
+                                 f"one of {', '.join(DECODER_CLASSES)}")
+            return name, str(entry[1])
+    return None
+
+
+def check_pipeline(directory: Path) -> tuple[str, str] | None:
+    """The latent decoder (component, class) of a pipeline folder, None for a pixel-space one or a bare UNet
+    folder; ValueError for a pipeline this project cannot serve."""
+    return latent_decoder(pipeline_index(directory))
+
+
+def pipeline_kind(unet_config: Mapping, decoder: tuple[str, str] | None) -> ModelKind:
+    """The kind of a UNet (its config) with or without a latent decoder beside it."""
+    kind = kind_of(unet_config)
+    if kind.takes_prompt and decoder is None:
+        raise ValueError("model: text-to-image models need the StableDiffusionPipeline layout (unet, vae, "
+                         "text_encoder, tokenizer, scheduler and model_index.json); pixel-space ones are not "
+                         "supported yet")
+    if decoder is None or kind.takes_prompt:
+        return kind
+    if kind.class_conditional:
+        raise ValueError("model: class-conditional latent models are not supported yet; ptq4dm serves "
+                         "unconditional latent UNet2DModels")
+    return ModelKind(LATENT)
 
 
 def unet_config_path(directory: Path) -> Path | None:
@@ -101,8 +163,30 @@ def read_kind(name_or_path: str | Path | None) -> ModelKind | None:
     config = unet_config_path(directory) if directory.is_dir() else None
     if config is None:
         return None
-    check_pipeline(directory)
-    return kind_of(json.loads(config.read_text()))
+    return pipeline_kind(json.loads(config.read_text()), check_pipeline(directory))
+
+
+def image_size(name_or_path: str | Path | None) -> tuple[int, int] | None:
+    """(height, width) of the images a local model makes, None where it is not readable here. A latent model's
+    are its UNet's sample_size times the decoder's upsampling, 2^(len(block_out_channels)-1) as in diffusers'
+    VQModel and AutoencoderKL (one downsampling per encoder block but the last)."""
+    try:
+        directory = Path(resolve_model_path(name_or_path))
+    except ValueError:
+        return None
+    config = unet_config_path(directory) if directory.is_dir() else None
+    if config is None:
+        return None
+    size = json.loads(config.read_text()).get("sample_size")
+    if size is None:
+        return None
+    height, width = (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+    decoder = check_pipeline(directory)
+    if decoder is None:
+        return height, width
+    decoder_config = json.loads((directory / decoder[0] / "config.json").read_text())
+    factor = 2 ** (len(decoder_config.get("block_out_channels") or (64,)) - 1)
+    return height * factor, width * factor
 
 
 def default_class_label(seed: int, num_classes: int) -> int:
@@ -121,7 +205,7 @@ def check_class_labels(class_labels: Sequence[int | None] | None, n: int,
     if class_labels is None:
         return None
     if kind is not None and not kind.class_conditional:
-        raise ValueError("class_labels: the model is unconditional and takes no class labels")
+        raise ValueError(f"class_labels: the model is {kind.described} and takes no class labels")
     labels = list(class_labels)
     if len(labels) != n:
         raise ValueError(f"class_labels must hold one label per image ({n}), got {len(labels)}")

@@ -1,4 +1,5 @@
-"""DDPM/DDIM sampling with diffusers schedulers: a fresh scheduler per call, one seed (and class label) per image."""
+"""DDPM/DDIM sampling with diffusers schedulers: a fresh scheduler per call, one seed (and class label) per image;
+a latent model's samples are decoded to pixels at the end."""
 
 from __future__ import annotations
 
@@ -10,6 +11,8 @@ from diffusers import DDIMScheduler, DDPMScheduler, UNet2DModel
 from torch import nn
 
 from quantizer.diffusion.kinds import kind_of, resolve_class_labels
+from quantizer.diffusion.latents import decode_latents
+from quantizer.diffusion.text import TextConditioning
 
 Sampler = Literal["ddpm", "ddim"]
 SAMPLERS: tuple[str, ...] = ("ddpm", "ddim")
@@ -61,8 +64,16 @@ def sample(
     batch_size: int | None = None,
     callback: StepCallback | None = None,
     class_labels: Sequence[int | None] | None = None,
+    decoder: nn.Module | None = None,
+    text: TextConditioning | None = None,
 ) -> torch.Tensor:
     """Generate len(seeds) images in model space ([-1, 1], N x C x H x W, float32 on CPU).
+
+    decoder: a latent model's VAE (`DiffusionModel.decoder`): the UNet samples latents, decoded to pixels per batch
+    at the end (`quantizer.diffusion.latents`). Without it a latent UNet's raw latents come back (calibration
+    records those). The callback sees the UNet's inputs, latents for a latent model.
+    text: a text-to-image UNet's conditioning, one row per image (`PromptEncoder.condition`): each step runs the
+    UNet once on 2N inputs (classifier-free guidance); the callback still sees the N images.
 
     Image k depends only on seeds[k] (and, for a class-conditional model, its class label): its initial noise and
     every stochastic step (DDPM, DDIM eta>0) draw from a generator seeded by it, whatever the batch it lands in.
@@ -71,7 +82,13 @@ def sample(
     """
     num_train = int(scheduler_config["num_train_timesteps"])
     validate_request(sampler, steps, eta, len(seeds), num_train)
-    labels = resolve_class_labels(seeds, class_labels, kind_of(unet.config))
+    kind = kind_of(unet.config)
+    labels = resolve_class_labels(seeds, class_labels, kind)
+    if kind.takes_prompt != (text is not None):
+        raise ValueError("prompt: a text-to-image UNet needs one per image" if kind.takes_prompt else
+                         f"prompt: the model is {kind.described} and takes no prompt")
+    if text is not None and len(text) != len(seeds):
+        raise ValueError(f"prompt: one per image ({len(seeds)}), got {len(text)}")
     shape = sample_shape(unet)
     batch_size = len(seeds) if batch_size is None else batch_size
     if batch_size < 1:
@@ -81,8 +98,10 @@ def sample(
     for start in range(0, len(seeds), batch_size):
         chunk = list(seeds[start: start + batch_size])
         chunk_labels = None if labels is None else labels[start: start + batch_size]
-        outputs.append(_sample_batch(unet, scheduler_config, chunk, chunk_labels, shape, sampler, steps, eta,
-                                     device, dtype, callback))
+        chunk_text = None if text is None else text.select(slice(start, start + batch_size))
+        x = _sample_batch(unet, scheduler_config, chunk, chunk_labels, chunk_text, shape, sampler, steps, eta,
+                          device, dtype, callback)
+        outputs.append(x if decoder is None else decode_latents(decoder, x))
     return torch.cat(outputs)
 
 
@@ -98,11 +117,13 @@ def device_and_dtype(unet: nn.Module) -> tuple[torch.device, torch.dtype]:
 
 
 def _sample_batch(unet: UNet2DModel, scheduler_config: dict, seeds: list[int], labels: list[int] | None,
-                  shape: tuple[int, int, int], sampler: str, steps: int, eta: float, device: torch.device,
-                  dtype: torch.dtype, callback: StepCallback | None) -> torch.Tensor:
+                  text: TextConditioning | None, shape: tuple[int, int, int], sampler: str, steps: int, eta: float,
+                  device: torch.device, dtype: torch.dtype, callback: StepCallback | None) -> torch.Tensor:
     scheduler = make_scheduler(sampler, scheduler_config, steps)
     # The UNet's conditioning besides (x_t, t): the same for every step.
     extra = {} if labels is None else {"class_labels": torch.tensor(labels, dtype=torch.long, device=device)}
+    if text is not None:
+        extra = {"encoder_hidden_states": text.unet_inputs().to(device=device, dtype=dtype)}
     # Offset the step-noise stream from the x_T stream so the two never coincide.
     generators = [torch.Generator().manual_seed(int(s) + 1_000_003) for s in seeds]
     x = initial_noise(seeds, shape)
@@ -111,7 +132,11 @@ def _sample_batch(unet: UNet2DModel, scheduler_config: dict, seeds: list[int], l
         if callback is not None:
             callback(i, len(timesteps), int(t), x)
         model_in = x.to(device=device, dtype=dtype)
+        if text is not None:  # classifier-free guidance: [uncond; cond] in one pass
+            model_in = torch.cat([model_in, model_in])
         eps = unet(model_in, t.to(device), **extra).sample.float().cpu()
+        if text is not None:
+            eps = text.guide(eps)
         kwargs = {"eta": eta} if sampler == "ddim" else {}
         x = scheduler.step(eps, t, x, generator=generators, **kwargs).prev_sample
     return x

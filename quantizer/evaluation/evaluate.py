@@ -29,7 +29,8 @@ def generate_in_batches(unet: torch.nn.Module, scheduler_config: dict, seeds: li
                         batch_size: int, eta: float = 0.0, cache_dir: str | Path | None = None,
                         forward_batch: int | None = None,
                         on_cached: Callable[[Sequence[int]], None] | None = None,
-                        class_labels: Sequence[int | None] | None = None) -> torch.Tensor:
+                        class_labels: Sequence[int | None] | None = None,
+                        decoder: torch.nn.Module | None = None) -> torch.Tensor:
     """Like `sample`, with one progress bar over every denoising step of every batch.
 
     With `cache_dir`, each finished batch is saved there (one safetensors file per seed range) and reused on the
@@ -40,7 +41,8 @@ def generate_in_batches(unet: torch.nn.Module, scheduler_config: dict, seeds: li
     machine the built-in model's int8 graph takes 1.15 ms per image in passes of 64 and 1.66 ms in passes of 256
     (docs/BENCHMARKS.md, "UNet pass size"). on_cached gets the seeds of each batch taken from the cache, so a
     caller timing the call knows how much of it was not sampled. class_labels: one per seed (class-conditional
-    models, see `sample`); a caller with a cache_dir keys it by them too.
+    models, see `sample`); a caller with a cache_dir keys it by them too. decoder: a latent model's VAE (images
+    come back decoded, see `sample`).
     """
     forward_batch = batch_size if forward_batch is None else forward_batch
     for name, value in (("batch_size", batch_size), ("forward_batch", forward_batch)):
@@ -60,7 +62,7 @@ def generate_in_batches(unet: torch.nn.Module, scheduler_config: dict, seeds: li
             labels = None if class_labels is None else list(class_labels[start:start + batch_size])
             batch = sample(unet, scheduler_config, chunk, sampler=sampler, steps=steps, eta=eta,
                            batch_size=forward_batch, callback=lambda i, n, t, x: bar.update(len(x)),
-                           class_labels=labels)
+                           class_labels=labels, decoder=decoder)
             if cache_dir is not None:
                 path = seed_batch_path(cache_dir, chunk, ".safetensors")
                 path.parent.mkdir(parents=True, exist_ok=True)

@@ -22,7 +22,9 @@ One verb, `build_executor(model, backend)`, returns an `ExecutableUNet`: a drop-
                 CPU has int8 kernels, else fake; on other devices fake; eager for fp32.
 
 A class-conditional UNet takes `class_labels=` (one per image) on every backend, as diffusers' UNet2DModel does;
-compiled graphs take them as an input beside x_t and t.
+compiled graphs take them as an input beside x_t and t. A text-to-image UNet (UNet2DConditionModel) takes
+`encoder_hidden_states=` on eager, fake and the openvino backends (an input of the OpenVINO graph); the torch graphs
+do not run it.
 
 Compiled graphs are static in the batch size (int8 dynamic-batch graphs fail inductor's layout checks in
 torch 2.13), so batches are padded up to a power-of-two bucket (1, 2, 4, ...; at most 2x work, usually
@@ -289,6 +291,12 @@ def build_executor(unet: nn.Module, backend: str = "auto", max_batch: int = DEFA
     quantized = is_quantized(unet)
     device = next(unet.parameters()).device
     requested, backend = backend, resolve_backend(backend, quantized, device)
+    if kind_of(unet.config).takes_prompt and backend not in ("eager", "fake", *OPENVINO_BACKENDS):
+        # The torch graphs take (x_t, t[, labels]); text embeddings reach only the OpenVINO graph.
+        if requested != "auto":
+            raise BackendUnavailable(f"backend {backend!r} does not run text-to-image UNets; use 'openvino' or "
+                                     "'fake'")
+        backend = "fake" if quantized else "eager"
     if backend in INT8_BACKENDS:
         try:
             check_int8_grid(unet)  # fail now, not at the first batch

@@ -183,6 +183,28 @@ class _ClassForward(_Forward):
         return self.unet(sample, timestep, class_labels=class_labels, return_dict=False)[0]
 
 
+class _TextForward(_Forward):
+    """(x_t, t per image, text embeddings per image) -> eps, for a text-to-image UNet (UNet2DConditionModel)."""
+
+    def forward(self, sample: torch.Tensor, timestep: torch.Tensor,
+                encoder_hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.unet(sample, timestep, encoder_hidden_states=encoder_hidden_states, return_dict=False)[0]
+
+
+def _input_shapes(model: Any, config: Any, batch: int) -> dict[Any, Any]:
+    """Each graph input's shape for `batch` images (-1: dynamic): x_t, t, then class labels or text embeddings,
+    whose sequence length stays dynamic (the tokenizer's, which the UNet config does not know)."""
+    import openvino as ov
+
+    channels, size = int(config.in_channels), config.sample_size
+    h, w = (size, size) if isinstance(size, int) else size
+    shapes = {model.inputs[0]: ov.PartialShape([batch, channels, int(h), int(w)])}
+    for graph_input in model.inputs[1:]:
+        rank = graph_input.get_partial_shape().rank.get_length()
+        shapes[graph_input] = ov.PartialShape([batch] if rank == 1 else [batch, -1, int(config.cross_attention_dim)])
+    return shapes
+
+
 def convert(unet: nn.Module) -> Any:
     """An openvino.Model of `unet` (fp32 or traceable fake-quant) with a dynamic batch dimension.
 
@@ -195,16 +217,17 @@ def convert(unet: nn.Module) -> Any:
     h, w = (size, size) if isinstance(size, int) else size
     example: tuple[torch.Tensor, ...] = (torch.randn(2, channels, h, w), torch.tensor([500, 500]))
     forward = _Forward(unet)
-    if kind_of(unet.config).class_conditional:
+    kind = kind_of(unet.config)
+    if kind.class_conditional:
         example, forward = (*example, torch.tensor([0, 1])), _ClassForward(unet)
+    elif kind.takes_prompt:
+        example, forward = (*example, torch.randn(2, 8, int(unet.config.cross_attention_dim))), _TextForward(unet)
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore", torch.jit.TracerWarning)  # shape asserts frozen for this (C, H, W): fine
         warnings.simplefilter("ignore", DeprecationWarning)  # torch.jit.trace: still what OpenVINO's frontend reads
         traced = torch.jit.trace(forward.eval(), example, check_trace=False)
         model = ov.convert_model(traced, example_input=example, share_weights=False)
-    shapes = {model.inputs[0]: ov.PartialShape([-1, channels, int(h), int(w)])}
-    shapes.update({graph_input: ov.PartialShape([-1]) for graph_input in model.inputs[1:]})
-    model.reshape(shapes)
+    model.reshape(_input_shapes(model, unet.config, -1))
     return model
 
 
@@ -244,6 +267,7 @@ class OpenVINOUNet(nn.Module):
         self.static_graphs = static_graphs
         self.cache_dir = None if cache_dir is None else Path(cache_dir)
         self.class_conditional = kind_of(unet.config).class_conditional  # the graph's third input: class labels
+        self.text_conditional = kind_of(unet.config).takes_prompt  # ... or text embeddings
         start = time.perf_counter()
         # The torch module is not kept; the openvino.Model is, since each new batch size is compiled from it.
         self._model = convert(unet)
@@ -298,13 +322,8 @@ class OpenVINOUNet(nn.Module):
             if batch in self._static:
                 self._static.move_to_end(batch)
                 return batch, self._static[batch]
-            channels, size = int(self.config.in_channels), self.config.sample_size
-            h, w = (size, size) if isinstance(size, int) else size
             model = self._model.clone()
-            shapes = {model.inputs[0]: [batch, channels, int(h), int(w)], model.inputs[1]: [batch]}
-            if self.class_conditional:
-                shapes[model.inputs[2]] = [batch]
-            model.reshape(shapes)
+            model.reshape(_input_shapes(model, self.config, batch))
             compiled, seconds = self._compile(model)
             self._static[batch] = compiled
             self.static_compile_seconds[batch] = seconds
@@ -326,11 +345,13 @@ class OpenVINOUNet(nn.Module):
             seconds[b] = float(self.compile_seconds or 0.0) if key is None else self.static_compile_seconds[b]
         for b in sizes[-1:]:  # the largest batch sizes the runtime's buffers once
             labels = torch.zeros(b, dtype=torch.int64) if self.class_conditional else None
-            self(torch.zeros(b, channels, h, w), torch.tensor(0), class_labels=labels)
+            text = torch.zeros(b, 1, int(self.config.cross_attention_dim)) if self.text_conditional else None
+            self(torch.zeros(b, channels, h, w), torch.tensor(0), class_labels=labels, encoder_hidden_states=text)
         return seconds
 
     def forward(self, sample: torch.Tensor, timestep: torch.Tensor | int, class_labels: torch.Tensor | None = None,
-                return_dict: bool = True, **kwargs: object) -> UNet2DOutput | tuple[torch.Tensor]:
+                return_dict: bool = True, encoder_hidden_states: torch.Tensor | None = None,
+                **kwargs: object) -> UNet2DOutput | tuple[torch.Tensor]:
         if kwargs:
             raise TypeError(f"unsupported arguments for an executed UNet: {', '.join(kwargs)}")
         x = sample.detach().to("cpu", torch.float32)
@@ -341,6 +362,13 @@ class OpenVINOUNet(nn.Module):
             inputs.append(_per_image(class_labels, x.shape[0], "class_labels").split(self.max_batch))
         elif class_labels is not None:
             raise ValueError("class_labels given to an unconditional UNet (its graph has no class input)")
+        if self.text_conditional != (encoder_hidden_states is not None):
+            raise ValueError("encoder_hidden_states: a text-to-image UNet's graph needs them, any other takes none")
+        if encoder_hidden_states is not None:
+            states = encoder_hidden_states.detach().to("cpu", torch.float32)
+            if states.shape[0] != x.shape[0]:
+                raise ValueError(f"encoder_hidden_states must hold one row per image ({x.shape[0]})")
+            inputs.append(states.split(self.max_batch))
         outputs = [self._infer(*chunk) for chunk in zip(*inputs, strict=True)]
         out = torch.cat(outputs) if len(outputs) > 1 else outputs[0]
         return UNet2DOutput(sample=out) if return_dict else (out,)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import hashlib
 import json
 import logging
 import threading
@@ -17,6 +18,7 @@ import torch
 
 import quantizer
 from quantizer.diffusion.models import DiffusionModel
+from quantizer.diffusion.prompts import DEFAULT_GUIDANCE_SCALE, builtin_prompts
 from quantizer.ptq.cache import CalibrationCache, cache_key, canonical_json, hash_state_dict, hash_tensor
 from quantizer.ptq.calibration import CalibrationSet, build_calibration_set
 from quantizer.ptq.config import (
@@ -122,6 +124,9 @@ def cache_key_parts(model: DiffusionModel, config: PTQ4DMConfig,
     }
     if config.calibration.method == "real_noised" and real_images is not None:
         parts["real_images"] = hash_tensor(real_images)
+    if model.text_encoder is not None:  # text-to-image: the prompts' embeddings and the guidance shape x_t
+        parts["text"] = {"text_encoder": hash_state_dict(model.text_encoder), "guidance_scale": DEFAULT_GUIDANCE_SCALE,
+                         "prompts": hashlib.sha256("\n".join(builtin_prompts()).encode()).hexdigest()}
     return parts
 
 
@@ -148,7 +153,7 @@ def _calibration_set(model: DiffusionModel, calibration: CalibrationConfig, part
             _CALIBRATION_SETS.move_to_end(key)
             return _CALIBRATION_SETS[key]
     calib = build_calibration_set(model.unet, model.scheduler_config, calibration, real_images, progress,
-                                  on_progress)
+                                  on_progress, text_encoder=model.text_encoder)
     with _CALIBRATION_LOCK:
         _CALIBRATION_SETS[key] = calib
         while len(_CALIBRATION_SETS) > _CALIBRATION_SETS_MAX:
@@ -259,4 +264,5 @@ def quantize_model(model: DiffusionModel, precision: str | QuantConfig,
     logger.info("%s quantized to %s (stats: %s)", model.name, label, source)
     return QuantizedModel(name=model.name, unet=calibrated["unet"].eval(), scheduler_config=model.scheduler_config,
                           precision=label, config=config, calibration_hash=hash_state_dict(stats),
-                          cache_key=cache_key(parts), cache_hit=hit, stats_source=source, path=model.path)
+                          cache_key=cache_key(parts), cache_hit=hit, stats_source=source, path=model.path,
+                          decoder=model.decoder, text_encoder=model.text_encoder)

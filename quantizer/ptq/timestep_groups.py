@@ -160,8 +160,10 @@ class TimestepGroupedUNet(nn.Module):
 
 
 def _rows_of(kwargs: dict[str, object], rows: torch.Tensor) -> dict[str, object]:
-    """The per-image keyword inputs (class labels) of the images in `rows`; anything else as it is."""
-    labels = kwargs.get("class_labels")
-    if isinstance(labels, torch.Tensor) and labels.ndim > 0:
-        return {**kwargs, "class_labels": labels[rows.to(labels.device)]}
-    return kwargs
+    """The per-image keyword inputs (class labels, text embeddings) of the images in `rows`; anything else as is."""
+    out = dict(kwargs)
+    for name in ("class_labels", "encoder_hidden_states"):
+        value = kwargs.get(name)
+        if isinstance(value, torch.Tensor) and value.ndim > 0 and value.shape[0] > 1:
+            out[name] = value[rows.to(value.device)]
+    return out

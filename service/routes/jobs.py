@@ -13,6 +13,7 @@ from fastapi import APIRouter, Header, HTTPException, Path, Request, Response
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from quantizer.diffusion.kinds import check_class_labels
+from quantizer.diffusion.prompts import check_text_inputs
 from service import events
 from service.deps import IsAdmin, Services, Svc, field_error
 from service.errors import clip_text
@@ -55,6 +56,7 @@ def build_job(req: JobRequest, svc: Services, admin: bool = False) -> JobRecord:
     if sampler == "ddpm" and req.eta != 0.0:
         raise field_error("eta", "eta applies to the ddim sampler only; leave it at 0 for ddpm", req.eta)
     class_labels = _class_labels(req, model, svc)
+    _check_text(req, model, svc)
     if req.webhook is not None:
         if s.webhook_secret is None:
             raise field_error("webhook", "webhooks are off on this server: no webhook_secret is configured "
@@ -66,11 +68,13 @@ def build_job(req: JobRequest, svc: Services, admin: bool = False) -> JobRecord:
     # The fingerprint is the request as sent (seed absent stays absent): a retried request matches it. Absent
     # class labels and priority are left out, so requests without them keep the fingerprint they had before the
     # fields existed.
-    absent = {name for name in ("class_labels", "priority") if getattr(req, name) is None}
+    absent = {name for name in ("class_labels", "priority", "prompt", "negative_prompt", "guidance_scale")
+              if getattr(req, name) is None}
     sent = req.model_dump(exclude={"timeout_s"} | absent)
     fingerprint = hashlib.sha256(json.dumps(sent, sort_keys=True).encode()).hexdigest()
     return JobRecord(model=model, precision=req.precision, sampler=sampler, steps=steps, eta=req.eta, n=req.n,
                      seed=seed, class_labels=class_labels, fingerprint=fingerprint, priority=priority,
+                     prompt=req.prompt, negative_prompt=req.negative_prompt, guidance_scale=req.guidance_scale,
                      webhook=req.webhook, webhook_events=list(req.webhook_events) if req.webhook else [])
 
 
@@ -85,6 +89,17 @@ def _class_labels(req: JobRequest, model: str, svc: Services) -> list[int] | Non
     except ValueError as exc:
         raise field_error("class_labels", str(exc).removeprefix("class_labels: "), req.class_labels) from None
     return labels
+
+
+def _check_text(req: JobRequest, model: str, svc: Services) -> None:
+    """prompt, negative_prompt and guidance_scale against the model's kind where this process knows it
+    (`quantizer.diffusion.prompts.check_text_inputs`, the check the worker repeats); 422 naming the field."""
+    try:
+        check_text_inputs(req.prompt, req.negative_prompt, req.guidance_scale, svc.model_kinds.get(model))
+    except ValueError as exc:
+        message = str(exc)
+        field = message.split(":")[0].split(" ")[0]
+        raise field_error(field, message.removeprefix(f"{field}: "), getattr(req, field)) from None
 
 
 async def to_status(job: JobRecord, svc: Services) -> JobStatus:

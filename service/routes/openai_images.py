@@ -50,9 +50,12 @@ def check_model_fields(req: ImageGenerationRequest, svc: Services) -> None:
                           req.size)
 
 
-def job_request(req: ImageGenerationRequest) -> JobRequest:
+def job_request(req: ImageGenerationRequest, svc: Services) -> JobRequest:
+    """The job an OpenAI request means; its prompt goes along for a model that takes one (text-to-image)."""
+    model = req.model or svc.settings.default_model
+    takes_prompt = model in svc.models and model_info(svc.settings.model_paths[model]).takes_prompt
     fields = {"model": req.model, "sampler": req.sampler, "steps": req.steps, "n": req.n, "seed": req.seed,
-              "precision": req.precision, "priority": req.priority}
+              "precision": req.precision, "priority": req.priority, "prompt": req.prompt if takes_prompt else None}
     return JobRequest(**{k: v for k, v in fields.items() if v is not None})
 
 
@@ -62,7 +65,7 @@ async def images_generations(req: ImageGenerationRequest, request: Request, svc:
                              idempotency_key: IdempotencyKey = None) -> JSONResponse:
     """OpenAI's `images.generate`: waits for the images and returns them as base64 PNGs or URLs."""
     check_model_fields(req, svc)
-    job, _ = await submit(job_request(req), svc, idempotency_key, admin)
+    job, _ = await submit(job_request(req, svc), svc, idempotency_key, admin)
     location = {"Location": f"/v1/jobs/{job.id}", "X-Job-Id": job.id}
     final = await svc.queue.wait(job.id, svc.settings.generate_timeout_s) or job
     if not final.terminal:

@@ -1,0 +1,1 @@
+"""Package data: the built-in calibration prompts (prompts.txt)."""
