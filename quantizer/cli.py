@@ -42,6 +42,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from quantizer.diffusion.images import grid, png_bytes, to_uint8
     from quantizer.diffusion.kinds import resolve_class_labels
     from quantizer.diffusion.models import load_model
+    from quantizer.diffusion.prompts import check_text_inputs
     from quantizer.diffusion.sampling import validate_request
     from quantizer.evaluation.evaluate import generate_in_batches
 
@@ -51,24 +52,52 @@ def cmd_generate(args: argparse.Namespace) -> int:
     seeds = [seed + k for k in range(args.n)]
     given = None if args.class_label is None else [args.class_label] * args.n
     labels = resolve_class_labels(seeds, given, base.model_kind)  # before calibrating: a bad label exits 2 at once
-    model = _load_at_precision(args, base)
+    check_text_inputs(args.prompt, args.negative_prompt, args.guidance_scale, base.model_kind)
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    from quantizer.execution.executor import build_executor
+    if base.model_kind.takes_prompt:
+        images = _generate_from_text(args, base, seeds)
+        backend = args.backend
+    else:
+        model = _load_at_precision(args, base)
+        from quantizer.execution.executor import build_executor
 
-    unet = build_executor(model.unet, args.backend, max_batch=args.batch_size)
-    samples = generate_in_batches(unet, model.scheduler_config, seeds, args.sampler, args.steps,
-                                  args.batch_size, eta=args.eta, class_labels=labels, decoder=model.decoder)
-    images = to_uint8(samples)
+        unet = build_executor(model.unet, args.backend, max_batch=args.batch_size)
+        samples = generate_in_batches(unet, model.scheduler_config, seeds, args.sampler, args.steps,
+                                      args.batch_size, eta=args.eta, class_labels=labels, decoder=model.decoder)
+        images = to_uint8(samples)
+        backend = getattr(unet, "backend", args.backend)
+    out.mkdir(parents=True, exist_ok=True)
     for k, (s, img) in enumerate(zip(seeds, images, strict=True)):
         (out / f"{k:04d}_seed{s}.png").write_bytes(png_bytes(img))
     if args.grid:
         nrow = args.nrow or max(1, int(len(images) ** 0.5))
         (out / "grid.png").write_bytes(png_bytes(grid(images, nrow)))
     print(json.dumps({"out": str(out), "n": args.n, "seeds": [seeds[0], seeds[-1]], "grid": args.grid,
-                      "precision": args.precision, "backend": getattr(unet, "backend", args.backend),
+                      "precision": args.precision, "backend": backend,
                       **({"class_labels": labels} if labels is not None else {})}))
     return 0
+
+
+def _generate_from_text(args: argparse.Namespace, base, seeds: list[int]):  # noqa: ANN001, ANN202
+    """uint8 images of a text-to-image model, through the Engine the worker uses (prompt, CFG), batch by batch."""
+    import numpy as np
+
+    from quantizer.engine import Engine, model_digest
+
+    engine = Engine(base, model_digest(base), base.unet)
+    if args.precision != "fp32":
+        engine = engine.quantize(args.precision, _calibration_overrides(args), args.cache_dir)
+    engine = engine.compile(args.backend, max_batch=args.batch_size)
+    batches = []
+    for start in range(0, len(seeds), args.batch_size):
+        chunk = seeds[start:start + args.batch_size]
+        generation = engine.generate(chunk, args.sampler, args.steps, args.eta, prompts=[args.prompt] * len(chunk),
+                                     negative_prompts=[args.negative_prompt] * len(chunk),
+                                     guidance_scales=[args.guidance_scale] * len(chunk))
+        if generation.non_finite:
+            raise ValueError(f"image(s) {list(generation.non_finite)} came out with non-finite values")
+        batches.append(generation.images)
+    return np.concatenate(batches)
 
 
 def cmd_quantize(args: argparse.Namespace) -> int:
@@ -149,12 +178,16 @@ def add_quantizer_commands(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--seed", type=int, default=None, help="seed of image 0; image k uses seed+k")
     g.add_argument("--class-label", type=int, default=None,
                    help="class of every image (class-conditional models); default: drawn from each image's seed")
+    g.add_argument("--prompt", default=None, help="text-to-image models: what every image shows")
+    g.add_argument("--negative-prompt", default=None, help="text-to-image models: what to steer away from")
+    g.add_argument("--guidance-scale", type=float, default=None,
+                   help="text-to-image models: classifier-free guidance scale (default 7.5)")
     g.add_argument("--batch-size", type=_positive_int, default=64)
     g.add_argument("--out", default="out")
     g.add_argument("--grid", action="store_true", help="also write grid.png")
     g.add_argument("--backend", choices=BACKENDS, default="auto",
-                   help="how the UNet runs: auto (int8-x86 for quantized precisions where the CPU has int8 "
-                        "kernels, else fake; eager for fp32), eager, compiled, bf16, fake, int8-x86")
+                   help="how the UNet runs: auto (openvino for quantized precisions on the CPU, else int8-x86 "
+                        "where the CPU has int8 kernels, else fake; eager for fp32), or one backend by name")
     g.add_argument("--nrow", type=int, default=None)
     _add_precision_args(g)
     g.set_defaults(func=cmd_generate)

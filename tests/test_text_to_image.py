@@ -242,3 +242,23 @@ def test_served_end_to_end_with_a_real_worker(sd_dir, sd_model, redis_server, re
         openai = client.post("/v1/images/generations", json={"prompt": "a red fox", "n": 1})
         assert openai.status_code == 200, openai.text
         assert client.post("/v1/generate", json={"seed": 6}).status_code == 422  # no prompt
+
+
+def test_cli_generates_from_a_prompt(sd_dir, tiny_model_dir, tmp_path, capsys):
+    from PIL import Image
+
+    from service.cli import main as ptq4dm
+
+    out = tmp_path / "out"
+    assert ptq4dm(["generate", "--model", str(sd_dir), "--prompt", "a red cat", "--guidance-scale", "5",
+                   "--n", "2", "--steps", "2", "--seed", "3", "--out", str(out)]) == 0
+    written = sorted(out.glob("*.png"))
+    assert len(written) == 2 and Image.open(written[0]).size == (8, 8)
+    # the same image as the Engine the worker uses, for the same seed and prompt
+    expected = Engine.load(sd_dir).generate([3], steps=2, prompts=["a red cat"], guidance_scales=[5.0]).images[0]
+    assert np.abs(np.asarray(Image.open(written[0])).astype(int) - expected.astype(int)).max() <= 1
+    assert ptq4dm(["generate", "--model", str(sd_dir), "--n", "1", "--steps", "1", "--out", str(out)]) == 2
+    assert "prompt" in capsys.readouterr().err
+    assert ptq4dm(["generate", "--model", str(tiny_model_dir), "--prompt", "a cat", "--n", "1", "--steps", "1",
+                   "--out", str(out)]) == 2
+    assert "prompt" in capsys.readouterr().err
