@@ -101,7 +101,7 @@ def _generate_from_text(args: argparse.Namespace, base, seeds: list[int]):  # no
 
 
 def cmd_quantize(args: argparse.Namespace) -> int:
-    from quantizer.ptq.quant_modules import QuantLayer
+    from quantizer.ptq.quant_modules import QuantLayer, SplitActQuantizer
 
     model = _load_at_precision(args)
     if args.precision == "fp32":
@@ -111,7 +111,10 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     for name, module in model.unet.named_modules():
         if isinstance(module, QuantLayer):
             w, a = module.weight_quantizer, module.input_quantizer
-            print(f"{name:<48} {int(w.bits):>6} {int(a.bits):>6} {float(a.scale):>10.5f} {int(a.zero_point):>5}")
+            halves = [("[:k]", a.first), ("[k:]", a.second)] if isinstance(a, SplitActQuantizer) else [("", a)]
+            for half, q in halves:  # a split input (split_concat): one row per half
+                print(f"{name + half:<48} {int(w.bits):>6} {int(q.bits):>6} {float(q.scale):>10.5f} "
+                      f"{int(q.zero_point):>5}")
     print(json.dumps({"model": model.name, "precision": model.precision, "cache_dir": args.cache_dir,
                       "cache_key": model.cache_key, "cache_hit": model.cache_hit,
                       "calibration_hash": model.calibration_hash}))

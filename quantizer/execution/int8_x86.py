@@ -23,7 +23,7 @@ import torch
 from torch import fx, nn
 
 from quantizer.diffusion.kinds import kind_of
-from quantizer.ptq.quant_modules import QuantAttnProcessor, QuantLayer
+from quantizer.ptq.quant_modules import QuantAttnProcessor, QuantLayer, SplitActQuantizer
 
 logger = logging.getLogger(__name__)
 
@@ -180,6 +180,9 @@ def check_int8_grid(quant_unet: nn.Module) -> dict[str, QuantLayer]:
         if layer.input_quantizer.qrange.qmax > 255:
             raise ValueError(f"int8-x86 runs activations of at most 8 bits; {name} has "
                              f"{int(layer.input_quantizer.bits)} (use backend='fake' for w*a16)")
+    if any(isinstance(m, SplitActQuantizer) for m in quant_unet.modules()):  # PT2E gives a conv one input range
+        raise ValueError("int8-x86 does not run split concat inputs (split_concat=True); use backend='openvino' "
+                         "or 'fake'")
     if any(isinstance(m, QuantAttnProcessor) for m in quant_unet.modules()):
         raise ValueError("int8-x86 does not run quantized attention matmuls "
                              "(quantize_attention_matmuls=True); use backend='fake'")

@@ -61,6 +61,11 @@ class QuantConfig:
     timestep_groups: activation ranges per group of diffusion time-steps (G equal groups of [0, T), each
         calibrated on its own share of the calibration set; quantizer.ptq.timestep_groups). 1 = the paper's one
         range per tensor. Not part of a config's hash when 1, so caches made before it existed stay valid.
+    split_concat: a layer whose input is a channel concat [h, skip] (the up blocks' conv_shortcut, fed the raw
+        torch.cat of the decoder's features and the encoder's skip) gets one range per half, each searched on
+        its own half like any other input (Q-Diffusion's split). Why: the two halves' ranges differ widely, so
+        one range leaves the narrower half a few levels. Off by default (the paper's method); not part of a
+        config's hash when off.
     """
 
     weight_bits: int = 8
@@ -77,6 +82,7 @@ class QuantConfig:
     timestep_groups: int = 1
     weight_rounding: str = "nearest"
     float_groups: int = 0
+    split_concat: bool = False
 
     def __post_init__(self) -> None:
         check_bits(self.weight_bits, WEIGHT_BITS, "weight_bits")
@@ -93,7 +99,7 @@ class QuantConfig:
             raise ValueError(f"p must be a positive number, got {self.p!r}")
         _check_int(self.n_candidates, "n_candidates", 1)
         _check_int(self.act_samples, "act_samples", 1)
-        for name in ("keep_first_last_fp", "quantize_attention_matmuls"):
+        for name in ("keep_first_last_fp", "quantize_attention_matmuls", "split_concat"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
         if self.first_last_bits is not None:  # must be valid for both weights and activations
@@ -111,6 +117,8 @@ class QuantConfig:
             del out["weight_rounding"]
         if self.float_groups == 0:
             del out["float_groups"]
+        if not self.split_concat:
+            del out["split_concat"]
         return out
 
 

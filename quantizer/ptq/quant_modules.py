@@ -139,6 +139,53 @@ class ActQuantizer(nn.Module):
         return f"bits={int(self.bits)}, mode={self.mode}"
 
 
+class SplitActQuantizer(nn.Module):
+    """The input of a layer fed a channel concat [x[:, :split], x[:, split:]]: one per-tensor quantizer per half.
+
+    Why: a skip connection concatenates the decoder's features with the encoder's, whose ranges differ widely;
+    one range sized for the wider half leaves the other a few levels (Q-Diffusion). Each half is an ordinary
+    ActQuantizer (`first`, `second`), so calibration, the range search, export and loading treat it as one more
+    tensor; `split` (channels in the first half) is exported with them. Integer kernels run the layer as two
+    convolutions summed (quantizer.execution.openvino).
+    """
+
+    def __init__(self, bits: int, split: int) -> None:
+        super().__init__()
+        if split < 1:
+            raise ValueError(f"split must be a positive channel count, got {split}")
+        self.first = ActQuantizer(bits)
+        self.second = ActQuantizer(bits)
+        self.register_buffer("split", torch.tensor(split, dtype=torch.int64))
+
+    @property
+    def mode(self) -> str:
+        return self.first.mode
+
+    @mode.setter
+    def mode(self, mode: str) -> None:
+        self.first.mode = self.second.mode = mode
+
+    @property
+    def qrange(self) -> QRange:
+        return self.first.qrange
+
+    @property
+    def bits(self) -> torch.Tensor:
+        return self.first.bits
+
+    def sync(self) -> None:
+        """Nothing of its own to re-derive (the halves sync themselves)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.mode == "fp":
+            return x
+        k = int(self.split)
+        return torch.cat([self.first(x[:, :k]), self.second(x[:, k:])], dim=1)
+
+    def extra_repr(self) -> str:
+        return f"split={int(self.split)}"
+
+
 class QuantLayer(nn.Module):
     """Wraps a Conv2d/Linear: quantizes its input (per tensor) and its weight (per output channel).
 

@@ -20,6 +20,7 @@ from torch import nn
 
 from quantizer.ptq import gptq
 from quantizer.ptq.calibration import CalibrationSet
+from quantizer.ptq.concat_split import find_concat_splits, split_inputs, splits_in_stats
 from quantizer.ptq.config import PTQ4DMConfig, QuantConfig
 from quantizer.ptq.progress import ProgressFn, track
 from quantizer.ptq.quant_modules import (
@@ -31,12 +32,13 @@ from quantizer.ptq.quant_modules import (
     QuantConv2d,
     QuantLayer,
     QuantLinear,
+    SplitActQuantizer,
     WeightQuantizer,
 )
 from quantizer.ptq.scale_search import search_act_qparams, search_weight_scale
 
 logger = logging.getLogger(__name__)
-STATS_BUFFERS: tuple[str, ...] = ("scale", "zero_point", "bits", "rounded")  # what export_stats keeps
+STATS_BUFFERS: tuple[str, ...] = ("scale", "zero_point", "bits", "rounded", "split")  # what export_stats keeps
 
 # Layers with weights that quantize_ cannot wrap; they must be listed in QuantConfig.skip.
 UNSUPPORTED_LAYERS: tuple[type[nn.Module], ...] = (
@@ -71,6 +73,8 @@ def quantize_(unet: nn.Module, config: PTQ4DMConfig | QuantConfig, calibration: 
         raise ValueError("calibration set is empty")
     undo = _swap_modules(unet, qcfg)
     try:
+        if qcfg.split_concat:
+            _split_concat_inputs(unet, stats, calibration)
         if stats is not None:
             load_stats(unet, stats)
         else:
@@ -90,19 +94,42 @@ def set_mode(model: nn.Module, mode: str) -> None:
             module.set_mode(mode)
 
 
-def _quantizers(model: nn.Module) -> Iterator[tuple[str, WeightQuantizer | ActQuantizer]]:
+def _quantizers(model: nn.Module) -> Iterator[tuple[str, WeightQuantizer | ActQuantizer | SplitActQuantizer]]:
     for name, module in model.named_modules():
-        if isinstance(module, (WeightQuantizer, ActQuantizer)):
+        if isinstance(module, (WeightQuantizer, ActQuantizer, SplitActQuantizer)):
             yield name, module
+
+
+def _stats_buffers(quantizer: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+    """The quantizer's own registered buffers that export_stats keeps (properties such as a split's bits are not)."""
+    own = dict(quantizer.named_buffers(recurse=False))
+    for buffer in STATS_BUFFERS:
+        if own.get(buffer) is not None:
+            yield buffer, own[buffer]
+
+
+def _split_concat_inputs(unet: nn.Module, stats: dict[str, torch.Tensor] | None,
+                         calibration: CalibrationSet | None) -> None:
+    """QuantConfig.split_concat: the split points from the stats, or found in one forward of a calibration input."""
+    if stats is not None:
+        split_inputs(unet, splits_in_stats(stats))
+        return
+    param = next(unet.parameters())
+    xs, ts = next(calibration.batches(1))
+    splits = find_concat_splits(unet, lambda: unet(xs.to(device=param.device, dtype=param.dtype), ts.to(param.device)))
+    if not splits:
+        warnings.warn("split_concat: no quantized layer is fed a channel concat; nothing is split", RuntimeWarning,
+                      stacklevel=3)
+    split_inputs(unet, splits)
+    logger.info("split_concat: %d layer inputs split (%s)", len(splits), ", ".join(sorted(splits)))
 
 
 def export_stats(unet: nn.Module) -> dict[str, torch.Tensor]:
     """Every quantizer parameter as a flat {'<module>.scale' | '.zero_point' | '.bits': CPU tensor} dict."""
     stats: dict[str, torch.Tensor] = {}
     for name, quantizer in _quantizers(unet):
-        for buffer in STATS_BUFFERS:
-            if hasattr(quantizer, buffer):
-                stats[f"{name}.{buffer}"] = getattr(quantizer, buffer).detach().cpu().clone().contiguous()
+        for buffer, value in _stats_buffers(quantizer):
+            stats[f"{name}.{buffer}"] = value.detach().cpu().clone().contiguous()
     if not stats:
         raise ValueError("unet has no quantizers: call quantize_ first")
     return stats
@@ -111,8 +138,7 @@ def export_stats(unet: nn.Module) -> dict[str, torch.Tensor]:
 @torch.no_grad()
 def load_stats(unet: nn.Module, stats: dict[str, torch.Tensor]) -> None:
     """Copy exported parameters into `unet`'s quantizers; names, shapes and bit widths must match exactly."""
-    expected = {f"{name}.{buf}": getattr(q, buf) for name, q in _quantizers(unet)
-                for buf in STATS_BUFFERS if hasattr(q, buf)}
+    expected = {f"{name}.{buf}": value for name, q in _quantizers(unet) for buf, value in _stats_buffers(q)}
     missing, unexpected = sorted(expected.keys() - stats.keys()), sorted(stats.keys() - expected.keys())
     if missing or unexpected:
         raise ValueError(f"stats do not match the model's quantizers: missing {missing[:5]}"
@@ -125,6 +151,8 @@ def load_stats(unet: nn.Module, stats: dict[str, torch.Tensor]) -> None:
                              f"expected {tuple(target.shape)}")
         if key.endswith(".bits") and int(value) != int(target):
             raise ValueError(f"stats[{key!r}] is {int(value)}-bit but the config quantizes it to {int(target)} bits")
+        if key.endswith(".split") and int(value) != int(target):
+            raise ValueError(f"stats[{key!r}] splits at channel {int(value)}, the model at {int(target)}")
         if key.endswith(".scale") and not (torch.isfinite(value).all() and (value > 0).all()):
             raise ValueError(f"stats[{key!r}] has non-positive or non-finite scales")
         if key.endswith(".zero_point"):
@@ -285,6 +313,8 @@ def _on_device(extra: dict[str, torch.Tensor], device: torch.device) -> dict[str
 def _tensor(quantizer_name: str) -> str:
     """'down.conv.input_quantizer' -> "the input of layer 'down.conv'"; other quantizers by their own name."""
     layer, _, leaf = quantizer_name.rpartition(".")
+    if leaf in ("first", "second") and layer.endswith(".input_quantizer"):  # a SplitActQuantizer's half
+        return f"the {leaf} half of the input of layer {layer.removesuffix('.input_quantizer')!r}"
     return f"the input of layer {layer!r}" if leaf == "input_quantizer" else f"the tensor of {quantizer_name!r}"
 
 
