@@ -204,3 +204,26 @@ def test_int8_x86_refuses_split_inputs_and_auto_falls_back(split_w8a8, monkeypat
         build_executor(split_w8a8, "int8-x86")
     monkeypatch.setitem(sys.modules, "openvino", None)  # auto without openvino: the simulation, not int8-x86
     assert build_executor(split_w8a8, "auto") is split_w8a8
+
+
+def test_a_class_conditional_unet_finds_its_splits_with_its_labels(tmp_path):
+    """The split-point forward passes the calibration sample's class label like every other calibration forward."""
+    from diffusers import UNet2DModel
+
+    from quantizer.ptq.calibration import build_calibration_set
+    from quantizer.ptq.config import CalibrationConfig, PTQ4DMConfig, QuantConfig
+    from quantizer.ptq.quant_modules import SplitActQuantizer
+    from quantizer.ptq.quantize import quantize_
+
+    torch.manual_seed(0)
+    unet = UNet2DModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 16), layers_per_block=1,
+                       down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
+                       norm_num_groups=4, num_class_embeds=3).eval()
+    scheduler = {"num_train_timesteps": 100, "beta_schedule": "linear", "beta_start": 1e-4, "beta_end": 0.02,
+                 "prediction_type": "epsilon", "clip_sample": True}
+    calib = build_calibration_set(unet, scheduler, CalibrationConfig(method="uniform", n_samples=4, steps=4,
+                                                                      batch_size=4), progress=False)
+    assert calib.class_labels is not None
+    quant = QuantConfig(split_concat=True, n_candidates=10, act_samples=4096)
+    quantized = quantize_(unet, PTQ4DMConfig(quant=quant), calibration=calib, progress=False)
+    assert any(isinstance(m, SplitActQuantizer) for m in quantized.modules())

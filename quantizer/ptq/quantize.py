@@ -115,8 +115,9 @@ def _split_concat_inputs(unet: nn.Module, stats: dict[str, torch.Tensor] | None,
         split_inputs(unet, splits_in_stats(stats))
         return
     param = next(unet.parameters())
-    xs, ts = next(calibration.batches(1))
-    splits = find_concat_splits(unet, lambda: unet(xs.to(device=param.device, dtype=param.dtype), ts.to(param.device)))
+    xs, ts, extra = next(calibration.inputs(1))  # with the sample's class label / text embeddings, if any
+    splits = find_concat_splits(unet, lambda: unet(xs.to(device=param.device, dtype=param.dtype), ts.to(param.device),
+                                                   **_on_device(extra, param.device)))
     if not splits:
         warnings.warn("split_concat: no quantized layer is fed a channel concat; nothing is split", RuntimeWarning,
                       stacklevel=3)
