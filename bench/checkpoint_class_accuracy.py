@@ -1,8 +1,8 @@
 """Class accuracy of a training run's latest checkpoint (its EMA weights), without stopping or exporting the run.
 
-Why: a class-conditional fine-tune learns to use its labels gradually (on the 2-core CPU: 8% of 40 images at step
-250, 13% at 500, 23% at 750, DDIM-25), so whether it is done is read off this number rather than the loss, which
-the label barely moves. A few dozen DDIM-25 images take about a minute next to the running training.
+Why: a class-conditional fine-tune learns to use its labels gradually (`ptq4dm train --class-conditional`, DDIM-25,
+seeds 0..59: 13% at step 500, 23% at 750, 32% at 1000, 47% at 1250), so whether it is done is read off this number
+rather than the loss, which the label barely moves. 60 DDIM-25 images take about a minute beside the training.
 
     python bench/checkpoint_class_accuracy.py [--run runs/fashion-mnist-ddpm-cond] [--n 60] [--steps 25]
 """
