@@ -121,11 +121,20 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_train(args: argparse.Namespace) -> int:
-    from quantizer.evaluation.train import TrainConfig, train
+COND_DEFAULT_STEPS = 2000
 
-    cfg = TrainConfig(output_dir=args.out, checkpoint_dir=args.checkpoint_dir, steps=args.steps,
-                      batch_size=args.batch_size, lr=args.lr, seed=args.seed, max_minutes=args.max_minutes)
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from quantizer.evaluation.train import COND_MODEL_NAME, TrainConfig, train
+
+    # --class-conditional: the second built-in model, fine-tuned from the first, in folders of its own.
+    name = COND_MODEL_NAME if args.class_conditional else "fashion-mnist-ddpm"
+    init = args.init or ("models/fashion-mnist-ddpm" if args.class_conditional else None)
+    steps = args.steps or (COND_DEFAULT_STEPS if args.class_conditional else 7675)
+    warmup = args.warmup_steps if args.warmup_steps is not None else (100 if init else 500)
+    cfg = TrainConfig(output_dir=args.out or f"models/{name}", checkpoint_dir=args.checkpoint_dir or f"runs/{name}",
+                      steps=steps, batch_size=args.batch_size, lr=args.lr, warmup_steps=warmup, seed=args.seed,
+                      max_minutes=args.max_minutes, init=init, num_classes=10 if args.class_conditional else None)
     print(f"exported to {train(cfg)}")
     return 0
 
@@ -200,12 +209,20 @@ def add_quantizer_commands(sub: argparse._SubParsersAction) -> None:
     _add_precision_args(q)
     q.set_defaults(func=cmd_quantize)
 
-    t = sub.add_parser("train", help="train the built-in Fashion-MNIST DDPM (resumable)")
-    t.add_argument("--out", default="models/fashion-mnist-ddpm")
-    t.add_argument("--checkpoint-dir", default="runs/fashion-mnist-ddpm")
-    t.add_argument("--steps", type=_positive_int, default=7675)
+    t = sub.add_parser("train", help="train the built-in Fashion-MNIST DDPM, or fine-tune the class-conditional one "
+                                     "from it (resumable: the same command continues from the last checkpoint)")
+    t.add_argument("--class-conditional", action="store_true",
+                   help="fine-tune --init into a 10-class model (zero-initialised class embedding) on the labels; "
+                        "defaults become --init models/fashion-mnist-ddpm, --out models/fashion-mnist-ddpm-cond, "
+                        "--checkpoint-dir runs/fashion-mnist-ddpm-cond")
+    t.add_argument("--init", default=None, help="start from this model's weights (diffusers folder or built-in name)")
+    t.add_argument("--out", default=None, help="export folder (default models/<model name>)")
+    t.add_argument("--checkpoint-dir", default=None, help="checkpoints and loss.csv (default runs/<model name>)")
+    t.add_argument("--steps", type=_positive_int, default=None,
+                   help=f"total steps (default 7675; {COND_DEFAULT_STEPS} with --class-conditional)")
     t.add_argument("--batch-size", type=_positive_int, default=64)
     t.add_argument("--lr", type=float, default=5e-4)
+    t.add_argument("--warmup-steps", type=int, default=None, help="linear lr warm-up (500; 100 with --init)")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--max-minutes", type=float, default=None, help="stop (checkpoint + export) after this long")
     t.set_defaults(func=cmd_train)

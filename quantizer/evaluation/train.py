@@ -1,4 +1,9 @@
-"""Train the built-in DDPM on Fashion-MNIST: resumable, seeded, logged, exported in diffusers layout."""
+"""Train the built-in DDPMs on Fashion-MNIST: resumable, seeded, logged, exported in diffusers layout.
+
+From scratch (the unconditional model), or fine-tuned from another model's weights (`init`): with `num_classes`
+the fine-tune adds a zero-initialised class embedding, so step 0 is exactly the initial model and every label
+starts from the unconditional prediction (the class-conditional model).
+"""
 
 from __future__ import annotations
 
@@ -14,7 +19,10 @@ from diffusers import DDPMScheduler, UNet2DModel
 from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 
+from quantizer.diffusion.kinds import resolve_model_path, unet_config_path
 from quantizer.evaluation.data import fashion_mnist_tensor
+
+COND_MODEL_NAME = "fashion-mnist-ddpm-cond"
 
 # A small UNet: 2.7M parameters, one self-attention block at 8x8 so the attention path is exercised.
 DEFAULT_UNET_CONFIG: dict = {
@@ -53,6 +61,49 @@ class TrainConfig:
     max_minutes: float | None = None
     unet: dict = field(default_factory=lambda: dict(DEFAULT_UNET_CONFIG))
     scheduler: dict = field(default_factory=lambda: dict(DEFAULT_SCHEDULER_CONFIG))
+    # A model folder (diffusers layout, a bare UNet folder, or the built-in name) whose weights, UNet config and
+    # scheduler replace `unet`/`scheduler`: fine-tuning instead of training from scratch.
+    init: str | None = None
+    # Train on the labels: a UNet2DModel with num_class_embeds=num_classes (a new embedding starts at zero).
+    num_classes: int | None = None
+    # lr multiplier of the class embedding: it starts at zero and, in a short fine-tune, has further to travel
+    # than the pretrained weights around it.
+    class_embed_lr_scale: float = 10.0
+
+
+def _public(config: dict) -> dict:
+    """A diffusers config without its bookkeeping keys (`_name_or_path` is a Path, and says nothing of the model)."""
+    return {k: v for k, v in config.items() if not k.startswith("_")}
+
+
+def _init_unet(cfg: TrainConfig) -> tuple[UNet2DModel, DDPMScheduler]:
+    """The UNet and scheduler training starts from: fresh from `cfg.unet`, or `cfg.init`'s weights, class-conditional
+    when `cfg.num_classes` is set."""
+    if cfg.init is None:
+        unet_config, state, scheduler = dict(cfg.unet), None, DDPMScheduler(**cfg.scheduler)
+    else:
+        directory = Path(resolve_model_path(cfg.init))
+        config_path = unet_config_path(directory)
+        if config_path is None:
+            raise ValueError(f"init: no UNet config.json in {directory} or {directory / 'unet'}")
+        base = UNet2DModel.from_pretrained(config_path.parent)
+        unet_config, state = dict(base.config), base.state_dict()
+        scheduler_dir = directory / "scheduler"
+        scheduler = (DDPMScheduler.from_pretrained(scheduler_dir) if (scheduler_dir / "scheduler_config.json").exists()
+                     else DDPMScheduler(**cfg.scheduler))
+    if cfg.num_classes is not None:
+        given = unet_config.get("num_class_embeds")
+        if given is not None and given != cfg.num_classes:
+            raise ValueError(f"init has num_class_embeds={given}, asked for num_classes={cfg.num_classes}")
+        unet_config["num_class_embeds"] = cfg.num_classes
+    unet = UNet2DModel.from_config(unet_config)
+    if state is not None:
+        missing, unexpected = unet.load_state_dict(state, strict=False)
+        if unexpected or set(missing) - {"class_embedding.weight"}:
+            raise ValueError(f"init weights do not fit: missing {missing}, unexpected {unexpected}")
+        if missing:  # zero: the class adds nothing to the timestep embedding until training says otherwise
+            torch.nn.init.zeros_(unet.class_embedding.weight)
+    return unet, scheduler
 
 
 class _StopFlag:
@@ -91,14 +142,24 @@ def export(unet: UNet2DModel, ema: EMAModel, scheduler: DDPMScheduler, output_di
     scheduler.save_pretrained(output_dir / "scheduler")
 
 
+def _param_groups(unet: UNet2DModel, cfg: TrainConfig) -> list[dict]:
+    """One group at the base lr, plus the class embedding (if any) at `class_embed_lr_scale` times it."""
+    embed = [p for name, p in unet.named_parameters() if name.startswith("class_embedding.")]
+    rest = [p for name, p in unet.named_parameters() if not name.startswith("class_embedding.")]
+    groups = [{"params": rest, "lr_scale": 1.0}]
+    if embed:
+        groups.append({"params": embed, "lr_scale": cfg.class_embed_lr_scale})
+    return groups
+
+
 def train(cfg: TrainConfig) -> Path:
     torch.manual_seed(cfg.seed)
     out, ckpt_dir = Path(cfg.output_dir), Path(cfg.checkpoint_dir)
-    data, _ = fashion_mnist_tensor("train", size=cfg.unet["sample_size"])
-    unet = UNet2DModel(**cfg.unet)
-    scheduler = DDPMScheduler(**cfg.scheduler)
+    unet, scheduler = _init_unet(cfg)
+    data, labels = fashion_mnist_tensor("train", size=unet.config.sample_size)
+    conditional = unet.config.num_class_embeds is not None
     ema = EMAModel(unet.parameters(), decay=cfg.ema_decay, use_ema_warmup=True, power=2 / 3)
-    opt = torch.optim.AdamW(unet.parameters(), lr=cfg.lr, weight_decay=0.0)
+    opt = torch.optim.AdamW(_param_groups(unet, cfg), lr=cfg.lr, weight_decay=0.0)
     lr_at = lambda s: cfg.lr * min(1.0, (s + 1) / cfg.warmup_steps)  # noqa: E731
     gen = torch.Generator().manual_seed(cfg.seed)
     step, wall_before = 0, 0.0
@@ -112,7 +173,9 @@ def train(cfg: TrainConfig) -> Path:
         step = state["step"]
         wall_before = float(state.get("wall_s", 0.0))
     ckpt_dir.mkdir(parents=True, exist_ok=True)
-    (ckpt_dir / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
+    # What was trained, not just what was asked: with `init` the UNet and scheduler configs come from there.
+    effective = {**asdict(cfg), "unet": _public(unet.config), "scheduler": _public(scheduler.config)}
+    (ckpt_dir / "config.json").write_text(json.dumps(effective, indent=2))
     # elapsed_s is the wall time summed over every resumed run (the checkpoint carries it).
     log_path = ckpt_dir / "loss.csv"
     new_log = not log_path.exists()
@@ -132,8 +195,9 @@ def train(cfg: TrainConfig) -> Path:
             t = torch.randint(0, scheduler.config.num_train_timesteps, (cfg.batch_size,), generator=gen)
             xt = scheduler.add_noise(x0, noise, t)
             for group in opt.param_groups:
-                group["lr"] = lr_at(step)
-            loss = torch.nn.functional.mse_loss(unet(xt, t).sample, noise)
+                group["lr"] = lr_at(step) * group["lr_scale"]
+            class_labels = labels[idx] if conditional else None
+            loss = torch.nn.functional.mse_loss(unet(xt, t, class_labels=class_labels).sample, noise)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(unet.parameters(), cfg.grad_clip)
