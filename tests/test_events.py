@@ -133,6 +133,21 @@ def served(settings: ServiceSettings) -> Iterator[str]:
         thread.join(30)
 
 
+@contextlib.contextmanager
+def worker_less_replicas(backend: str, tiny_model_dir: Path,
+                         request: pytest.FixtureRequest) -> Iterator[tuple[str, str, httpx.Client]]:
+    """(url a, url b, client): two API replicas on one Redis (one app twice on the memory queue), no worker, so
+    jobs stay queued."""
+    shared: dict[str, object] = {"embedded_worker": False}
+    if backend == "redis":
+        shared |= {"redis_url": request.getfixturevalue("redis_server").url,
+                   "redis_prefix": request.getfixturevalue("redis_prefix")}
+    with contextlib.ExitStack() as stack:
+        a = stack.enter_context(served(make_settings(tiny_model_dir, **shared)))
+        b = stack.enter_context(served(make_settings(tiny_model_dir, **shared))) if backend == "redis" else a
+        yield a, b, stack.enter_context(httpx.Client(timeout=30))
+
+
 def wait_ready(url: str, timeout_s: float = 60) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -207,14 +222,7 @@ def test_sse_queued_running_succeeded_and_resume_with_last_event_id(replicas):
 def test_sse_is_live_across_replicas_until_cancelled(backend, tiny_model_dir, request):
     """No worker: the job stays queued, the stream waits on a blocking read; a cancel through another replica (or
     the same app) arrives as the `cancelled` event and ends the stream."""
-    shared = {"embedded_worker": False}
-    if backend == "redis":
-        shared |= {"redis_url": request.getfixturevalue("redis_server").url,
-                   "redis_prefix": request.getfixturevalue("redis_prefix")}
-    with contextlib.ExitStack() as stack:
-        a = stack.enter_context(served(make_settings(tiny_model_dir, **shared)))
-        b = stack.enter_context(served(make_settings(tiny_model_dir, **shared))) if backend == "redis" else a
-        client = stack.enter_context(httpx.Client(timeout=30))
+    with worker_less_replicas(backend, tiny_model_dir, request) as (a, b, client):
         client.post(f"{a}/v1/jobs", json={})
         job_id = client.post(f"{a}/v1/jobs", json={}).json()["id"]
         got: list[dict] = []
@@ -256,14 +264,7 @@ async def test_queued_event_position_counts_higher_priorities_at_submission(queu
 def test_sse_queued_event_of_a_high_priority_job_reports_its_priority_position(backend, tiny_model_dir, request):
     """No worker: two normal jobs wait; a high one submitted after them streams `queued` with priority 9 and
     position 0 (over HTTP, on another replica with Redis), GET agrees, and its cancel ends the stream."""
-    shared = {"embedded_worker": False}
-    if backend == "redis":
-        shared |= {"redis_url": request.getfixturevalue("redis_server").url,
-                   "redis_prefix": request.getfixturevalue("redis_prefix")}
-    with contextlib.ExitStack() as stack:
-        a = stack.enter_context(served(make_settings(tiny_model_dir, **shared)))
-        b = stack.enter_context(served(make_settings(tiny_model_dir, **shared))) if backend == "redis" else a
-        client = stack.enter_context(httpx.Client(timeout=30))
+    with worker_less_replicas(backend, tiny_model_dir, request) as (a, b, client):
         normal = [client.post(f"{a}/v1/jobs", json={}).json() for _ in range(2)]
         assert [j["queue_position"] for j in normal] == [0, 1]
         created = client.post(f"{a}/v1/jobs", json={"priority": "high"})
