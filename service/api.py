@@ -1,8 +1,8 @@
 """The FastAPI app: a queue (Redis, or in-memory with an in-process worker) behind typed routes.
 
-Data path: POST /v1/jobs -> JobQueue.submit -> Worker (batch, Engine.generate, PNG) -> JobQueue.store_images -> GET
-image. Only the embedded worker imports torch and diffusers, when it is built: an API-only process (Redis, no
-embedded worker) validates requests from the settings alone.
+Data path: POST /v1/jobs -> JobStore.submit -> WorkStream -> Worker (batch, Engine.generate, PNG) ->
+JobStore.store_images -> GET image. Only the embedded worker imports torch and diffusers, when it is built: an API-only
+process (Redis, no embedded worker) validates requests from the settings alone.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from service.metrics import Metrics
 from service.model_kinds import served_model_kinds
 from service.openapi import document_live_limits
 from service.playground import mount_playground
-from service.queue import IdempotencyConflict, JobQueue, QueueFull, QueueUnavailable, make_queue
+from service.queue import IdempotencyConflict, QueueBackend, QueueFull, QueueUnavailable, make_backend
 from service.routes import admin, health, jobs, openai_images
 from service.settings import ServiceSettings, served_precisions
 
@@ -34,8 +34,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-def build_services(settings: ServiceSettings, queue: JobQueue | None = None) -> Services:
-    queue = queue or make_queue(settings.redis_url, settings.redis_prefix, settings.events_maxlen,
+def build_services(settings: ServiceSettings, backend: QueueBackend | None = None) -> Services:
+    backend = backend or make_backend(settings.redis_url, settings.redis_prefix, settings.events_maxlen,
                                 settings.priority_aging_batches)
     metrics = Metrics()
     precisions = served_precisions(settings.precisions)
@@ -49,8 +49,8 @@ def build_services(settings: ServiceSettings, queue: JobQueue | None = None) -> 
         provider = ModelProvider(settings.model_paths, precisions, settings.calibration_cache_dir, settings.device,
                                  settings.calibration, settings.backend, settings.max_batch_images,
                                  settings.compile_all_buckets, settings.openvino_cache_dir)
-        worker = Worker(settings, queue, provider, metrics)
-    return Services(settings=settings, queue=queue, metrics=metrics, models=list(settings.model_paths),
+        worker = Worker(settings, backend, provider, metrics)
+    return Services(settings=settings, backend=backend, metrics=metrics, models=list(settings.model_paths),
                     precisions=precisions, worker=worker, model_kinds=served_model_kinds(settings.model_paths))
 
 
@@ -60,12 +60,15 @@ async def _run_worker(worker: Worker) -> None:
     except Exception:
         log.exception("embedded worker failed to start; /readyz stays 503")
         return
-    await worker.run()
+    try:
+        await worker.run()
+    except Exception:
+        log.exception("embedded worker crashed; /readyz stays 503")
 
 
-def create_app(settings: ServiceSettings | None = None, queue: JobQueue | None = None) -> FastAPI:
+def create_app(settings: ServiceSettings | None = None, backend: QueueBackend | None = None) -> FastAPI:
     settings = settings or ServiceSettings()
-    services = build_services(settings, queue)
+    services = build_services(settings, backend)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -77,7 +80,7 @@ def create_app(settings: ServiceSettings | None = None, queue: JobQueue | None =
             if task is not None:
                 services.worker.request_stop()
                 await task
-            await services.queue.close()
+            await services.backend.close()
 
     app = FastAPI(title="ptq4dm", version="0.1.0", lifespan=lifespan, docs_url=None, redoc_url=None,
                   description="Post-training-quantized diffusion models as a service. Async jobs under /v1.")

@@ -12,7 +12,9 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from quantizer.diffusion.kinds import ModelKind
 from service.errors import compact_error
 from service.metrics import Metrics
-from service.queue.base import JobQueue
+from service.queue.base import QueueBackend
+from service.queue.bus import ControlBus
+from service.queue.store import JobStore
 from service.settings import ServiceSettings
 
 if TYPE_CHECKING:  # the worker imports the ML stack; an API-only process never loads it
@@ -22,7 +24,7 @@ if TYPE_CHECKING:  # the worker imports the ML stack; an API-only process never 
 @dataclass
 class Services:
     settings: ServiceSettings
-    queue: JobQueue
+    backend: QueueBackend  # the routes take the role they need: `store`, or `bus` (admin, health)
     metrics: Metrics
     models: list[str]
     precisions: list[str]
@@ -31,6 +33,14 @@ class Services:
     model_kinds: dict[str, ModelKind | None] = field(default_factory=dict)
     accepting: bool = True
     extras: dict = field(default_factory=dict)
+
+    @property
+    def store(self) -> JobStore:
+        return self.backend.store
+
+    @property
+    def bus(self) -> ControlBus:
+        return self.backend.bus
 
 
 def get_services(request: Request) -> Services:

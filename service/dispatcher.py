@@ -17,14 +17,16 @@ import ipaddress
 import json
 import logging
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from urllib.parse import urlsplit
 
 import httpx
 
 from service.jobs import JobRecord
 from service.metrics import Metrics
-from service.queue.base import JobQueue, QueueUnavailable, WebhookTask
+from service.queue.base import QueueUnavailable, WebhookTask
+from service.queue.store import JobStore
+from service.queue.stream import WorkStream
 from service.schemas import job_status
 from service.settings import ServiceSettings
 from service.webhooks import ATTEMPTS_KEPT, address_problem, backoff_s, signed_headers
@@ -41,11 +43,12 @@ class _Refused(Exception):
 
 
 class WebhookDispatcher:
-    def __init__(self, settings: ServiceSettings, queue: JobQueue, consumer: str,
+    def __init__(self, settings: ServiceSettings, outbox: WorkStream, store: JobStore, consumer: str,
                  metrics: Metrics | None = None) -> None:
         self.settings = settings
         self.metrics = metrics or Metrics()
-        self.queue = queue
+        self.outbox = outbox  # only its webhook outbox: read_webhooks, renew_webhooks, ack_webhook
+        self.store = store  # the job (its record and webhook_attempts)
         self.consumer = consumer
         self._held: dict[str, WebhookTask] = {}
         self._in_flight: set[asyncio.Task] = set()
@@ -75,7 +78,7 @@ class WebhookDispatcher:
             if free <= 0:
                 await asyncio.wait(self._in_flight, timeout=s.block_ms / 1000, return_when=asyncio.FIRST_COMPLETED)
                 return
-            tasks = await self.queue.read_webhooks(self.consumer, free, s.block_ms, s.lease_ms)
+            tasks = await self.outbox.read_webhooks(self.consumer, free, s.block_ms, s.lease_ms)
         except QueueUnavailable:
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(done.wait(), 0.5)
@@ -97,12 +100,12 @@ class WebhookDispatcher:
         """Keep the tasks we are still retrying ours (their backoff can outlast a lease)."""
         if self._held and time.monotonic() >= self._next_renew:
             self._next_renew = time.monotonic() + self.settings.heartbeat_ms / 1000
-            await self.queue.renew_webhooks(list(self._held.values()), self.consumer)
+            await self.outbox.renew_webhooks(list(self._held.values()), self.consumer)
 
     async def _deliver(self, client: httpx.AsyncClient, task: WebhookTask) -> None:
         try:
             await self._attempts(client, task)
-            await self.queue.ack_webhook(task)
+            await self.outbox.ack_webhook(task)
         except QueueUnavailable:
             log.warning("webhook %s of job %s: queue unavailable; left for a retry", task.hook, task.job_id)
         except Exception:
@@ -113,7 +116,7 @@ class WebhookDispatcher:
     async def _attempts(self, client: httpx.AsyncClient, task: WebhookTask) -> None:
         """Attempt until a 2xx, a refusal, or webhook_max_attempts; each attempt is recorded on the job."""
         s = self.settings
-        job = await self.queue.get(task.job_id)
+        job = await self.store.get(task.job_id)
         if job is None or not job.webhook:
             return  # expired: nothing left to report
         webhook_id = f"{task.job_id}_{task.event_id}"
@@ -140,7 +143,7 @@ class WebhookDispatcher:
             except httpx.HTTPError as exc:
                 record["error"], outcome = f"{type(exc).__name__}: {exc}"[:300], "network_error"
             self.metrics.webhook_attempts.labels(outcome).inc()
-            await self.queue.record_webhook_attempt(job.id, record, ATTEMPTS_KEPT)
+            await self.store.record_webhook_attempt(job.id, record, ATTEMPTS_KEPT)
             if record["ok"] or final:
                 return
             if attempt < s.webhook_max_attempts:
@@ -150,7 +153,7 @@ class WebhookDispatcher:
     @staticmethod
     def _body(job: JobRecord, task: WebhookTask) -> bytes:
         """Built once per event, so every retry sends (and signs) the same bytes."""
-        now = datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+        now = datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
         record = job_status(job, None).model_dump(mode="json")
         return json.dumps({"type": f"job.{task.hook}", "job_id": job.id, "event_id": task.event_id,
                            "timestamp": now, "data": record}).encode()

@@ -65,13 +65,17 @@ async def run_worker(settings: ServiceSettings) -> int:
             log.exception("worker %s failed to start", worker.id)
             return 1
         log.info("worker %s ready on %s", worker.id, worker.streams)
-        await worker.run()
+        try:
+            await worker.run()
+        except Exception:
+            log.exception("worker %s crashed", worker.id)
+            return 1
         log.info("worker %s stopped", worker.id)
         return 0
     finally:
         probes.should_exit = True
         await probe_task
-        await services.queue.close()
+        await services.backend.close()
 
 
 def worker(settings: ServiceSettings) -> int:

@@ -18,6 +18,8 @@ from pathlib import Path
 
 import pytest
 
+from service.queue import MemoryBackend, QueueBackend
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -80,6 +82,21 @@ class RedisServer:
 
 def have_redis() -> bool:
     return shutil.which("redis-server") is not None
+
+
+# The params of a fixture that runs a contract test on both backends (see `open_backend`).
+BACKENDS = ["memory", pytest.param("redis", marks=pytest.mark.skipif(not have_redis(), reason="no redis-server"))]
+
+
+def open_backend(request: pytest.FixtureRequest, **options: int) -> QueueBackend:
+    """The backend a fixture parametrised with BACKENDS asks for: in-memory, or Redis on the session's server under a
+    fresh key prefix. `options`: events_maxlen, aging_batches."""
+    if request.param == "memory":
+        return MemoryBackend(**options)
+    from service.queue.redis import RedisBackend
+
+    return RedisBackend(request.getfixturevalue("redis_server").url, request.getfixturevalue("redis_prefix"),
+                        **options)
 
 
 class WebhookReceiver:

@@ -26,29 +26,23 @@ import uvicorn
 from service import events
 from service.api import create_app
 from service.jobs import JobRecord, stream_name
-from service.queue import MemoryQueue, QueueFull
+from service.queue import QueueFull
 from service.settings import ServiceSettings
+from service.testing import BACKENDS, open_backend
 
 pytest_plugins = ["service.testing"]
 HAVE_REDIS = shutil.which("redis-server") is not None
-NO_REDIS = pytest.mark.skipif(not HAVE_REDIS, reason="no redis-server")
-BACKENDS = ["memory", pytest.param("redis", marks=NO_REDIS)]
 STREAM = stream_name("tiny", "fp32")
 
 
-# -- the queue contract ------------------------------------------------------------------------------------------
+# -- the store's events and the outbox ---------------------------------------------------------------------------------
 @pytest_asyncio.fixture(params=BACKENDS)
 async def queue(request: pytest.FixtureRequest):
-    if request.param == "memory":
-        q = MemoryQueue(events_maxlen=10)
-    else:
-        from service.queue.redis import RedisQueue
-
-        q = RedisQueue(request.getfixturevalue("redis_server").url, request.getfixturevalue("redis_prefix"),
-                       events_maxlen=10)
-    await q.ensure_streams([STREAM])
-    yield q
-    await q.close()
+    """A backend: the tests take its store and stream (outbox) roles."""
+    backend = open_backend(request, events_maxlen=10)
+    await backend.stream.ensure_streams([STREAM])
+    yield backend
+    await backend.close()
 
 
 def job(**kw: object) -> JobRecord:
@@ -57,51 +51,53 @@ def job(**kw: object) -> JobRecord:
 
 @pytest.mark.asyncio
 async def test_state_changes_record_ordered_events_and_reads_block_until_one_arrives(queue):
-    first, _ = await queue.submit(job(), None, 10, 60)
-    second, _ = await queue.submit(job(), None, 10, 60)
-    assert [(e.type, e.data["queue_position"]) for e in await queue.read_events(second.id, None, 0)] == [("queued", 1)]
-    await queue.transition(first.id, "running", ("queued",), 60, emit=events.started(first.id, 4))
-    await queue.set_progress({first.id: (2, 4)})
-    reader = asyncio.create_task(queue.read_events(first.id, (await queue.read_events(first.id, None, 0))[-1].id, 3000))
+    first, _ = await queue.store.submit(job(), None, 10, 60)
+    second, _ = await queue.store.submit(job(), None, 10, 60)
+    queued = await queue.store.read_events(second.id, None, 0)
+    assert [(e.type, e.data["queue_position"]) for e in queued] == [("queued", 1)]
+    await queue.store.transition(first.id, "running", ("queued",), 60, emit=events.started(first.id, 4))
+    await queue.store.set_progress({first.id: (2, 4)})
+    last = (await queue.store.read_events(first.id, None, 0))[-1].id
+    reader = asyncio.create_task(queue.store.read_events(first.id, last, 3000))
     await asyncio.sleep(0.1)
     t0 = time.monotonic()
-    await queue.transition(first.id, "succeeded", ("running",), 60, emit=events.succeeded(first.id, 2))
+    await queue.store.transition(first.id, "succeeded", ("running",), 60, emit=events.succeeded(first.id, 2))
     woke = await reader
     assert time.monotonic() - t0 < 1.0 and [e.type for e in woke] == ["succeeded"]
-    got = await queue.read_events(first.id, None, 0)
+    got = await queue.store.read_events(first.id, None, 0)
     assert [e.type for e in got] == ["queued", "running", "running", "succeeded"]
     assert [e.id for e in got] == sorted((e.id for e in got), key=events.id_key) and len({e.id for e in got}) == 4
     assert got[2].data["step"] == 2 and got[2].data["total"] == 4
     assert got[3].data["images"] == [f"/v1/jobs/{first.id}/images/{k}" for k in range(2)]
-    assert await queue.read_events(first.id, got[1].id, 0) == got[2:]  # resume after an id: no repeats, no gaps
-    assert await queue.read_events(first.id, got[3].id, 50) == []
+    assert await queue.store.read_events(first.id, got[1].id, 0) == got[2:]  # resume after an id: no repeats, no gaps
+    assert await queue.store.read_events(first.id, got[3].id, 50) == []
     # A transition that does not apply (already terminal) records nothing.
-    assert await queue.transition(first.id, "cancelled", ("queued", "running"), 60) is None
-    assert len(await queue.read_events(first.id, None, 0)) == 4
+    assert await queue.store.transition(first.id, "cancelled", ("queued", "running"), 60) is None
+    assert len(await queue.store.read_events(first.id, None, 0)) == 4
 
 
 @pytest.mark.asyncio
 async def test_event_stream_is_bounded_and_webhook_tasks_follow_the_subscription(queue):
-    hooked, _ = await queue.submit(job(webhook="http://example.com/h", webhook_events=["start", "completed"]),
+    hooked, _ = await queue.store.submit(job(webhook="http://example.com/h", webhook_events=["start", "completed"]),
                                    None, 10, 60)
-    plain, _ = await queue.submit(job(), None, 10, 60)
+    plain, _ = await queue.store.submit(job(), None, 10, 60)
     for j in (hooked, plain):
-        await queue.transition(j.id, "running", ("queued",), 60, emit=events.started(j.id, 40))
+        await queue.store.transition(j.id, "running", ("queued",), 60, emit=events.started(j.id, 40))
         for step in range(1, 30):
-            await queue.set_progress({j.id: (step, 40)})
-        await queue.transition(j.id, "succeeded", ("running",), 60, emit=events.succeeded(j.id, 2))
-    kept = await queue.read_events(hooked.id, None, 0)
+            await queue.store.set_progress({j.id: (step, 40)})
+        await queue.store.transition(j.id, "succeeded", ("running",), 60, emit=events.succeeded(j.id, 2))
+    kept = await queue.store.read_events(hooked.id, None, 0)
     assert len(kept) == 10 and kept[-1].type == "succeeded"  # MAXLEN: the oldest progress went, the end stays
-    tasks = await queue.read_webhooks("d1", 10, 100, 60_000)
+    tasks = await queue.stream.read_webhooks("d1", 10, 100, 60_000)
     assert [(t.job_id, t.hook) for t in tasks] == [(hooked.id, "start"), (hooked.id, "completed")]
     assert tasks[1].event_id == kept[-1].id
-    assert await queue.read_webhooks("d2", 10, 50, 60_000) == []  # pending with d1
-    await queue.ack_webhook(tasks[0])
-    reclaimed = await queue.read_webhooks("d2", 10, 50, 0)  # d1 "died": its unacked task is reclaimed
+    assert await queue.stream.read_webhooks("d2", 10, 50, 60_000) == []  # pending with d1
+    await queue.stream.ack_webhook(tasks[0])
+    reclaimed = await queue.stream.read_webhooks("d2", 10, 50, 0)  # d1 "died": its unacked task is reclaimed
     assert reclaimed == [tasks[1]]
     for k in range(25):
-        await queue.record_webhook_attempt(hooked.id, {"webhook_id": "w", "attempt": k, "ok": False}, 20)
-    attempts = (await queue.get(hooked.id)).webhook_attempts
+        await queue.store.record_webhook_attempt(hooked.id, {"webhook_id": "w", "attempt": k, "ok": False}, 20)
+    attempts = (await queue.store.get(hooked.id)).webhook_attempts
     assert [a["attempt"] for a in attempts] == list(range(5, 25))
 
 
@@ -241,23 +237,23 @@ def test_sse_is_live_across_replicas_until_cancelled(backend, tiny_model_dir, re
 async def test_queued_event_position_counts_higher_priorities_at_submission(queue):
     """Events x priorities: the submit script records the queued event with the priority-aware position (every
     waiting job of a higher priority, then the older ones of its own), never the whole depth."""
-    normals = [(await queue.submit(job(), None, 10, 60))[0] for _ in range(3)]
-    low, _ = await queue.submit(job(priority=1), None, 10, 60)
-    high, _ = await queue.submit(job(priority=9), None, 10, 60)
-    late, _ = await queue.submit(job(), None, 10, 60)
+    normals = [(await queue.store.submit(job(), None, 10, 60))[0] for _ in range(3)]
+    low, _ = await queue.store.submit(job(priority=1), None, 10, 60)
+    high, _ = await queue.store.submit(job(priority=9), None, 10, 60)
+    late, _ = await queue.store.submit(job(), None, 10, 60)
 
     async def queued_event(j: JobRecord) -> dict:
-        [event] = await queue.read_events(j.id, None, 0)
+        [event] = await queue.store.read_events(j.id, None, 0)
         assert event.type == "queued"
         return event.data
 
     assert [(await queued_event(j))["queue_position"] for j in (*normals, low, high, late)] == [0, 1, 2, 3, 0, 4]
     assert [(await queued_event(j))["priority"] for j in (normals[0], low, high)] == [5, 1, 9]
     # The event keeps the position at submission; the live one moved as higher work arrived after the low job.
-    assert await queue.position(low) == 5 and await queue.position(high) == 0
+    assert await queue.store.position(low) == 5 and await queue.store.position(high) == 0
     # The depth limit still counts every class: a full queue refuses any priority, and records no event.
     with pytest.raises(QueueFull):
-        await queue.submit(job(priority=9), None, 6, 60)
+        await queue.store.submit(job(priority=9), None, 6, 60)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -16,7 +16,7 @@ from quantizer.ptq import quantize_model
 from quantizer.ptq.progress import ProgressLog, Snapshot
 from service.api import create_app
 from service.provider import available_precisions
-from service.queue import MemoryQueue
+from service.queue import MemoryBackend
 
 pytest_plugins = ["service.testing"]
 pytestmark = pytest.mark.skipif("w8a8" not in available_precisions(), reason="quantizer.ptq not installed")
@@ -29,10 +29,10 @@ def test_fp32_serves_while_w8a8_waits_for_another_workers_calibration(tiny_model
     a w8a8 job waits in its queue instead of being refused, and runs once the lock is released."""
     settings = make_settings(tiny_model_dir, precisions=["fp32", "w8a8"], calibration=CALIBRATION, backend="fake",
                              calibration_cache_dir=str(tmp_path / "cache"))
-    queue = MemoryQueue()
+    backend = MemoryBackend()
     lock = "calibrate:tiny:w8a8"
-    assert asyncio.run(queue.acquire_lock(lock, "other-worker", 600_000))
-    with TestClient(create_app(settings, queue=queue)) as client:
+    assert asyncio.run(backend.bus.acquire_lock(lock, "other-worker", 600_000))
+    with TestClient(create_app(settings, backend=backend)) as client:
         wait_ready(client, all_models=False)
         models = client.get("/readyz").json()["models"]
         assert models["tiny/fp32"]["state"] == "ready"
@@ -45,7 +45,7 @@ def test_fp32_serves_while_w8a8_waits_for_another_workers_calibration(tiny_model
         assert fp.status_code == 200 and fp.json()["status"] == "succeeded"
         assert client.get(f"/v1/jobs/{waiting.json()['id']}").json()["status"] == "queued"
 
-        client.portal.call(queue.release_lock, lock, "other-worker")
+        client.portal.call(backend.bus.release_lock, lock, "other-worker")
         done = wait_status(client, waiting.json()["id"], {"succeeded", "failed"}, timeout_s=60)
         assert done["status"] == "succeeded" and "/w8a8/" in done["model_version"]
         assert client.get("/readyz").json()["models"]["tiny/w8a8"]["state"] == "ready"

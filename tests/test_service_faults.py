@@ -75,7 +75,7 @@ def test_dead_letter_after_max_deliveries(tiny_model_dir, redis_server, redis_pr
     """A job whose holders keep dying (stand-in: a consumer that takes it and never acks) is failed, not looped."""
     import asyncio
 
-    from service.queue.redis import RedisQueue
+    from service.queue.redis import RedisBackend
 
     settings = make_settings(tiny_model_dir, redis_url=redis_server.url, redis_prefix=redis_prefix,
                              lease_ms=300, max_deliveries=2, embedded_worker=False)
@@ -83,14 +83,14 @@ def test_dead_letter_after_max_deliveries(tiny_model_dir, redis_server, redis_pr
         job_id = client.post("/v1/jobs", json={}).json()["id"]
 
         async def crash_twice() -> None:
-            q = RedisQueue(redis_server.url, redis_prefix)
+            q = RedisBackend(redis_server.url, redis_prefix)
             stream = stream_name("tiny", "fp32")
-            deliveries = await q.read([stream], "doomed-1", 1, 100)
+            deliveries = await q.stream.read([stream], "doomed-1", 1, 100)
             for attempt in (1, 2):  # delivered, started, then the worker "died" (no ack, lease not renewed)
-                await q.transition(job_id, "running", ("queued", "running"), 60, attempts=attempt)
+                await q.store.transition(job_id, "running", ("queued", "running"), 60, attempts=attempt)
                 await asyncio.sleep(0.4)
                 if attempt == 1:
-                    deliveries = await q.reclaim(stream, "doomed-2", 300, 1)
+                    deliveries = await q.stream.reclaim(stream, "doomed-2", 300, 1)
             assert [d.job_id for d in deliveries] == [job_id]
             await q.close()
 

@@ -50,7 +50,7 @@ def test_w8a8_jobs_carry_calibration_hash_and_requantize_changes_it(tiny_model_d
 
 @pytest.mark.skipif(shutil.which("redis-server") is None, reason="no redis-server")
 def test_workers_starting_together_calibrate_once(tiny_model_dir, tmp_path, redis_server, redis_prefix):
-    from service.queue.redis import RedisQueue
+    from service.queue.redis import RedisBackend
 
     settings = ServiceSettings(models=[f"tiny={tiny_model_dir}"], precisions=["w8a8"], calibration=CALIBRATION,
                                calibration_cache_dir=str(tmp_path / "cache"), redis_url=redis_server.url,
@@ -62,12 +62,16 @@ def test_workers_starting_together_calibrate_once(tiny_model_dir, tmp_path, redi
             s = settings.model_copy(update={"worker_id": f"w{i}"})
             provider = ModelProvider(s.model_paths, s.precisions, s.calibration_cache_dir, calibration=s.calibration,
                                      backend=s.backend)
-            workers.append(Worker(s, RedisQueue(s.redis_url, s.redis_prefix), provider, Metrics()))
+            workers.append(Worker(s, RedisBackend(s.redis_url, s.redis_prefix), provider, Metrics()))
         await asyncio.gather(*(w.start() for w in workers))
+        running = [asyncio.create_task(w.run()) for w in workers]  # the quantized variants are prepared in run()
         await asyncio.gather(*(w.prepared() for w in workers))
         described = [w.provider.describe()[0] for w in workers]
         for w in workers:
-            await w.queue.close()
+            w.request_stop()
+        await asyncio.gather(*running)
+        for w in workers:
+            await w.backend.close()
         return described
 
     described = asyncio.run(start_two())

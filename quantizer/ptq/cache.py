@@ -156,7 +156,7 @@ class CalibrationCache:
             "sha256": sha,
             "tensors": sorted(tensors),
             "versions": _versions(),
-            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(),
+            "created": _dt.datetime.now(_dt.UTC).isoformat(),
             "extra": json.loads(canonical_json(dict(extra or {}))),
         }
         path = self.manifest_path(key)

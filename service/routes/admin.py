@@ -27,9 +27,9 @@ async def requantize(req: RequantizeRequest, response: Response,
         raise field_error("precision", f"precision {clip_text(repr(req.precision), 80)} is not served; "
                           f"served: {svc.precisions}", req.precision)
     op_id = uuid.uuid4().hex
-    await svc.queue.set_operation(op_id, {"type": "requantize", "model": model, "precision": req.precision,
+    await svc.bus.set_operation(op_id, {"type": "requantize", "model": model, "precision": req.precision,
                                           "created_at": time.time()}, svc.settings.result_ttl_s)
-    await svc.queue.publish_control({"type": "requantize", "id": op_id, "model": model,
+    await svc.bus.publish_control({"type": "requantize", "id": op_id, "model": model,
                                      "precision": req.precision, "calibration": req.calibration})
     response.headers["Location"] = f"/admin/operations/{op_id}"
     return OperationCreated(id=op_id, status="published")
@@ -38,7 +38,7 @@ async def requantize(req: RequantizeRequest, response: Response,
 @router.get("/operations/{op_id}", response_model=Operation,
             responses=errors(404, 422, e404="no admin token configured, or unknown operation"))
 async def operation(op_id: str, svc: Svc) -> Operation:
-    op = await svc.queue.get_operation(op_id)
+    op = await svc.bus.get_operation(op_id)
     if op is None:
         raise HTTPException(404, detail=f"operation {op_id} not found")
     workers = {k.removeprefix("worker:"): v for k, v in op.items() if k.startswith("worker:")}
@@ -52,7 +52,7 @@ async def models(svc: Svc) -> list[dict]:
     compiling|ready|failed, with stage, progress and ETA), and once built its version, calibration hash, backend;
     `worker_state` is the worker's own."""
     rows = []
-    for w in await svc.queue.workers():
+    for w in await svc.bus.workers():
         for m in w.get("models", []):
             rows.append({"worker": w["id"], "worker_state": w["state"], **m})
     return rows
@@ -60,4 +60,4 @@ async def models(svc: Svc) -> list[dict]:
 
 @router.get("/workers")
 async def workers(svc: Svc) -> list[dict]:
-    return await svc.queue.workers()
+    return await svc.bus.workers()

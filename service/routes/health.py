@@ -30,7 +30,7 @@ async def variant_states(svc: Services) -> dict[str, dict]:
         rows = svc.worker.provider.describe()
     else:
         try:
-            rows = [m for w in await svc.queue.workers() for m in w.get("models", [])]
+            rows = [m for w in await svc.bus.workers() for m in w.get("models", [])]
         except QueueUnavailable:
             rows = []
     states: dict[str, dict] = {f"{m}/{p}": {"state": "unknown"} for m in svc.models for p in svc.precisions}
@@ -48,7 +48,7 @@ async def readyz(svc: Svc) -> JSONResponse:
 
     `models` shows every variant's state, so a precision still calibrating or compiling is visible here.
     """
-    checks = {"queue": await svc.queue.ping(), "accepting": svc.accepting}
+    checks = {"queue": await svc.backend.ping(), "accepting": svc.accepting}
     if svc.worker is not None:
         checks["worker"] = svc.worker.ready
     body = {"status": "ready" if all(checks.values()) else "not ready", "checks": checks,
@@ -76,8 +76,8 @@ async def metrics(svc: Svc) -> Response:
         for model in svc.models:
             for precision in svc.precisions:
                 stream = stream_name(model, precision)
-                m.queue_depth.labels(stream).set(await svc.queue.depth(stream))
-        m.workers_ready.set(sum(1 for w in await svc.queue.workers() if w.get("ready")))
+                m.queue_depth.labels(stream).set(await svc.store.depth(stream))
+        m.workers_ready.set(sum(1 for w in await svc.bus.workers() if w.get("ready")))
     except QueueUnavailable:
         pass  # the gauges keep their last values; the counters are still worth scraping
     return Response(m.render(), media_type=CONTENT_TYPE_LATEST)

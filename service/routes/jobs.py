@@ -103,14 +103,14 @@ def _check_text(req: JobRequest, model: str, svc: Services) -> None:
 
 
 async def to_status(job: JobRecord, svc: Services) -> JobStatus:
-    position = await svc.queue.position(job) if job.status == "queued" else None
+    position = await svc.store.position(job) if job.status == "queued" else None
     return job_status(job, position)
 
 
 async def submit(req: JobRequest, svc: Services, idempotency_key: str | None,
                  admin: bool = False) -> tuple[JobRecord, bool]:
     job = build_job(req, svc, admin)
-    job, created = await svc.queue.submit(job, idempotency_key, svc.settings.max_queue, svc.settings.result_ttl_s)
+    job, created = await svc.store.submit(job, idempotency_key, svc.settings.max_queue, svc.settings.result_ttl_s)
     if created:
         svc.metrics.jobs_submitted.inc()
     return job, created
@@ -122,11 +122,11 @@ def _label_header(job: JobRecord, k: int) -> dict[str, str]:
 
 
 async def created_body(job: JobRecord, svc: Services) -> JobCreated:
-    return JobCreated(id=job.id, status=job.status, queue_position=await svc.queue.position(job))
+    return JobCreated(id=job.id, status=job.status, queue_position=await svc.store.position(job))
 
 
 async def get_job(job_id: str, svc: Services) -> JobRecord:
-    job = await svc.queue.get(job_id)
+    job = await svc.store.get(job_id)
     if job is None:
         raise HTTPException(404, detail=f"job {job_id} not found (unknown, or expired after the result TTL)")
     return job
@@ -165,7 +165,7 @@ async def job_events(job_id: str, svc: Svc, last_event_id: Annotated[str | None,
     """Follow a job live (Server-Sent Events) until it succeeds, fails or is cancelled."""
     job = await get_job(job_id, svc)
     after = events.valid_event_id(last_event_id)
-    first = await svc.queue.read_events(job_id, after, 0)
+    first = await svc.store.read_events(job_id, after, 0)
     if not first and job.terminal:
         return Response(status_code=204)  # nothing left to tell: EventSource clients stop reconnecting on 204
     headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no", "X-Job-Id": job_id}
@@ -186,11 +186,11 @@ async def _event_stream(svc: Services, job_id: str, first: list[events.JobEvent]
             if event.terminal:
                 return
         try:
-            batch = await svc.queue.read_events(job_id, after, events.BLOCK_SLICE_MS)
+            batch = await svc.store.read_events(job_id, after, events.BLOCK_SLICE_MS)
         except QueueUnavailable:
             return  # the client reconnects with its Last-Event-ID once Redis is back
         if not batch:
-            if await svc.queue.get(job_id) is None:
+            if await svc.store.get(job_id) is None:
                 return  # expired
             yield events.SSE_KEEPALIVE
 
@@ -204,7 +204,7 @@ async def read_image(job_id: str, k: Annotated[int, Path(ge=0)], svc: Svc) -> Re
         raise HTTPException(409, detail=f"job {job_id} is {job.status}; images exist once it succeeded")
     if k >= job.n:
         raise HTTPException(404, detail=f"image {k} out of range: the job has images 0..{job.n - 1}")
-    png = await svc.queue.fetch_image(job_id, k)
+    png = await svc.store.fetch_image(job_id, k)
     if png is None:
         raise HTTPException(404, detail=f"image {k} of job {job_id} expired")
     return Response(png, media_type="image/png",
@@ -215,7 +215,7 @@ async def read_image(job_id: str, k: Annotated[int, Path(ge=0)], svc: Svc) -> Re
                responses={**_JOB_ERRORS, **errors(409, e409="the job already finished")})
 async def cancel_job(job_id: str, svc: Svc) -> JobStatus:
     """Queued: removed from the queue. Running: stops at the worker's next denoising step."""
-    job = await svc.queue.cancel(job_id, svc.settings.result_ttl_s)
+    job = await svc.store.cancel(job_id, svc.settings.result_ttl_s)
     if job is None:
         raise HTTPException(404, detail=f"job {job_id} not found (unknown, or expired after the result TTL)")
     if job.status != "cancelled":
@@ -238,7 +238,7 @@ async def generate(req: GenerateRequest, request: Request, svc: Svc, admin: IsAd
     """
     job, _ = await submit(req, svc, idempotency_key, admin)
     timeout = min(req.timeout_s or svc.settings.generate_timeout_s, svc.settings.generate_timeout_s)
-    final = await svc.queue.wait(job.id, timeout) or job
+    final = await svc.store.wait(job.id, timeout) or job
     location = {"Location": f"/v1/jobs/{job.id}"}
     if not final.terminal:
         body = await created_body(final, svc)
@@ -248,7 +248,7 @@ async def generate(req: GenerateRequest, request: Request, svc: Svc, admin: IsAd
                             headers=location)
     if final.status == "cancelled":
         return JSONResponse({"detail": "job was cancelled", "id": final.id}, status_code=409, headers=location)
-    pngs = [await svc.queue.fetch_image(final.id, k) for k in range(final.n)]
+    pngs = [await svc.store.fetch_image(final.id, k) for k in range(final.n)]
     if any(p is None for p in pngs):
         raise HTTPException(404, detail=f"images of job {final.id} expired")
     if final.n == 1 and "image/png" in request.headers.get("accept", ""):

@@ -67,7 +67,7 @@ async def images_generations(req: ImageGenerationRequest, request: Request, svc:
     check_model_fields(req, svc)
     job, _ = await submit(job_request(req, svc), svc, idempotency_key, admin)
     location = {"Location": f"/v1/jobs/{job.id}", "X-Job-Id": job.id}
-    final = await svc.queue.wait(job.id, svc.settings.generate_timeout_s) or job
+    final = await svc.store.wait(job.id, svc.settings.generate_timeout_s) or job
     if not final.terminal:
         raise HTTPException(504, detail=f"job {job.id} still {final.status} after {svc.settings.generate_timeout_s} "
                             f"s; it keeps running: poll GET /v1/jobs/{job.id}", headers={**location, **_NO_RETRY})
@@ -79,7 +79,7 @@ async def images_generations(req: ImageGenerationRequest, request: Request, svc:
         base = str(request.base_url).rstrip("/")
         data = [ImageData(url=f"{base}/v1/jobs/{job.id}/images/{k}") for k in range(final.n)]
     else:
-        pngs = [await svc.queue.fetch_image(job.id, k) for k in range(final.n)]
+        pngs = [await svc.store.fetch_image(job.id, k) for k in range(final.n)]
         if any(png is None for png in pngs):
             raise HTTPException(500, detail=f"images of job {job.id} expired before they were read",
                                 headers={**location, **_NO_RETRY})
