@@ -23,8 +23,10 @@ from quantizer.diffusion.kinds import (
     CLASS_CONDITIONAL,
     UNCONDITIONAL,
     ModelKind,
+    class_names_index,
     default_class_label,
     kind_of,
+    read_class_names,
     read_kind,
 )
 from quantizer.diffusion.models import DiffusionModel, load_model
@@ -92,6 +94,21 @@ def test_unsupported_models_say_what_they_are(tmp_path, config, index, message):
         load_model(folder)
     with pytest.raises(ValueError, match=message):
         read_kind(folder)
+
+
+def test_class_names_come_from_id2label_where_they_fit(tmp_path):
+    """model_index.json's id2label (DiTPipeline's place for them); a map that does not name exactly the model's
+    classes is ignored, since names are only a convenience."""
+    config = {"_class_name": "UNet2DModel", "num_class_embeds": 3}
+    good = _folder(tmp_path / "good", config, class_names_index(["cat", "dog", "fox"]))
+    assert read_kind(good) == ModelKind(CLASS_CONDITIONAL, 3)  # the index changes nothing else
+    assert read_class_names(good, 3) == ("cat", "dog", "fox")
+    assert read_class_names(good, 2) is None and read_class_names(good, None) is None
+    assert read_class_names(_folder(tmp_path / "none", config), 3) is None
+    for k, id2label in enumerate(({"0": "a", "1": "b"}, {"0": "a", "1": "b", "2": 3}, {"0": "a", "1": "", "2": "c"},
+                                  {"1": "a", "2": "b", "3": "c"}, ["a", "b", "c"])):
+        folder = _folder(tmp_path / f"bad{k}", config, {"id2label": id2label})
+        assert read_class_names(folder, 3) is None, id2label
 
 
 def test_image_k_depends_only_on_its_seed_and_label(cc_model):
