@@ -25,7 +25,7 @@ from service.model_kinds import served_model_kinds
 from service.openapi import document_live_limits
 from service.playground import mount_playground
 from service.queue import IdempotencyConflict, QueueBackend, QueueFull, QueueUnavailable, make_backend
-from service.routes import admin, health, jobs, openai_images
+from service.routes import admin, health, jobs, models, openai_images
 from service.settings import ServiceSettings, served_precisions
 
 if TYPE_CHECKING:
@@ -86,6 +86,7 @@ def create_app(settings: ServiceSettings | None = None, backend: QueueBackend | 
                   description="Post-training-quantized diffusion models as a service. Async jobs under /v1.")
     app.state.services = services
     app.include_router(jobs.router)
+    app.include_router(models.router)
     app.include_router(openai_images.router)
     app.include_router(admin.router)
     app.include_router(health.router)

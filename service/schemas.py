@@ -167,6 +167,26 @@ class GeneratedImages(BaseModel):
     images_png_base64: list[str]
 
 
+class ServedModel(BaseModel):
+    """A served model and the request fields it takes, read from its configs by the API (no model loaded), so a
+    client (the playground) can offer a class or a prompt only where the model takes one."""
+
+    model_config = ConfigDict(protected_namespaces=())
+
+    name: str = Field(description="the `model` of a job request")
+    default: bool = Field(description="the model a request without `model` gets")
+    kind: Literal["unconditional", "class-conditional", "latent", "text-to-image"] | None = Field(
+        description="class-conditional: takes `class_labels`; text-to-image: takes (and needs) `prompt`, "
+        "`negative_prompt`, `guidance_scale`; null: not readable by this API process (a hub id, or a path only "
+        "the workers see), so only the workers check those fields")
+    num_classes: int | None = Field(None, description="class-conditional: `class_labels` are 0..num_classes-1")
+    class_names: list[str] | None = Field(None, description="the name of each class, where the model's "
+                                          "model_index.json has an `id2label` map")
+    width: int | None = Field(None, description="of the images it makes; null where not readable here")
+    height: int | None = None
+    precisions: list[str] = Field(description="the precisions served (the same for every model)")
+
+
 class RequantizeRequest(BaseModel):
     model_config = STRICT_BODY
 

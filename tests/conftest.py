@@ -1,9 +1,13 @@
-"""Shared fixtures: a tiny random-weight UNet (fast) and the committed built-in model."""
+"""Shared fixtures: a tiny random-weight UNet (fast), the committed built-in model, and `serve` (the app with a real
+redis-server and, by default, an embedded worker) for the end-to-end serving tests."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
 from pathlib import Path
 
 import pytest
@@ -50,3 +54,38 @@ def builtin_model_dir() -> Path:
     if not (BUILTIN_MODEL_DIR / "unet" / "config.json").exists():
         pytest.fail(f"built-in model missing at {BUILTIN_MODEL_DIR}")
     return BUILTIN_MODEL_DIR
+
+
+Serve = Callable[..., AbstractContextManager]
+
+
+@pytest.fixture
+def serve(request: pytest.FixtureRequest, tmp_path: Path) -> Serve:
+    """`with serve({"name": model_dir}) as client:` the app on the session's redis-server (the module loads the
+    service.testing plugin), its TestClient once every variant is ready: fp32 and w8a8 on OpenVINO, calibrated
+    small (serving_helpers.CALIBRATION), 3 steps by default. `worker=False`: API-only (fp32, nothing loaded);
+    keyword arguments override any setting."""
+    from fastapi.testclient import TestClient
+    from serving_helpers import CALIBRATION
+    from test_service_api import wait_ready
+
+    from service.api import create_app
+    from service.settings import ServiceSettings
+
+    redis, prefix = request.getfixturevalue("redis_server"), request.getfixturevalue("redis_prefix")
+
+    @contextlib.contextmanager
+    def served(models: dict[str, Path], worker: bool = True, **overrides: object) -> Iterator[TestClient]:
+        settings: dict = {"redis_url": redis.url, "redis_prefix": prefix, "embedded_worker": worker,
+                          "models": [f"{name}={path}" for name, path in models.items()], "precisions": ["fp32"]}
+        if worker:
+            settings |= {"precisions": ["fp32", "w8a8"], "backend": "openvino",
+                         "calibration": {**CALIBRATION, "preset": "ptq4dm"},
+                         "calibration_cache_dir": str(tmp_path / "cache"), "default_steps": 3, "block_ms": 100,
+                         "max_wait_ms": 20, "heartbeat_ms": 200, "generate_timeout_s": 30}
+        with TestClient(create_app(ServiceSettings(**(settings | overrides)))) as client:
+            if worker:
+                wait_ready(client)
+            yield client
+
+    return served

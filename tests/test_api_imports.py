@@ -41,6 +41,10 @@ def test_the_api_process_never_imports_the_ml_stack(redis_server, redis_prefix, 
     # Queued without any model loaded; precision and model are validated from the settings alone.
     assert api["codes"] == [202, 422, 422] and api["ready"] == 200
     assert api["playground"] == [200, 200]  # the browser playground is static files: no ML stack either
+    # what the playground reads to offer a class or a prompt: from the configs, and null where none is readable
+    assert [(m["name"], m["kind"], m["num_classes"], m["default"]) for m in api["models"]] == [
+        ("tiny", None, None, True), ("cond", "class-conditional", 10, False)]
+    assert api["models"][1]["class_names"][3] == "Dress"  # the built-in class-conditional model names its classes
     worker = _run(WORKER)
     with capsys.disabled():
         print(f"\nmax RSS: API process (import service.api, build the app, 3 requests) {api['rss_kib'] / 1024:.0f} "
@@ -58,21 +62,24 @@ def test_the_library_reads_its_constants_from_the_torch_free_module():
     assert constants.SERVING_PRESET is SERVING_PRESET and SERVING_PRESET in PRESETS
     assert constants.PRECISION_PRESETS is PRECISION_PRESETS
 
-# Builds the API-only app, submits one valid and two invalid requests, loads the playground, then reports what got
-# imported and its RSS.
+# Builds the API-only app, submits one valid and two invalid requests, loads the playground and what it reads of the
+# models, then reports what got imported and its RSS.
 API_ONLY = """
 import json, sys
 from fastapi.testclient import TestClient
 from service.api import create_app
 from service.settings import ServiceSettings
 settings = ServiceSettings(redis_url=sys.argv[1], redis_prefix=sys.argv[2], embedded_worker=False,
-                           models=["tiny=/nowhere/tiny"], precisions=["fp32", "w8a8"])
+                           models=["tiny=/nowhere/tiny", "cond=models/fashion-mnist-ddpm-cond"],
+                           precisions=["fp32", "w8a8"])
 with TestClient(create_app(settings)) as client:
     codes = [client.post("/v1/jobs", json=body).status_code
              for body in ({"seed": 1}, {"precision": "w3a3"}, {"model": "other"})]
     ready = client.get("/readyz").status_code
     playground = [client.get(path).status_code for path in ("/", "/playground/app.js")]
-print(json.dumps({"codes": codes, "ready": ready, "playground": playground, "rss_kib": peak_rss_kib(),
+    models = client.get("/v1/models").json()
+print(json.dumps({"codes": codes, "ready": ready, "playground": playground, "models": models,
+                  "rss_kib": peak_rss_kib(),
                   "loaded": [m for m in sys.argv[3:] if m in sys.modules]}))
 """
 

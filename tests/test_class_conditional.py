@@ -7,65 +7,48 @@ A tiny random class-conditional UNet (8x8, 4 classes) saved in the diffusers lay
 from __future__ import annotations
 
 import base64
-import io
 import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from diffusers import DDPMScheduler, UNet2DModel
-from fastapi.testclient import TestClient
-from PIL import Image
+from diffusers import UNet2DModel
+from serving_helpers import CALIBRATION, CC_UNET_CONFIG, CLASSES, decode_png, generate_png, save_class_conditional
 from test_openvino import OPENVINO_VS_FAKE_BOUND
 from test_quantize import rel_error
-from test_service_api import wait_ready
 
 from quantizer.diffusion.images import to_uint8
 from quantizer.diffusion.kinds import (
     CLASS_CONDITIONAL,
     UNCONDITIONAL,
     ModelKind,
+    class_names_index,
     default_class_label,
     kind_of,
+    read_class_names,
     read_kind,
 )
 from quantizer.diffusion.models import DiffusionModel, load_model
 from quantizer.diffusion.sampling import sample
 from quantizer.engine import Engine
-from quantizer.evaluation.train import DEFAULT_SCHEDULER_CONFIG
 from quantizer.execution.executor import build_executor, float_weights_of
 from quantizer.execution.int8_x86 import int8_supported, lower_int8_x86
 from quantizer.execution.openvino import openvino_unavailable
 from quantizer.ptq.calibration import build_calibration_set
 from quantizer.ptq.config import CalibrationConfig
 from quantizer.ptq.pipeline import build_config, cache_key, cache_key_parts, quantize_model
-from service.api import create_app
 from service.batching import pack_passes
 from service.cli import main as ptq4dm
 from service.jobs import JobRecord
-from service.settings import ServiceSettings
 
 pytest_plugins = ["service.testing"]
 needs_openvino = pytest.mark.skipif(openvino_unavailable() is not None, reason=str(openvino_unavailable()))
 
-CLASSES = 4
-CC_UNET_CONFIG = {
-    "sample_size": 8, "in_channels": 1, "out_channels": 1, "block_out_channels": (8, 16), "layers_per_block": 1,
-    "down_block_types": ("DownBlock2D", "AttnDownBlock2D"), "up_block_types": ("AttnUpBlock2D", "UpBlock2D"),
-    "norm_num_groups": 4, "attention_head_dim": 8, "num_class_embeds": CLASSES,
-}
-# Small enough to calibrate the tiny UNet in about a second (as tests/test_service_quantized.py).
-CALIBRATION = {"n_samples": 8, "steps": 4, "batch_size": 8, "n_candidates": 10, "act_samples": 4096}
-
 
 @pytest.fixture(scope="module")
 def cc_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    torch.manual_seed(1)
-    path = tmp_path_factory.mktemp("class-cond")
-    UNet2DModel(**CC_UNET_CONFIG).save_pretrained(path / "unet")
-    DDPMScheduler(**DEFAULT_SCHEDULER_CONFIG).save_config(path / "scheduler")
-    return path
+    return save_class_conditional(tmp_path_factory.mktemp("class-cond"))
 
 
 @pytest.fixture(scope="module")
@@ -111,6 +94,21 @@ def test_unsupported_models_say_what_they_are(tmp_path, config, index, message):
         load_model(folder)
     with pytest.raises(ValueError, match=message):
         read_kind(folder)
+
+
+def test_class_names_come_from_id2label_where_they_fit(tmp_path):
+    """model_index.json's id2label (DiTPipeline's place for them); a map that does not name exactly the model's
+    classes is ignored, since names are only a convenience."""
+    config = {"_class_name": "UNet2DModel", "num_class_embeds": 3}
+    good = _folder(tmp_path / "good", config, class_names_index(["cat", "dog", "fox"]))
+    assert read_kind(good) == ModelKind(CLASS_CONDITIONAL, 3)  # the index changes nothing else
+    assert read_class_names(good, 3) == ("cat", "dog", "fox")
+    assert read_class_names(good, 2) is None and read_class_names(good, None) is None
+    assert read_class_names(_folder(tmp_path / "none", config), 3) is None
+    for k, id2label in enumerate(({"0": "a", "1": "b"}, {"0": "a", "1": "b", "2": 3}, {"0": "a", "1": "", "2": "c"},
+                                  {"1": "a", "2": "b", "3": "c"}, ["a", "b", "c"])):
+        folder = _folder(tmp_path / f"bad{k}", config, {"id2label": id2label})
+        assert read_class_names(folder, 3) is None, id2label
 
 
 def test_image_k_depends_only_on_its_seed_and_label(cc_model):
@@ -222,17 +220,16 @@ def test_the_int8_x86_graph_takes_the_labels_with_ptq4dms_qparams(cc_model, tmp_
         executor(x, t)  # checked before anything compiles
 
 
-def _decode(png: bytes) -> np.ndarray:
-    image = Image.open(io.BytesIO(png))
-    assert image.format == "PNG"
-    return np.asarray(image)
-
-
-def test_api_validates_class_labels_against_each_model(cc_dir, tiny_model_dir, redis_server, redis_prefix):
-    """API-only (no worker): the kinds come from the models' configs, so bad labels are 422 at submission."""
-    settings = ServiceSettings(redis_url=redis_server.url, redis_prefix=redis_prefix, embedded_worker=False,
-                               models=[f"cc={cc_dir}", f"plain={tiny_model_dir}"], precisions=["fp32"])
-    with TestClient(create_app(settings)) as client:
+def test_api_validates_class_labels_against_each_model(cc_dir, tiny_model_dir, serve, tmp_path):
+    """API-only (no worker): the kinds come from the models' configs, so bad labels are 422 at submission, and
+    GET /v1/models says which model takes them."""
+    named = save_class_conditional(tmp_path / "named", class_names=["cat", "dog", "fox", "owl"])
+    with serve({"cc": cc_dir, "plain": tiny_model_dir, "named": named}, worker=False) as client:
+        described = {m["name"]: m for m in client.get("/v1/models").json()}
+        assert {k: (m["kind"], m["num_classes"], m["class_names"], m["default"]) for k, m in described.items()} == {
+            "cc": ("class-conditional", CLASSES, None, True), "plain": ("unconditional", None, None, False),
+            "named": ("class-conditional", CLASSES, ["cat", "dog", "fox", "owl"], False)}
+        assert (described["cc"]["width"], described["plain"]["height"]) == (8, 16)
         bad = [({"model": "cc", "class_labels": CLASSES}, "0..3"),
                ({"model": "cc", "n": 2, "class_labels": [1]}, "one label per image (2)"),
                ({"model": "cc", "class_labels": [-1]}, "greater than or equal to 0"),
@@ -250,18 +247,10 @@ def test_api_validates_class_labels_against_each_model(cc_dir, tiny_model_dir, r
 
 
 @needs_openvino
-def test_served_end_to_end_with_a_real_worker(cc_dir, cc_model, redis_server, redis_prefix, tmp_path):
-    settings = ServiceSettings(
-        redis_url=redis_server.url, redis_prefix=redis_prefix, embedded_worker=True, models=[f"cc={cc_dir}"],
-        precisions=["fp32", "w8a8"], backend="openvino", calibration={**CALIBRATION, "preset": "ptq4dm"},
-        calibration_cache_dir=str(tmp_path / "cache"), default_steps=3, block_ms=100, max_wait_ms=20,
-        heartbeat_ms=200, generate_timeout_s=30)
-    with TestClient(create_app(settings)) as client:
-        wait_ready(client)
-        png = client.post("/v1/generate", json={"seed": 6, "class_labels": [3]}, headers={"Accept": "image/png"})
-        assert png.status_code == 200 and png.headers["content-type"] == "image/png", png.text
+def test_served_end_to_end_with_a_real_worker(cc_dir, cc_model, serve):
+    with serve({"cc": cc_dir}) as client:
+        png, image = generate_png(client, {"seed": 6, "class_labels": [3]})
         assert png.headers["x-class-label"] == "3"
-        image = _decode(png.content)
         assert image.shape == (8, 8) and image.dtype == np.uint8
         expected = to_uint8(sample(cc_model.unet, cc_model.scheduler_config, [6], steps=3, class_labels=[3]))
         assert np.abs(image.astype(int) - expected[0, ..., 0].astype(int)).max() <= 1
@@ -274,7 +263,7 @@ def test_served_end_to_end_with_a_real_worker(cc_dir, cc_model, redis_server, re
              for c in (1, 2)]
         assert all(r["status"] == "succeeded" for r in q), q
         assert q[0]["images_png_base64"] != q[1]["images_png_base64"]
-        assert _decode(base64.b64decode(q[0]["images_png_base64"][0])).shape == (8, 8)
+        assert decode_png(base64.b64decode(q[0]["images_png_base64"][0])).shape == (8, 8)
         out_of_range = client.post("/v1/generate", json={"class_labels": [CLASSES]})
         assert out_of_range.status_code == 422 and out_of_range.json()["detail"][0]["loc"] == ["body", "class_labels"]
 

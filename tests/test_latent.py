@@ -9,7 +9,6 @@ a 4x4x4 latent UNet with an AutoencoderKL that upsamples 2x (8x8 RGB).
 from __future__ import annotations
 
 import base64
-import io
 import json
 from pathlib import Path
 
@@ -17,11 +16,9 @@ import numpy as np
 import pytest
 import torch
 from diffusers import AutoencoderKL, DDIMScheduler, LDMPipeline, UNet2DModel, VQModel
-from fastapi.testclient import TestClient
-from PIL import Image
+from serving_helpers import CALIBRATION, decode_png, generate_png
 from test_openvino import OPENVINO_VS_FAKE_BOUND
 from test_quantize import rel_error
-from test_service_api import wait_ready
 
 from quantizer.diffusion.images import to_uint8
 from quantizer.diffusion.kinds import LATENT, ModelKind, image_size, read_kind
@@ -36,9 +33,7 @@ from quantizer.ptq.cache import hash_state_dict
 from quantizer.ptq.calibration import build_calibration_set
 from quantizer.ptq.config import CalibrationConfig
 from quantizer.ptq.pipeline import quantize_model
-from service.api import create_app
 from service.model_info import model_info
-from service.settings import ServiceSettings
 
 pytest_plugins = ["service.testing"]
 needs_openvino = pytest.mark.skipif(openvino_unavailable() is not None, reason=str(openvino_unavailable()))
@@ -48,10 +43,6 @@ def latent_unet(channels: int) -> UNet2DModel:
     return UNet2DModel(sample_size=4, in_channels=channels, out_channels=channels, block_out_channels=(8, 16),
                        layers_per_block=1, down_block_types=("DownBlock2D", "AttnDownBlock2D"),
                        up_block_types=("AttnUpBlock2D", "UpBlock2D"), norm_num_groups=4, attention_head_dim=8)
-
-
-# Small enough to calibrate the tiny UNet in about a second (as tests/test_class_conditional.py).
-CALIBRATION = {"n_samples": 8, "steps": 4, "batch_size": 8, "n_candidates": 10, "act_samples": 4096}
 
 
 @pytest.fixture(scope="module")
@@ -177,16 +168,11 @@ def test_w8a8_on_openvino_matches_the_simulation(vq_model, tmp_path):
                                atol=1e-4, rtol=0)
 
 
-def _decode(png: bytes) -> np.ndarray:
-    image = Image.open(io.BytesIO(png))
-    assert image.format == "PNG"
-    return np.asarray(image)
-
-
-def test_api_knows_the_kind_and_size_without_a_worker(vq_dir, redis_server, redis_prefix):
-    settings = ServiceSettings(redis_url=redis_server.url, redis_prefix=redis_prefix, embedded_worker=False,
-                               models=[f"ldm={vq_dir}"], precisions=["fp32"])
-    with TestClient(create_app(settings)) as client:
+def test_api_knows_the_kind_and_size_without_a_worker(vq_dir, serve):
+    with serve({"ldm": vq_dir}, worker=False) as client:
+        (described,) = client.get("/v1/models").json()
+        assert (described["kind"], described["num_classes"], described["width"], described["height"]) == (
+            "latent", None, 16, 16)
         r = client.post("/v1/jobs", json={"class_labels": 0})
         assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", "class_labels"], r.text
         assert "latent" in r.json()["detail"][0]["msg"]
@@ -196,20 +182,12 @@ def test_api_knows_the_kind_and_size_without_a_worker(vq_dir, redis_server, redi
 
 
 @needs_openvino
-def test_served_end_to_end_with_a_real_worker(vq_dir, vq_model, redis_server, redis_prefix, tmp_path):
-    settings = ServiceSettings(
-        redis_url=redis_server.url, redis_prefix=redis_prefix, embedded_worker=True, models=[f"ldm={vq_dir}"],
-        precisions=["fp32", "w8a8"], backend="openvino", calibration={**CALIBRATION, "preset": "ptq4dm"},
-        calibration_cache_dir=str(tmp_path / "cache"), default_steps=3, block_ms=100, max_wait_ms=20,
-        heartbeat_ms=200, generate_timeout_s=30)
-    with TestClient(create_app(settings)) as client:
-        wait_ready(client)
-        png = client.post("/v1/generate", json={"seed": 6}, headers={"Accept": "image/png"})
-        assert png.status_code == 200 and png.headers["content-type"] == "image/png", png.text
-        image = _decode(png.content)
+def test_served_end_to_end_with_a_real_worker(vq_dir, vq_model, serve):
+    with serve({"ldm": vq_dir}) as client:
+        _, image = generate_png(client, {"seed": 6})
         assert image.shape == (16, 16, 3) and image.dtype == np.uint8  # the decoded size, not the latent one
         expected = to_uint8(sample(vq_model.unet, vq_model.scheduler_config, [6], steps=3, decoder=vq_model.decoder))
         assert np.abs(image.astype(int) - expected[0].astype(int)).max() <= 1
         q = client.post("/v1/generate", json={"seed": 6, "n": 2, "precision": "w8a8"}).json()
         assert q["status"] == "succeeded", q
-        assert [_decode(base64.b64decode(p)).shape for p in q["images_png_base64"]] == [(16, 16, 3)] * 2
+        assert [decode_png(base64.b64decode(p)).shape for p in q["images_png_base64"]] == [(16, 16, 3)] * 2

@@ -1,8 +1,10 @@
 """The browser playground at `/`, in a real headless Chromium (Selenium) against a real `ptq4dm serve`.
 
-The server runs the tiny UNet at fp32 and fake-quant w8a8 with its embedded worker. With PTQ4DM_SCREENSHOT set
-(the README's picture: `PTQ4DM_SCREENSHOT=docs/playground.png pytest tests/test_playground.py`) it serves the
-built-in model instead, and the comparison's screenshot is also written to that path.
+The server runs the tiny UNet at fp32 and fake-quant w8a8 with its embedded worker, beside the built-in
+(unconditional) model and tiny random class-conditional and text-to-image models (tests/serving_helpers.py), whose
+form fields the page shows only for them. With PTQ4DM_SCREENSHOT set (the README's picture:
+`PTQ4DM_SCREENSHOT=docs/playground.png pytest tests/test_playground.py`) it serves the built-in model alone instead,
+and the comparison's screenshot is also written to that path.
 """
 
 from __future__ import annotations
@@ -22,11 +24,14 @@ import httpx
 import numpy as np
 import pytest
 from PIL import Image
+from serving_helpers import CALIBRATION, CLASSES, save_class_conditional, save_text_to_image
+
+from quantizer.constants import BUILTIN_MODEL_NAME
+from quantizer.diffusion.kinds import default_class_label
 
 pytest_plugins = ["service.testing"]
-# Small enough to calibrate the tiny UNet in about a second (as tests/test_service_quantized.py does).
-CALIBRATION = {"n_samples": 8, "steps": 4, "batch_size": 8, "n_candidates": 10, "act_samples": 4096}
 SCREENSHOT = os.environ.get("PTQ4DM_SCREENSHOT")
+CLASS_NAMES = ("cat", "dog", "fox", "owl")[:CLASSES]  # the class-conditional model's model_index.json id2label
 
 
 def _browser_paths() -> tuple[str, str]:
@@ -94,10 +99,13 @@ def server(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> It
     flags = {"port": port, "calibration-cache-dir": tmp / "calibration", "torch-threads": 1,
              "progress-interval-ms": 0, "max-n": 4}
     if SCREENSHOT:
-        model = {"name": "fashion-mnist-ddpm", "size": 32, "steps": 50, "n": 4}
+        model = {"name": BUILTIN_MODEL_NAME, "size": 32, "steps": 50, "n": 4}
     else:
         model = {"name": "tiny", "size": 16, "steps": 12, "n": 3}
-        flags |= {"models": f"tiny={tiny_model_dir}", "precisions": "fp32,w8a8", "backend": "fake",
+        cc = save_class_conditional(tmp / "cc", class_names=CLASS_NAMES)
+        sd = save_text_to_image(tmp / "sd")
+        models = f"tiny={tiny_model_dir},cc={cc},sd={sd},{BUILTIN_MODEL_NAME}"  # the first one is the default
+        flags |= {"models": models, "precisions": "fp32,w8a8", "backend": "fake",
                   "calibration": json.dumps(CALIBRATION)}
     log_path = tmp / "serve.log"
     with log_path.open("w") as log:
@@ -105,7 +113,7 @@ def server(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> It
         proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     url = f"http://127.0.0.1:{port}"
     try:
-        _wait_ready(url, proc, 240 if SCREENSHOT else 90)
+        _wait_ready(url, proc, 240)
         yield {"url": url, **model}
     except AssertionError:
         print(log_path.read_text()[-4000:])
@@ -242,3 +250,132 @@ def test_side_by_side_fp32_and_quantized_with_per_image_psnr(browser, server, tm
     if SCREENSHOT:
         Path(SCREENSHOT).parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(shot, SCREENSHOT)
+
+
+# -- conditioning: a class or a prompt, where the model takes one ------------------------------------------------------
+
+CONDITIONING = ("class_labels", "prompt", "negative_prompt", "guidance_scale")
+
+
+def _shown(driver) -> set[str]:  # noqa: ANN001
+    """Which conditioning inputs the page shows now (their field is not hidden)."""
+    from selenium.webdriver.common.by import By
+
+    return {name for name in CONDITIONING if driver.find_element(By.ID, name).is_displayed()}
+
+
+def _choose_model(driver, name: str) -> None:  # noqa: ANN001
+    """Selects the model as a user does (the change event shows its fields)."""
+    _fill(driver, model=name)
+    _wait(driver, f"document.querySelector('#model').value === {json.dumps(name)}")
+
+
+def _recorded(server: dict, panel: dict) -> dict:
+    """The job as the API recorded it (GET /v1/jobs/{id}), from the id the panel shows."""
+    r = httpx.get(f"{server['url']}/v1/jobs/{panel['meta']['job']}", timeout=10)
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+needs_conditional_models = pytest.mark.skipif(bool(SCREENSHOT), reason="PTQ4DM_SCREENSHOT serves the built-in model "
+                                              "alone")
+
+
+@needs_conditional_models
+def test_the_conditioning_fields_follow_the_models_kind(browser, server):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select
+
+    _open(browser, server["url"])
+    for model in ("tiny", BUILTIN_MODEL_NAME):  # unconditional: no class, no prompt
+        _choose_model(browser, model)
+        assert _shown(browser) == set(), model
+    _choose_model(browser, "cc")
+    assert _shown(browser) == {"class_labels"}
+    options = [(o.get_attribute("value"), o.text) for o in Select(browser.find_element(By.ID, "class_labels")).options]
+    assert options == [("", "random (from each image's seed)")] + [(str(c), f"{c} · {name}")
+                                                                    for c, name in enumerate(CLASS_NAMES)]
+    _choose_model(browser, "sd")
+    assert _shown(browser) == {"prompt", "negative_prompt", "guidance_scale"}
+    _choose_model(browser, "tiny")
+    assert _shown(browser) == set()
+    assert _console_errors(browser) == []
+
+
+@needs_conditional_models
+def test_a_chosen_class_is_generated_and_recorded(browser, server):
+    from selenium.webdriver.common.by import By
+
+    _open(browser, server["url"])
+    _choose_model(browser, "cc")
+    _fill(browser, precision="fp32", sampler="ddim", steps=3, n=2, seed=5, class_labels=2)
+    browser.find_element(By.ID, "generate").click()
+    (panel,) = _panel_done(browser)
+
+    assert panel["state"].startswith("Succeeded"), panel
+    assert [img["width"] for img in panel["images"]] == [8, 8]  # decoded PNGs of the model's size
+    figures = browser.find_elements(By.CSS_SELECTOR, ".panel .grid figure")
+    assert all(f.find_element(By.TAG_NAME, "img").is_displayed() for f in figures)  # on screen
+    assert [f.get_attribute("data-class-label") for f in figures] == ["2", "2"]
+    assert [f.find_element(By.CLASS_NAME, "class-name").text for f in figures] == ["2 · fox"] * 2
+    assert panel["meta"]["classes"] == "2 · fox, 2 · fox"
+    job = _recorded(server, panel)
+    assert (job["model"], job["seeds"], job["class_labels"]) == ("cc", [5, 6], [2, 2])
+
+    # "random": the page sends no label, so the worker draws each image's from its seed (and the page shows it)
+    _fill(browser, class_labels="")
+    browser.find_element(By.ID, "generate").click()
+    (drawn,) = _panel_done(browser)
+    assert drawn["state"].startswith("Succeeded"), drawn
+    expected = [default_class_label(seed, CLASSES) for seed in (5, 6)]
+    assert _recorded(server, drawn)["class_labels"] == expected
+    assert drawn["meta"]["classes"] == ", ".join(f"{c} · {CLASS_NAMES[c]}" for c in expected)
+    assert _console_errors(browser) == []
+
+
+@needs_conditional_models
+def test_the_comparison_sends_the_same_class_to_both(browser, server):
+    from selenium.webdriver.common.by import By
+
+    _open(browser, server["url"])
+    _choose_model(browser, "cc")
+    _fill(browser, precision="w8a8", sampler="ddim", steps=3, n=2, seed=11, class_labels=3)
+    browser.find_element(By.ID, "compare").click()
+    _panel_done(browser)
+    _wait(browser, "document.querySelector('.compare .panel:last-child .summary').textContent")
+    fp, q = _panel_done(browser)
+    jobs = [_recorded(server, panel) for panel in (fp, q)]
+    assert [(j["precision"], j["seeds"], j["class_labels"]) for j in jobs] == [
+        ("fp32", [11, 12], [3, 3]), ("w8a8", [11, 12], [3, 3])]
+    for panel in (fp, q):
+        assert panel["state"].startswith("Succeeded") and [i["width"] for i in panel["images"]] == [8, 8], panel
+        assert panel["meta"]["classes"] == "3 · owl, 3 · owl"
+    assert _console_errors(browser) == []
+
+
+@needs_conditional_models
+def test_a_prompt_is_sent_to_both_sides_of_the_comparison(browser, server):
+    from selenium.webdriver.common.by import By
+
+    _open(browser, server["url"])
+    _choose_model(browser, "sd")
+    # no prompt: the API's 422 is shown next to the prompt field
+    _fill(browser, precision="fp32", steps=3, n=1, seed=2)
+    browser.find_element(By.ID, "generate").click()
+    _wait(browser, "!document.querySelector('#errors').hidden")
+    assert browser.find_element(By.ID, "prompt-error").text == "required for a text-to-image model"
+    assert browser.find_element(By.ID, "prompt").get_attribute("aria-invalid") == "true"
+
+    _fill(browser, precision="w8a8", prompt="a red fox", negative_prompt="blurry", guidance_scale=5)
+    browser.find_element(By.ID, "compare").click()
+    _panel_done(browser)
+    _wait(browser, "document.querySelector('.compare .panel:last-child .summary').textContent")
+    fp, q = _panel_done(browser)
+    jobs = [_recorded(server, panel) for panel in (fp, q)]
+    assert [(j["precision"], j["seeds"], j["prompt"], j["negative_prompt"], j["guidance_scale"], j["class_labels"])
+            for j in jobs] == [(p, [2], "a red fox", "blurry", 5.0, None) for p in ("fp32", "w8a8")]
+    for panel in (fp, q):
+        assert panel["state"].startswith("Succeeded") and [i["width"] for i in panel["images"]] == [8], panel
+        assert (panel["meta"]["prompt"], panel["meta"]["negative prompt"]) == ("a red fox", "blurry")
+    assert re.match(r"PSNR vs fp32, same seeds: ", q["summary"]), q["summary"]
+    assert [m for m in _console_errors(browser) if "status of 422" not in m] == []

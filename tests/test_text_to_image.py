@@ -3,28 +3,23 @@ configs, prompts through a CLIP text encoder, classifier-free guidance as one UN
 the built-in prompts with the same guidance, the int8 OpenVINO graph with encoder_hidden_states as an input, and the
 service (prompt fields validated in one place, PNGs of the decoded size).
 
-Everything is tiny, random and written here: a character-level CLIP vocabulary (no network), a 1-layer text encoder,
-a 4x4x4 latent UNet2DConditionModel and an AutoencoderKL that upsamples 2x (8x8 RGB images).
+Everything is tiny, random and written by tests/serving_helpers.py: a character-level CLIP vocabulary (no network),
+a 1-layer text encoder, a 4x4x4 latent UNet2DConditionModel and an AutoencoderKL that upsamples 2x (8x8 RGB images).
 """
 
 from __future__ import annotations
 
 import base64
-import io
-import json
-import string
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-from fastapi.testclient import TestClient
+from diffusers import StableDiffusionPipeline
 from PIL import Image
+from serving_helpers import CALIBRATION, CONTEXT, WIDTH, decode_png, generate_png, save_text_to_image
 from test_openvino import OPENVINO_VS_FAKE_BOUND
 from test_quantize import rel_error
-from test_service_api import wait_ready
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from quantizer.diffusion.images import to_uint8
 from quantizer.diffusion.kinds import TEXT_TO_IMAGE, ModelKind, image_size, read_kind
@@ -32,56 +27,22 @@ from quantizer.diffusion.models import load_model
 from quantizer.diffusion.prompts import DEFAULT_GUIDANCE_SCALE, builtin_prompts, check_text_inputs
 from quantizer.diffusion.sampling import sample
 from quantizer.engine import Engine
-from quantizer.evaluation.train import DEFAULT_SCHEDULER_CONFIG
 from quantizer.execution.executor import build_executor
 from quantizer.execution.openvino import openvino_unavailable
 from quantizer.ptq.calibration import build_calibration_set
 from quantizer.ptq.config import CalibrationConfig
 from quantizer.ptq.pipeline import quantize_model
-from service.api import create_app
 from service.model_info import model_info
-from service.settings import ServiceSettings
 
 pytest_plugins = ["service.testing"]
 needs_openvino = pytest.mark.skipif(openvino_unavailable() is not None, reason=str(openvino_unavailable()))
 
-CONTEXT, WIDTH = 16, 16  # tokens per prompt, embedding size
-CALIBRATION = {"n_samples": 8, "steps": 4, "batch_size": 8, "n_candidates": 10, "act_samples": 4096}
-
-
-def tiny_tokenizer(folder: Path) -> CLIPTokenizer:
-    """A CLIP BPE tokenizer over single characters (no merges): every lowercase word tokenizes, offline."""
-    folder.mkdir(parents=True, exist_ok=True)
-    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
-    for c in string.ascii_lowercase + string.digits + ",.!'-":
-        vocab[c] = len(vocab)
-        vocab[c + "</w>"] = len(vocab)
-    (folder / "vocab.json").write_text(json.dumps(vocab))
-    (folder / "merges.txt").write_text("#version: 0.2\n")
-    return CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=CONTEXT)
 
 
 @pytest.fixture(scope="module")
 def sd_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """StableDiffusionPipeline.save_pretrained itself writes the layout and model_index.json."""
-    torch.manual_seed(4)
-    path = tmp_path_factory.mktemp("sd")
-    tokenizer = tiny_tokenizer(path.parent / "vocab")
-    encoder = CLIPTextModel(CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=WIDTH, intermediate_size=32,
-                                           num_hidden_layers=1, num_attention_heads=2, max_position_embeddings=CONTEXT,
-                                           bos_token_id=0, eos_token_id=1, pad_token_id=1))
-    unet = UNet2DConditionModel(sample_size=4, in_channels=4, out_channels=4, block_out_channels=(8, 16),
-                                layers_per_block=1, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-                                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), norm_num_groups=4,
-                                cross_attention_dim=WIDTH, attention_head_dim=4)
-    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
-                        up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), latent_channels=4,
-                        norm_num_groups=4, sample_size=8)
-    scheduler = DDIMScheduler(**{**DEFAULT_SCHEDULER_CONFIG, "steps_offset": 1, "clip_sample": False})
-    StableDiffusionPipeline(vae=vae, text_encoder=encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
-                            safety_checker=None, feature_extractor=None,
-                            requires_safety_checker=False).save_pretrained(path)
-    return path
+    return save_text_to_image(tmp_path_factory.mktemp("sd"))
 
 
 @pytest.fixture(scope="module")
@@ -188,17 +149,12 @@ def test_w8a8_on_openvino_matches_the_simulation(sd_model, tmp_path):
                                                   text=text.select(slice(1, 2))), atol=1e-4, rtol=0)
 
 
-def _decode(png: bytes) -> np.ndarray:
-    image = Image.open(io.BytesIO(png))
-    assert image.format == "PNG"
-    return np.asarray(image)
-
-
-def test_api_validates_the_text_fields_against_each_model(sd_dir, tiny_model_dir, redis_server, redis_prefix):
-    """API-only (no worker): each 422 names its field, from the kinds read off the configs."""
-    settings = ServiceSettings(redis_url=redis_server.url, redis_prefix=redis_prefix, embedded_worker=False,
-                               models=[f"sd={sd_dir}", f"plain={tiny_model_dir}"], precisions=["fp32"])
-    with TestClient(create_app(settings)) as client:
+def test_api_validates_the_text_fields_against_each_model(sd_dir, tiny_model_dir, serve):
+    """API-only (no worker): each 422 names its field, from the kinds read off the configs, which GET /v1/models
+    reports."""
+    with serve({"sd": sd_dir, "plain": tiny_model_dir}, worker=False) as client:
+        described = {m["name"]: (m["kind"], m["width"], m["height"]) for m in client.get("/v1/models").json()}
+        assert described == {"sd": ("text-to-image", 8, 8), "plain": ("unconditional", 16, 16)}
         bad = [({"model": "sd"}, "prompt", "required"),
                ({"model": "sd", "prompt": "x" * 501}, "prompt", "at most 500"),
                ({"model": "sd", "prompt": "a", "guidance_scale": 50.0}, "guidance_scale", "[1, 30]"),
@@ -218,18 +174,10 @@ def test_api_validates_the_text_fields_against_each_model(sd_dir, tiny_model_dir
 
 
 @needs_openvino
-def test_served_end_to_end_with_a_real_worker(sd_dir, sd_model, redis_server, redis_prefix, tmp_path):
-    settings = ServiceSettings(
-        redis_url=redis_server.url, redis_prefix=redis_prefix, embedded_worker=True, models=[f"sd={sd_dir}"],
-        precisions=["fp32", "w8a8"], backend="openvino", calibration={**CALIBRATION, "preset": "ptq4dm"},
-        calibration_cache_dir=str(tmp_path / "cache"), default_steps=3, block_ms=100, max_wait_ms=20,
-        heartbeat_ms=200, generate_timeout_s=30)
-    with TestClient(create_app(settings)) as client:
-        wait_ready(client)
+def test_served_end_to_end_with_a_real_worker(sd_dir, sd_model, serve):
+    with serve({"sd": sd_dir}) as client:
         body = {"seed": 6, "prompt": "a red fox", "negative_prompt": "blurry", "guidance_scale": 5.0}
-        png = client.post("/v1/generate", json=body, headers={"Accept": "image/png"})
-        assert png.status_code == 200 and png.headers["content-type"] == "image/png", png.text
-        image = _decode(png.content)
+        _, image = generate_png(client, body)
         assert image.shape == (8, 8, 3)  # the decoded size
         text = sd_model.text_encoder.condition(["a red fox"], ["blurry"], [5.0])
         expected = to_uint8(sample(sd_model.unet, sd_model.scheduler_config, [6], steps=3, decoder=sd_model.decoder,
@@ -238,14 +186,13 @@ def test_served_end_to_end_with_a_real_worker(sd_dir, sd_model, redis_server, re
         q = [client.post("/v1/generate", json={"seed": 6, "precision": "w8a8", "prompt": p}).json()
              for p in ("a red fox", "a blue ship")]
         assert all(r["status"] == "succeeded" for r in q), q
-        assert _decode(base64.b64decode(q[0]["images_png_base64"][0])).shape == (8, 8, 3)
+        assert decode_png(base64.b64decode(q[0]["images_png_base64"][0])).shape == (8, 8, 3)
         openai = client.post("/v1/images/generations", json={"prompt": "a red fox", "n": 1})
         assert openai.status_code == 200, openai.text
         assert client.post("/v1/generate", json={"seed": 6}).status_code == 422  # no prompt
 
 
 def test_cli_generates_from_a_prompt(sd_dir, tiny_model_dir, tmp_path, capsys):
-    from PIL import Image
 
     from service.cli import main as ptq4dm
 

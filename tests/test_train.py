@@ -5,9 +5,9 @@ import torch
 from conftest import TINY_UNET_CONFIG
 from diffusers import DDPMScheduler, UNet2DModel
 
-from quantizer.diffusion.kinds import CLASS_CONDITIONAL
+from quantizer.diffusion.kinds import CLASS_CONDITIONAL, read_class_names
 from quantizer.diffusion.models import load_model
-from quantizer.evaluation.data import FASHION_MNIST_DIR
+from quantizer.evaluation.data import FASHION_MNIST_CLASSES, FASHION_MNIST_DIR
 from quantizer.evaluation.train import DEFAULT_SCHEDULER_CONFIG, TrainConfig, train
 from service.cli import main as ptq4dm
 
@@ -55,6 +55,7 @@ def test_class_conditional_fine_tune_starts_from_init_trains_and_resumes(tmp_pat
     # step 0: a class-conditional model whose every label predicts exactly what the unconditional one does
     start = load_model(train(config("resumed", 0)))
     assert (start.kind, start.num_classes) == (CLASS_CONDITIONAL, 10)
+    assert read_class_names(tmp_path / "resumed" / "model", 10) == FASHION_MNIST_CLASSES  # the labels it learned
     x, t = torch.randn(10, 1, 32, 32), torch.randint(0, 1000, (10,))
     with torch.no_grad():
         torch.testing.assert_close(start.unet(x, t, class_labels=torch.arange(10)).sample, base(x, t).sample)

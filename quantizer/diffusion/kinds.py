@@ -189,6 +189,30 @@ def image_size(name_or_path: str | Path | None) -> tuple[int, int] | None:
     return height * factor, width * factor
 
 
+def read_class_names(name_or_path: str | Path | None, num_classes: int | None) -> tuple[str, ...] | None:
+    """The names of classes 0..num_classes-1 from model_index.json's `id2label` (diffusers' DiTPipeline keeps them
+    there), so a client can offer "Dress" instead of 3; None where the model has none, or none that fit its classes
+    (names are a convenience: a malformed map never stops a model from being served)."""
+    if not num_classes:
+        return None
+    try:
+        index = pipeline_index(Path(resolve_model_path(name_or_path)))
+    except (ValueError, OSError):  # not installed here, unreadable, or not JSON
+        return None
+    id2label = (index or {}).get("id2label")
+    if not isinstance(id2label, Mapping) or set(id2label) != {str(k) for k in range(num_classes)}:
+        return None
+    names = tuple(id2label[str(k)] for k in range(num_classes))
+    return names if all(isinstance(name, str) and name for name in names) else None
+
+
+def class_names_index(names: Sequence[str]) -> dict:
+    """The model_index.json that `read_class_names` reads, for a pixel-space class-conditional folder (unet/ and
+    scheduler/, as DDPMPipeline lays them out) whose labels have names."""
+    return {"_class_name": "DDPMPipeline", "unet": ["diffusers", "UNet2DModel"],
+            "scheduler": ["diffusers", "DDPMScheduler"], "id2label": {str(k): name for k, name in enumerate(names)}}
+
+
 def default_class_label(seed: int, num_classes: int) -> int:
     """The class of an image whose request names none: drawn from its own seed alone (so image k still depends only
     on seeds[k], whatever batch it lands in)."""

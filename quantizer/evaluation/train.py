@@ -19,8 +19,8 @@ from diffusers import DDPMScheduler, UNet2DModel
 from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 
-from quantizer.diffusion.kinds import resolve_model_path, unet_config_path
-from quantizer.evaluation.data import fashion_mnist_tensor
+from quantizer.diffusion.kinds import class_names_index, resolve_model_path, unet_config_path
+from quantizer.evaluation.data import FASHION_MNIST_CLASSES, fashion_mnist_tensor
 
 COND_MODEL_NAME = "fashion-mnist-ddpm-cond"
 
@@ -134,12 +134,16 @@ def _save_checkpoint(path: Path, unet: UNet2DModel, ema: EMAModel, opt: torch.op
     tmp.replace(path / "state.pt")
 
 
-def export(unet: UNet2DModel, ema: EMAModel, scheduler: DDPMScheduler, output_dir: Path) -> None:
-    """Write the EMA weights (fp32 safetensors) and scheduler config in diffusers layout."""
+def export(unet: UNet2DModel, ema: EMAModel, scheduler: DDPMScheduler, output_dir: Path,
+           class_names: tuple[str, ...] | None = None) -> None:
+    """Write the EMA weights (fp32 safetensors) and scheduler config in diffusers layout; with class_names, a
+    model_index.json naming the labels too (clients such as the playground show them instead of numbers)."""
     export_unet = UNet2DModel.from_config(unet.config)
     ema.copy_to(export_unet.parameters())
     export_unet.save_pretrained(output_dir / "unet", safe_serialization=True)
     scheduler.save_pretrained(output_dir / "scheduler")
+    if class_names is not None:
+        (output_dir / "model_index.json").write_text(json.dumps(class_names_index(class_names), indent=2) + "\n")
 
 
 def _param_groups(unet: UNet2DModel, cfg: TrainConfig) -> list[dict]:
@@ -218,5 +222,5 @@ def train(cfg: TrainConfig) -> Path:
     bar.close()
     log.close()
     _save_checkpoint(ckpt_dir, unet, ema, opt, step, gen, cfg, wall_before + time.time() - start)
-    export(unet, ema, scheduler, out)
+    export(unet, ema, scheduler, out, FASHION_MNIST_CLASSES if conditional else None)
     return out

@@ -1,1 +1,1 @@
-"""HTTP routers: jobs (/v1), admin (/admin), health and metrics."""
+"""HTTP routers: jobs (/v1), served models (/v1/models), admin (/admin), health and metrics."""

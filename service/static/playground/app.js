@@ -1,10 +1,12 @@
 "use strict";
-// The ptq4dm playground. It reads what the server serves (/readyz, /openapi.json), submits jobs (POST /v1/jobs),
-// follows them live over Server-Sent Events and, in the comparison, computes each image's PSNR against fp32 from
-// the decoded pixels. Only the public API is used, nothing the page could not do with curl.
+// The ptq4dm playground. It reads what the server serves (/readyz, /openapi.json, /v1/models: which models take a
+// class or a prompt), submits jobs (POST /v1/jobs), follows them live over Server-Sent Events and, in the
+// comparison, computes each image's PSNR against fp32 from the decoded pixels. Only the public API is used, nothing
+// the page could not do with curl.
 
 const $ = (selector, root = document) => root.querySelector(selector);
-const FIELDS = ["model", "precision", "sampler", "steps", "seed", "n"];
+const FIELDS = ["model", "precision", "sampler", "steps", "seed", "n", "class_labels", "prompt", "negative_prompt",
+  "guidance_scale"];
 const TERMINAL = ["succeeded", "failed", "cancelled"];
 const MAX_SEED = 2 ** 32 - 1;
 
@@ -27,6 +29,7 @@ async function request(method, path, body) {
 // ---- what is served -------------------------------------------------------------------------------------------
 
 let variants = {}; // "model/precision" -> {state, stage, progress, ...}, as /readyz lists them
+let served = {}; // model -> {kind, num_classes, class_names, ...}, as /v1/models describes it
 let busy = false; // one submission at a time
 
 function integerMaximum(prop) {
@@ -37,8 +40,11 @@ function integerMaximum(prop) {
 }
 
 async function loadServed() {
-  const [ready, schema] = await Promise.all([request("GET", "readyz"), request("GET", "openapi.json")]);
+  const [ready, schema, described] = await Promise.all([request("GET", "readyz"), request("GET", "openapi.json"),
+    request("GET", "v1/models")]);
   variants = ready.data.models || {};
+  // Without it (an older server) every model gets the plain form; the API still names any missing field.
+  served = described.ok ? Object.fromEntries(described.data.map((m) => [m.name, m])) : {};
   // The live limits (max_steps, max_n) are in the schema; shown as the inputs' max, enforced by the API.
   const props = schema.ok ? schema.data.components.schemas.JobRequest.properties : {};
   for (const name of ["steps", "n"]) {
@@ -48,7 +54,7 @@ async function loadServed() {
   $("#seed").max = MAX_SEED;
   const models = [...new Set(Object.keys(variants).map((key) => key.slice(0, key.lastIndexOf("/"))))];
   fillSelect($("#model"), models.map((m) => [m, m]));
-  fillPrecisions();
+  fillModel();
   const waiting = Object.values(variants).filter((v) => v.state !== "ready").length;
   $("#served-state").textContent = waiting
     ? `${waiting} variant(s) not ready yet; their jobs wait in the queue.`
@@ -79,6 +85,23 @@ function fillPrecisions() {
   $("#compare").title = quantized ? "" : "this server serves no quantized precision";
 }
 
+// The conditioning fields of the selected model's kind: a class (class-conditional), a prompt (text-to-image).
+function fillConditioning() {
+  const info = served[$("#model").value] || {};
+  for (const field of document.querySelectorAll(".field[data-kind]")) field.hidden = field.dataset.kind !== info.kind;
+  const classes = info.kind === "class-conditional" ? info.num_classes : 0;
+  const options = [["", "random (from each image's seed)"]];
+  for (let c = 0; c < classes; c += 1) options.push([String(c), className(info, c)]);
+  fillSelect($("#class_labels"), options);
+}
+
+const className = (info, c) => (info.class_names ? `${c} · ${info.class_names[c]}` : `class ${c}`);
+
+function fillModel() {
+  fillPrecisions();
+  fillConditioning();
+}
+
 function fillSelect(select, options) {
   const keep = select.value;
   select.replaceChildren(...options.map(([value, label]) => new Option(label, value)));
@@ -93,6 +116,18 @@ function readForm() {
     // A number input's value is "" or a valid number; 2.5 is sent as is and the API's 422 says why not.
     const text = $(`#${name}`).value.trim();
     if (text !== "") body[name] = Number(text);
+  }
+  // Only the fields the model takes (the visible ones); empty ones are left to the server (an empty prompt gets
+  // its "required" message next to the field). One class stands for every image.
+  const kind = (served[body.model] || {}).kind;
+  const label = $("#class_labels").value;
+  if (kind === "class-conditional" && label !== "") body.class_labels = Number(label);
+  if (kind === "text-to-image") {
+    for (const name of ["prompt", "negative_prompt"]) {
+      if ($(`#${name}`).value.trim() !== "") body[name] = $(`#${name}`).value;
+    }
+    const scale = $("#guidance_scale").value.trim();
+    if (scale !== "") body.guidance_scale = Number(scale);
   }
   return body;
 }
@@ -205,6 +240,13 @@ function showJob(panel, job) {
     ["calibration", job.calibration_hash || "none (full precision)"],
   ];
   if (job.backend) meta.push(["backend", job.backend]);
+  const info = served[job.model] || {};
+  if (job.class_labels) meta.push(["classes", job.class_labels.map((c) => className(info, c)).join(", ")]);
+  if (job.prompt !== null && job.prompt !== undefined) meta.push(["prompt", job.prompt]);
+  if (job.negative_prompt) meta.push(["negative prompt", job.negative_prompt]);
+  if (job.guidance_scale !== null && job.guidance_scale !== undefined) {
+    meta.push(["guidance scale", job.guidance_scale]);
+  }
   $(".meta", panel).replaceChildren(...meta.flatMap(([term, value]) => {
     const dt = document.createElement("dt");
     const dd = document.createElement("dd");
@@ -220,6 +262,13 @@ function showJob(panel, job) {
     img.src = api(src);
     const caption = document.createElement("figcaption");
     caption.textContent = `seed ${job.seeds[k]}`;
+    if (job.class_labels) { // as run: drawn from the seed where the request named none
+      figure.dataset.classLabel = String(job.class_labels[k]);
+      const label = document.createElement("span");
+      label.className = "class-name";
+      label.textContent = className(info, job.class_labels[k]);
+      caption.append(label);
+    }
     figure.append(img, caption);
     return figure;
   });
@@ -304,7 +353,8 @@ async function submit(compare) {
       showErrors(null, { detail: [{ loc: ["body", "precision"], msg: "choose a quantized precision to compare" }] });
       return;
     }
-    // The same seed for both (chosen here when the field is empty), so only the precision differs.
+    // The same seed and conditioning for both (the seed chosen here when the field is empty; a random class is
+    // drawn from it, so the same too): only the precision differs.
     if (body.seed === undefined) body.seed = Math.floor(Math.random() * 2 ** 31);
     const reference = newPanel(`${body.model} · fp32`);
     const quantized = newPanel(`${body.model} · ${body.precision}`);
@@ -331,6 +381,6 @@ document.addEventListener("DOMContentLoaded", () => {
     submit(false);
   });
   $("#compare").addEventListener("click", () => submit(true));
-  $("#model").addEventListener("change", fillPrecisions);
+  $("#model").addEventListener("change", fillModel);
   refreshServed();
 });
