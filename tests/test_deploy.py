@@ -181,6 +181,17 @@ def test_no_real_admin_token_is_committed():
     assert refs and all("secretKeyRef" in e["valueFrom"] for e in refs)
 
 
+def test_webhook_secret_comes_from_a_secret_in_both_roles():
+    """The API checks a webhook can be signed, the workers sign: both read the key from one Secret, never the
+    ConfigMap or the compose file."""
+    for role in ("api", "worker"):
+        refs = [e for c in _containers(role) for e in c.get("env", []) if e["name"] == "PTQ4DM_WEBHOOK_SECRET"]
+        assert refs and all(e["valueFrom"]["secretKeyRef"]["name"] == "ptq4dm-webhook" for e in refs), role
+    assert "PTQ4DM_WEBHOOK_SECRET" not in (REPO / "docker/k8s/base/configmap.yaml").read_text()
+    compose = yaml.safe_load(COMPOSE.read_text())
+    assert not any("PTQ4DM_WEBHOOK_SECRET" in (svc.get("environment") or {}) for svc in compose["services"].values())
+
+
 # -- the image's filesystem, rebuilt without an engine ------------------------------------------------------------
 
 def _pyproject() -> dict:
