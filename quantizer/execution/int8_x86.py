@@ -171,6 +171,23 @@ def _duplicate_observer(prepared: fx.GraphModule, node: fx.Node, user: fx.Node) 
     return clone
 
 
+def drop_dtype_asserts(graph: torch.fx.GraphModule) -> None:
+    """Remove export's fp32 dtype assertions, so autocast may run the float ops of the graph in bf16."""
+    for node in list(graph.graph.nodes):
+        if node.op == "call_function" and node.target == torch.ops.aten._assert_tensor_metadata.default:
+            graph.graph.erase_node(node)
+    graph.graph.lint()
+    graph.recompile()
+
+
+def under_bf16_autocast(fn: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+    """Compile and run under CPU bf16 autocast (the compiled code guards on it); hand back fp32."""
+    def run(*args: torch.Tensor) -> torch.Tensor:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return fn(*args).float()
+    return run
+
+
 def check_int8_grid(quant_unet: nn.Module) -> dict[str, QuantLayer]:
     """The fake-quant layers, after checking their grids fit 8-bit kernels (u8 activations, s8 weights)."""
     layers = {name: m for name, m in quant_unet.named_modules() if isinstance(m, QuantLayer)}
