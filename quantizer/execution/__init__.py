@@ -7,10 +7,16 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["BACKENDS", "BackendUnavailable", "ExecutableUNet", "build_executor", "resolve_backend"]
+__all__ = ["BACKENDS", "Backend", "BackendUnavailable", "ExecutableUNet", "build_executor", "register_backend",
+           "resolve_backend", "unregister_backend"]
+_FROM_REGISTRY = {"Backend", "register_backend", "unregister_backend"}
 
 
 def __getattr__(name: str) -> Any:
+    if name in _FROM_REGISTRY:
+        from quantizer.execution import backends
+
+        return getattr(backends, name)
     if name in __all__:
         from quantizer.execution import executor
 

@@ -1,25 +1,9 @@
 """Execution backends: how a (possibly quantized) UNet is actually run.
 
 One verb, `build_executor(model, backend)`, returns an `ExecutableUNet`: a drop-in for the UNet in `sample()`
-(same call, `.config`, `.dtype`, `.device`). Backends:
-
-* ``eager``     the model as loaded (fp32), or the fake-quant simulation for a quantized model;
-* ``compiled``  torch.compile (inductor) of the fp32 model;
-* ``bf16``      the fp32 weights cast to bfloat16, compiled (the mixed-precision baseline int8 must beat);
-* ``fake``      the PTQ4DM fake-quant model, eager (reference; any device, any bit width);
-* ``int8-x86``  real int8 oneDNN kernels (VNNI/AMX) driven by PTQ4DM's scales, see `quantizer.execution.int8_x86`;
-* ``int8-bf16-x86``  the same int8 convolutions/linears with every other op (GroupNorm, SiLU, adds, attention)
-                in bfloat16 instead of fp32 (autocast over the int8 graph; needs AVX512-BF16 or AMX);
-* ``openvino``  OpenVINO's CPU plugin, int8 kernels driven by PTQ4DM's scales (FakeQuantize nodes around exactly
-                the tensors PTQ4DM quantized; fp32 elsewhere, so it computes what the simulation does), one
-                dynamic-batch model, see `quantizer.execution.openvino`;
-* ``openvino-int8-bf16``  the same with every other op in bf16 (needs native bf16): faster, further from the
-                simulation (docs/SENSITIVITY.md);
-* ``openvino-fp32`` / ``openvino-bf16``  an unquantized model on OpenVINO in fp32 / bf16 (baselines for it);
-* ``auto``      for a quantized model on the CPU: openvino (one graph for every batch size, built in seconds
-                instead of half a minute per batch size, and it runs the time-step groups of the served preset;
-                at batch 16 int8-x86 is faster on the built-in model: docs/BENCHMARKS.md), else int8-x86 where the
-                CPU has int8 kernels, else fake; on other devices fake; eager for fp32.
+(same call, `.config`, `.dtype`, `.device`). Which backends exist, what each runs and which one ``auto`` picks is
+the registry's business: `quantizer.execution.backends` (its classes' docstrings describe them; `BACKENDS` lists
+the names, `register_backend` adds one).
 
 A class-conditional UNet takes `class_labels=` (one per image) on every backend, as diffusers' UNet2DModel does;
 compiled graphs take them as an input beside x_t and t. A text-to-image UNet (UNet2DConditionModel) takes
@@ -47,30 +31,31 @@ from diffusers.models.unets.unet_2d import UNet2DOutput
 from torch import nn
 
 from quantizer.diffusion.kinds import kind_of
-from quantizer.execution.int8_x86 import (
-    UNetForward,
-    check_int8_grid,
-    example_inputs,
-    int8_supported,
-    lower_int8_x86,
-    native_bf16,
+from quantizer.execution.backends import (
+    AUTO,
+    Backend,
+    BackendUnavailable,
+    TorchGraph,
+    auto_fallback,
+    backend_names,
+    get_backend,
+    resolve,
 )
+from quantizer.execution.int8_x86 import example_inputs
 from quantizer.ptq.quant_modules import QuantLayer
 from quantizer.ptq.timestep_groups import TimestepGroupedUNet
 
 logger = logging.getLogger(__name__)
 
-BACKENDS: tuple[str, ...] = ("auto", "eager", "compiled", "bf16", "fake", "int8-x86", "int8-bf16-x86", "openvino",
-                             "openvino-int8-bf16", "openvino-fp32", "openvino-bf16")
-INT8_BACKENDS: tuple[str, ...] = ("int8-x86", "int8-bf16-x86")
-# backend -> (needs a quantized model, float precision inside OpenVINO; None = bf16 where native, else f32)
-OPENVINO_BACKENDS: dict[str, tuple[bool, str]] = {"openvino": (True, "f32"), "openvino-int8-bf16": (True, "bf16"),
-                                                  "openvino-fp32": (False, "f32"), "openvino-bf16": (False, "bf16")}
 DEFAULT_MAX_BATCH = 64
 
 
-class BackendUnavailable(RuntimeError):
-    """The backend cannot run here (hardware, missing package) or not for this model."""
+def __getattr__(name: str) -> object:
+    """BACKENDS: every name build_executor takes, read from the registry when asked (so it lists backends
+    registered after this import)."""
+    if name == "BACKENDS":
+        return backend_names()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def is_quantized(unet: nn.Module) -> bool:
@@ -79,46 +64,7 @@ def is_quantized(unet: nn.Module) -> bool:
 
 def resolve_backend(backend: str, quantized: bool, device: torch.device | str = "cpu") -> str:
     """The concrete backend `backend` means for this model and device; BackendUnavailable if it cannot run."""
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
-    on_cpu = torch.device(device).type == "cpu"
-    if backend == "auto":
-        if not quantized:
-            return "eager"
-        if not on_cpu:
-            return "fake"
-        from quantizer.execution.openvino import openvino_unavailable
-
-        if openvino_unavailable() is None:
-            return "openvino"
-        return "int8-x86" if int8_supported() is None else "fake"
-    if quantized and backend in ("eager", "compiled", "bf16", "openvino-fp32", "openvino-bf16"):
-        raise BackendUnavailable(f"backend {backend!r} runs unquantized models; use 'fake', 'int8-x86' or 'openvino'")
-    if not quantized and backend in ("fake", "openvino", "openvino-int8-bf16", *INT8_BACKENDS):
-        raise BackendUnavailable(f"backend {backend!r} needs a quantized model (precision w<b>a<b>)")
-    if backend in OPENVINO_BACKENDS:
-        _check_openvino(backend, on_cpu)
-    if backend in INT8_BACKENDS:
-        if not on_cpu:
-            raise BackendUnavailable(f"{backend} runs on the CPU; no int8 GPU backend is implemented (use 'fake')")
-        reason = int8_supported()
-        if reason is None and backend == "int8-bf16-x86" and not native_bf16():
-            reason = "the CPU has no native bfloat16 (AVX512-BF16 / AMX)"
-        if reason is not None:
-            raise BackendUnavailable(f"{backend} is unavailable here: {reason}")
-    return backend
-
-
-def _check_openvino(backend: str, on_cpu: bool) -> None:
-    from quantizer.execution.openvino import cpu_bf16, openvino_unavailable
-
-    if not on_cpu:
-        raise BackendUnavailable(f"{backend} runs on the CPU (OpenVINO's CPU plugin); use 'fake' on other devices")
-    reason = openvino_unavailable()
-    if reason is None and OPENVINO_BACKENDS[backend][1] == "bf16" and not cpu_bf16():
-        reason = "OpenVINO's CPU plugin has no native bfloat16 on this CPU (OPTIMIZATION_CAPABILITIES lacks BF16)"
-    if reason is not None:
-        raise BackendUnavailable(f"{backend} is unavailable here: {reason}")
+    return resolve(backend, quantized, device).name
 
 
 def float_weights_of(quant_unet: nn.Module) -> nn.Module:
@@ -133,23 +79,6 @@ def float_weights_of(quant_unet: nn.Module) -> nn.Module:
     return unet.eval()
 
 
-def drop_dtype_asserts(graph: torch.fx.GraphModule) -> None:
-    """Remove export's fp32 dtype assertions, so autocast may run the float ops of the graph in bf16."""
-    for node in list(graph.graph.nodes):
-        if node.op == "call_function" and node.target == torch.ops.aten._assert_tensor_metadata.default:
-            graph.graph.erase_node(node)
-    graph.graph.lint()
-    graph.recompile()
-
-
-def _under_bf16_autocast(fn: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
-    """Compile and run under CPU bf16 autocast (the compiled code guards on it); hand back fp32."""
-    def run(*args: torch.Tensor) -> torch.Tensor:
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            return fn(*args).float()
-    return run
-
-
 def bucket(batch: int, max_batch: int) -> int:
     """Smallest power of two >= batch, capped at max_batch."""
     return min(1 << (batch - 1).bit_length(), max_batch)
@@ -158,12 +87,13 @@ def bucket(batch: int, max_batch: int) -> int:
 class ExecutableUNet(nn.Module):
     """A UNet behind a backend; call it like a UNet2DModel: unet(x_t, t).sample."""
 
-    def __init__(self, unet: nn.Module, backend: str, max_batch: int = DEFAULT_MAX_BATCH,
+    def __init__(self, unet: nn.Module, backend: str | Backend, max_batch: int = DEFAULT_MAX_BATCH,
                  reference: nn.Module | None = None) -> None:
         super().__init__()
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
-        self.backend = backend
+        self._backend = get_backend(backend) if isinstance(backend, str) else backend
+        self.backend = self._backend.name
         self.config = unet.config
         self.max_batch = max_batch
         self.compile_seconds: dict[int, float] = {}
@@ -172,9 +102,9 @@ class ExecutableUNet(nn.Module):
         self.graph_modules: dict[int, nn.Module] = {}
         self._device = next(unet.parameters()).device
         self.class_conditional = kind_of(unet.config).class_conditional  # its graphs take class labels
-        self._dtype = torch.bfloat16 if backend == "bf16" else torch.float32
+        self._dtype = self._backend.dtype if isinstance(self._backend, TorchGraph) else torch.float32
         # `unet` is what the graphs are built from; `reference` (the fake-quant model) supplies int8 qparams.
-        self.unet = unet.to(self._dtype) if backend == "bf16" else unet
+        self.unet = unet.to(self._dtype)
         self.reference = reference
 
     @property
@@ -187,7 +117,7 @@ class ExecutableUNet(nn.Module):
 
     @property
     def compiled(self) -> bool:
-        return self.backend in ("compiled", "bf16", *INT8_BACKENDS)
+        return isinstance(self._backend, TorchGraph)
 
     def warmup(self, batch_sizes: Iterable[int] = (1,)) -> dict[int, float]:
         """Build the graphs for these batch sizes now (not on the first request); returns seconds per bucket."""
@@ -262,16 +192,9 @@ class ExecutableUNet(nn.Module):
         # kernels). Set globally: torch.compile(options={"freezing": True}) fails in 2.13 with prepack errors.
         inductor_config.freezing = True
         example = example_inputs(self.unet, batch, self._device, self._dtype, timestep=0)
-        if self.backend in INT8_BACKENDS:
-            module = lower_int8_x86(self.unet, self.reference, batch)
-            if self.backend == "int8-bf16-x86":
-                drop_dtype_asserts(module)
-        else:
-            module = torch.export.export(UNetForward(self.unet).eval(), example).module()
+        module = self._backend.graph_module(self.unet, self.reference, batch, example)
         self.graph_modules[batch] = module
-        graph = torch.compile(module)
-        if self.backend == "int8-bf16-x86":
-            graph = _under_bf16_autocast(graph)
+        graph = self._backend.runner(torch.compile(module))
         with torch.no_grad():
             graph(*example)  # compile now, not on the first request
         return graph
@@ -289,63 +212,33 @@ def build_executor(unet: nn.Module, backend: str = "auto", max_batch: int = DEFA
     if isinstance(unet, TimestepGroupedUNet):
         return _build_grouped(unet, backend, max_batch, cache_dir)
     quantized = is_quantized(unet)
-    device = next(unet.parameters()).device
-    requested, backend = backend, resolve_backend(backend, quantized, device)
-    if kind_of(unet.config).takes_prompt and backend not in ("eager", "fake", *OPENVINO_BACKENDS):
-        # The torch graphs take (x_t, t[, labels]); text embeddings reach only the OpenVINO graph.
-        if requested != "auto":
-            raise BackendUnavailable(f"backend {backend!r} does not run text-to-image UNets; use 'openvino' or "
-                                     "'fake'")
-        backend = "fake" if quantized else "eager"
-    if backend in INT8_BACKENDS:
-        try:
-            check_int8_grid(unet)  # fail now, not at the first batch
-        except ValueError as exc:
-            if requested != "auto":
-                raise
-            logger.info("auto backend: running fake quant (%s)", exc)
-            backend = "fake"
-    if backend in ("eager", "fake"):
-        return unet
-    if backend in OPENVINO_BACKENDS:
-        from quantizer.execution.openvino import build_openvino, check_openvino_grid
-
-        if quantized:
-            try:
-                check_openvino_grid(unet)
-            except ValueError as exc:
-                if requested != "auto":
-                    raise BackendUnavailable(str(exc)) from exc
-                logger.info("auto backend: running fake quant (%s)", exc)
-                return unet
-        return build_openvino(unet, backend, max_batch, cache_dir, precision=OPENVINO_BACKENDS[backend][1])
-    if backend in INT8_BACKENDS:
-        return ExecutableUNet(float_weights_of(unet), backend, max_batch, reference=unet)
-    return ExecutableUNet(copy.deepcopy(unet).eval(), backend, max_batch)
+    chosen = resolve(backend, quantized, next(unet.parameters()).device)
+    try:
+        chosen.check_model(unet)  # fail now, not at the first batch
+    except (ValueError, BackendUnavailable) as exc:
+        if backend != AUTO:
+            raise
+        chosen = auto_fallback(quantized)
+        logger.info("auto backend: running %s (%s)", chosen.name, exc)
+    return chosen.build(unet, max_batch, cache_dir)
 
 
 def _build_grouped(unet: TimestepGroupedUNet, backend: str, max_batch: int, cache_dir: str | Path | None) -> nn.Module:
-    """One graph per time-step group on openvino (each compiles in about a second); the simulation otherwise.
+    """A time-step-grouped UNet on `backend` (`Backend.build_grouped`): a graph per group on openvino, the
+    simulation as is. int8-x86 compiles per batch-size bucket in about a minute each: times the groups, that is no
+    start-up anyone waits for, so it is refused (auto then runs the simulation)."""
+    chosen = resolve(backend, True, next(unet.parameters()).device)
 
-    The int8-x86 graphs compile per batch-size bucket in about a minute each: times the groups, that is no
-    start-up anyone waits for, so they are refused (auto falls back to fake when openvino is missing)."""
-    if backend in INT8_BACKENDS:
-        raise BackendUnavailable(f"{backend} does not run time-step groups (timestep_groups > 1); use 'openvino' "
-                                 "or 'fake'")
-    resolved = resolve_backend(backend, True, next(unet.parameters()).device)
-    if resolved in ("eager", "fake"):
-        return unet
-    if resolved in INT8_BACKENDS:  # auto without openvino
-        logger.info("auto backend: time-step groups run as fake quant without openvino")
-        return unet
-    # Float groups exist for accuracy, so they stay fp32 whatever the quantized groups' float ops run in: in bf16 the
-    # noise-end half breaks seeds (faithful, DDIM-25, N=2000: worst image 14.3 dB against 31.1 in fp32; RESULTS.md).
-    float_backend = "openvino-fp32" if resolved in OPENVINO_BACKENDS else "eager"
-
-    def build(member: nn.Module) -> nn.Module:
+    def build_member(member: nn.Module, float_backend: str) -> nn.Module:
         return build_executor(member, backend if is_quantized(member) else float_backend, max_batch, cache_dir)
 
-    return unet.map(build)
+    if not chosen.runs_timestep_groups:
+        if backend != AUTO:
+            raise BackendUnavailable(f"{chosen.name} does not run time-step groups (timestep_groups > 1); use "
+                                     "'openvino' or 'fake'")
+        logger.info("auto backend: time-step groups run as the simulation on %s", chosen.name)
+        chosen = auto_fallback(True)
+    return chosen.build_grouped(unet, build_member)
 
 
 def weight_bytes(module: nn.Module) -> int:

@@ -1,21 +1,17 @@
-"""Lower a PTQ4DM-calibrated UNet to real int8 x86 kernels: torch.export -> PT2E (X86InductorQuantizer) -> inductor.
+"""Lower a PTQ4DM-calibrated UNet to real int8 x86 kernels: torch.export -> PT2E -> inductor.
 
-PT2E inserts an observer on every edge an int8 kernel will read. Instead of calibrating those observers, each is
-handed the scale/zero-point PTQ4DM already searched for the same tensor:
-
-* weight observers (fed by a parameter) get the layer's per-channel symmetric weight scales and narrow grid;
-* activation observers feeding a Conv2d/Linear get that layer's per-tensor input scale/zero-point (an observer
-  read by several layers, as q, k and v read one tensor, is split into one per layer, see _duplicate_observer);
-* observers the fake-quant model has no counterpart for (the residual ``add`` inputs the x86 quantizer would
-  also quantize, layers left in full precision) are removed, so those edges stay float exactly as in simulation.
+PT2E is told the qparams PTQ4DM already searched instead of calibrating observers of its own: a quantizer
+(`quantizer.execution.pt2e_fixed.PTQ4DMQuantizer`) annotates each QuantLayer's activation and weight edge with
+fixed-qparams specs (per-tensor u8 activation scale/zero-point, per-channel symmetric s8 weight scales, each on the
+layer's own grid) and nothing else, so the edges PTQ4DM left in float stay float exactly as in simulation.
 
 `convert_pt2e` then folds weights to int8 and inductor (with freezing) pattern-matches the
-dequantize -> conv/linear -> quantize chains into oneDNN int8 convolutions and matmuls (VNNI / AMX).
+dequantize -> conv/linear -> quantize chains into oneDNN int8 convolutions and matmuls (VNNI / AMX); those
+patterns come from torchao's x86 inductor passes, registered when its x86_inductor_quantizer module is imported.
 """
 
 from __future__ import annotations
 
-import copy
 import logging
 from collections.abc import Callable
 
@@ -26,8 +22,6 @@ from quantizer.diffusion.kinds import kind_of
 from quantizer.ptq.quant_modules import QuantAttnProcessor, QuantLayer, SplitActQuantizer
 
 logger = logging.getLogger(__name__)
-
-_WEIGHTED_OPS = (torch.ops.aten.conv2d.default, torch.ops.aten.linear.default)
 
 
 class UNetForward(nn.Module):
@@ -86,89 +80,21 @@ def _cpu_flags() -> set[str]:
     return set()
 
 
-def _module_name(node: fx.Node) -> str:
-    """Dotted name (relative to the UNet) of the nn.Module a graph op came from."""
-    stack = node.meta.get("nn_module_stack") or {}
-    if not stack:
-        return ""
-    path = list(stack.values())[-1][0]
-    return path.removeprefix("unet.")
+def drop_dtype_asserts(graph: torch.fx.GraphModule) -> None:
+    """Remove export's fp32 dtype assertions, so autocast may run the float ops of the graph in bf16."""
+    for node in list(graph.graph.nodes):
+        if node.op == "call_function" and node.target == torch.ops.aten._assert_tensor_metadata.default:
+            graph.graph.erase_node(node)
+    graph.graph.lint()
+    graph.recompile()
 
 
-def _fixed(scale: torch.Tensor, zero_point: torch.Tensor) -> Callable[[], tuple[torch.Tensor, torch.Tensor]]:
-    return lambda: (scale, zero_point)
-
-
-def _assign_qparams(prepared: fx.GraphModule, quant_layers: dict[str, QuantLayer]) -> dict[str, int]:
-    """Give every observer PTQ4DM's qparams, or remove it; returns counts for the log."""
-    counts = {"weights": 0, "activations": 0, "removed": 0, "duplicated": 0}
-    graph = prepared.graph
-    for node in list(graph.nodes):
-        if node.op != "call_module" or "activation_post_process" not in str(node.target):
-            continue
-        source = node.args[0]
-        first = True
-        for user in list(node.users):
-            layer = quant_layers.get(_module_name(user)) if user.target in _WEIGHTED_OPS else None
-            if layer is None:
-                user.replace_input_with(node, source)  # this consumer stays float, as in the simulation
-                continue
-            target = node if first else _duplicate_observer(prepared, node, user)
-            counts["duplicated"] += not first
-            first = False
-            observer = getattr(prepared, str(target.target))
-            if source.op == "get_attr":
-                wq = layer.weight_quantizer
-                scale, zero_point = wq.scale.flatten().float(), torch.zeros(wq.scale.numel(), dtype=torch.int64)
-                qrange, kind = wq.qrange, "weights"
-            else:
-                iq = layer.input_quantizer
-                scale, zero_point = iq.scale.reshape(1).float(), iq.zero_point.reshape(1).long()
-                qrange, kind = iq.qrange, "activations"
-            observer.quant_min, observer.quant_max = qrange.qmin, qrange.qmax
-            observer.calculate_qparams = _fixed(scale.cpu(), zero_point.cpu())
-            counts[kind] += 1
-            if kind == "activations" and user.target == torch.ops.aten.linear.default:
-                _make_contiguous(graph, target)
-        if not node.users:
-            graph.erase_node(node)
-            counts["removed"] += 1
-    graph.lint()
-    prepared.recompile()
-    return counts
-
-
-def _make_contiguous(graph: fx.Graph, observer: fx.Node) -> None:
-    """Feed the observer (later the quantize op) a contiguous copy of its input.
-
-    Attention's q/k/v read a transposed view of the GroupNorm output; inductor then quantizes into the same
-    transposed layout and oneDNN's int8 linear only takes a contiguous 3-D input, so without this the three
-    fall back to fp32 bmm. The copy fuses into the quantize kernel.
-    """
-    source = observer.args[0]
-    if source.op == "get_attr":
-        return
-    with graph.inserting_before(observer):
-        copy_node = graph.call_function(torch.ops.aten.clone.default, (source,),
-                                        {"memory_format": torch.contiguous_format})
-    copy_node.meta = dict(source.meta)
-    observer.replace_input_with(source, copy_node)
-
-
-def _duplicate_observer(prepared: fx.GraphModule, node: fx.Node, user: fx.Node) -> fx.Node:
-    """A private observer for `user` on the same tensor.
-
-    q, k and v read one tensor through one observer; after convert they would share one dequantize node, and
-    inductor's int8 linear fusion only matches a dequantize with a single consumer (shared, the three ran as
-    fp32 bmm: 17% of a CIFAR-sized UNet's time). Separate observers also keep each layer's own searched range.
-    """
-    name = f"{node.target}_{user.name}"
-    prepared.add_submodule(name, copy.deepcopy(getattr(prepared, str(node.target))))
-    with prepared.graph.inserting_after(node):
-        clone = prepared.graph.call_module(name, node.args, node.kwargs)
-    clone.meta = dict(node.meta)
-    user.replace_input_with(node, clone)
-    return clone
+def under_bf16_autocast(fn: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+    """Compile and run under CPU bf16 autocast (the compiled code guards on it); hand back fp32."""
+    def run(*args: torch.Tensor) -> torch.Tensor:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return fn(*args).float()
+    return run
 
 
 def check_int8_grid(quant_unet: nn.Module) -> dict[str, QuantLayer]:
@@ -195,20 +121,16 @@ def lower_int8_x86(float_unet: nn.Module, quant_unet: nn.Module, batch_size: int
     The result still needs torch.compile (with inductor freezing) to run on int8 kernels; eagerly it is a
     reference quantize/dequantize graph.
     """
+    # The x86 module registers the inductor passes that turn q/dq chains into oneDNN int8 kernels.
+    import torchao.quantization.pt2e.quantizer.x86_inductor_quantizer  # noqa: F401
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
-    from torchao.quantization.pt2e.quantizer.x86_inductor_quantizer import (
-        X86InductorQuantizer,
-        get_default_x86_inductor_quantization_config,
-    )
 
-    layers = check_int8_grid(quant_unet)
+    from quantizer.execution.pt2e_fixed import PTQ4DMQuantizer
+
+    quantizer = PTQ4DMQuantizer(check_int8_grid(quant_unet))
     exported = torch.export.export(UNetForward(float_unet).eval(), example_inputs(float_unet, batch_size))
-    quantizer = X86InductorQuantizer().set_global(get_default_x86_inductor_quantization_config())
     prepared = prepare_pt2e(exported.module(), quantizer)
-    counts = _assign_qparams(prepared, layers)
-    logger.info("int8-x86 graph: %(weights)d weight and %(activations)d activation qparams from PTQ4DM "
-                "(%(duplicated)d observers split per layer), %(removed)d observers removed (edges kept in float)",
-                counts)
+    logger.info("int8-x86 graph: %d layers on int8 kernels with PTQ4DM's qparams", quantizer.counts["layers"])
     converted = convert_pt2e(prepared)
     _drop_unused_tensors(converted)
     return converted
