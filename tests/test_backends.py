@@ -91,3 +91,14 @@ def test_the_built_in_backends_are_registered_once_each():
     assert get_backend("openvino").runs_prompts and not get_backend("int8-x86").runs_prompts
     with pytest.raises(ValueError, match="resolver"):
         register_backend(Backend("auto"))
+
+
+def test_every_backend_the_service_accepts_is_registered_and_serves_quantized_models():
+    """The service's list is hand-written (its API process must not import torch to read the registry): it may
+    only name registered backends that run quantized models (or auto)."""
+    from service.settings import SERVED_BACKENDS
+
+    for name in SERVED_BACKENDS:
+        assert name in BACKENDS, name
+        if name != "auto":
+            assert get_backend(name).needs_quantized is not False, name
