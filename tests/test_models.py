@@ -25,6 +25,23 @@ def test_load_model_by_builtin_name_and_sample(builtin_model_dir):
     assert x.shape == (2, 1, 32, 32) and torch.isfinite(x).all()
 
 
+def test_every_committed_model_is_a_named_builtin(builtin_model_dir, tmp_path, monkeypatch):
+    """`--model fashion-mnist-ddpm-cond` (or PTQ4DM_MODELS=...) finds the committed folder, never the hub; a local
+    folder of the same name in the working directory still wins."""
+    from quantizer.diffusion.kinds import MODELS_DIR, builtin_model_names, resolve_model_path
+
+    names = builtin_model_names()
+    assert BUILTIN_MODEL_NAME in names and "fashion-mnist-ddpm-cond" in names
+    assert "fashion-mnist-classifier" not in names  # no unet/: not a diffusion model
+    model = load_model("fashion-mnist-ddpm-cond")
+    assert model.name == "fashion-mnist-ddpm-cond" and model.num_classes == 10
+    assert model.path == (MODELS_DIR / "fashion-mnist-ddpm-cond").resolve()
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "fashion-mnist-ddpm-cond").mkdir()
+    assert resolve_model_path("fashion-mnist-ddpm-cond") == "fashion-mnist-ddpm-cond"
+    assert resolve_model_path("someone/fashion-mnist-ddpm-cond") == "someone/fashion-mnist-ddpm-cond"
+
+
 def test_load_model_from_bare_unet_folder(tmp_path, tiny_unet, scheduler_config):
     """The google/ddpm-* layout: config.json, weights and scheduler_config.json side by side."""
     tiny_unet.save_pretrained(tmp_path)

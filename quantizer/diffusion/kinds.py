@@ -64,13 +64,24 @@ class ModelKind:
         return "an unconditional latent model" if self.kind == LATENT else self.kind
 
 
+def builtin_model_names() -> list[str]:
+    """The models committed under MODELS_DIR (a folder with a unet/ config): each is served by its folder name."""
+    if not MODELS_DIR.is_dir():
+        return []
+    return sorted(p.name for p in MODELS_DIR.iterdir() if (p / "unet" / "config.json").is_file())
+
+
 def resolve_model_path(name_or_path: str | Path | None) -> str:
-    """The built-in name (or None) maps to the committed directory; anything else is passed through."""
-    if name_or_path is None or str(name_or_path) == BUILTIN_MODEL_NAME:
-        if not BUILTIN_MODEL_DIR.is_dir():  # otherwise diffusers would take the path for a hub id
-            raise ValueError(f"model: built-in weights not found at {BUILTIN_MODEL_DIR}; set PTQ4DM_MODELS_DIR")
-        return str(BUILTIN_MODEL_DIR)
-    return str(name_or_path)
+    """None and the built-in names (the folders under MODELS_DIR, e.g. 'fashion-mnist-ddpm-cond') map to the
+    committed directories; anything else is passed through (a local path or a hub id). A local directory of the
+    same name in the working directory wins over a built-in, as it would without this mapping."""
+    name = BUILTIN_MODEL_NAME if name_or_path is None else str(name_or_path)
+    if name == BUILTIN_MODEL_NAME and not BUILTIN_MODEL_DIR.is_dir():
+        # otherwise diffusers would take the name for a hub id
+        raise ValueError(f"model: built-in weights not found at {BUILTIN_MODEL_DIR}; set PTQ4DM_MODELS_DIR")
+    if "/" not in name and not Path(name).exists() and (MODELS_DIR / name / "unet" / "config.json").is_file():
+        return str(MODELS_DIR / name)
+    return name
 
 
 def kind_of(unet_config: Mapping) -> ModelKind:

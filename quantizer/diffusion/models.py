@@ -15,7 +15,7 @@ import torch
 from diffusers import DDPMScheduler, DiffusionPipeline, UNet2DConditionModel, UNet2DModel
 from torch import nn
 
-from quantizer.constants import BUILTIN_MODEL_NAME
+from quantizer.constants import BUILTIN_MODEL_NAME  # noqa: F401 - re-exported
 from quantizer.diffusion.kinds import (  # noqa: F401 - re-exported: the library's names for them
     BUILTIN_MODEL_DIR,
     MODELS_DIR,
@@ -118,7 +118,7 @@ def load_model(name_or_path: str | Path | None = None, device: str | torch.devic
                                                         variant=variant)
         vae.eval().requires_grad_(False).to(device)
     text_encoder = PromptEncoder.from_pretrained(source, variant=variant).to(device) if kind.takes_prompt else None
-    name = BUILTIN_MODEL_NAME if source == str(BUILTIN_MODEL_DIR) else str(name_or_path)
+    name = Path(source).name if Path(source).parent == MODELS_DIR else str(name_or_path)
     return DiffusionModel(name=name, unet=unet, scheduler_config=scheduler_config,
                           path=local.resolve() if local.exists() else None, decoder=vae, text_encoder=text_encoder)
 
