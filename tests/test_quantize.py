@@ -173,6 +173,28 @@ def test_keep_first_last_and_first_last_bits(tiny_unet, calib):
     assert int(same.conv_in.weight_quantizer.bits) == 4
 
 
+def test_weight_bits_by_layer_keeps_chosen_layers_at_more_bits(tiny_unet, calib, probe):
+    """Mixed precision: the matched layers' weights get their bits (first pattern wins), the rest weight_bits;
+    activations keep act_bits; the empty default leaves the config hash as it was."""
+    config = QuantConfig(weight_bits=4, weight_bits_by_layer={"down_blocks.0.*": 8, "down_blocks.*": 6}, **FAST)
+    mixed = quantize_(copy.deepcopy(tiny_unet), config, calibration=calib, progress=False)
+    assert int(mixed.get_submodule("down_blocks.0.resnets.0.conv1").weight_quantizer.bits) == 8
+    assert int(mixed.get_submodule("down_blocks.0.resnets.0.conv1").input_quantizer.bits) == 8
+    later = [m for n, m in mixed.named_modules() if n.startswith("down_blocks.1.") and isinstance(m, QuantLayer)]
+    others = [m for n, m in mixed.named_modules() if n.startswith("up_blocks.") and isinstance(m, QuantLayer)]
+    assert later and all(int(m.weight_quantizer.bits) == 6 for m in later)
+    assert others and all(int(m.weight_quantizer.bits) == 4 for m in others)
+    plain = quantize_(copy.deepcopy(tiny_unet), QuantConfig(weight_bits=4, **FAST), calibration=calib, progress=False)
+    x, t = probe
+    with torch.no_grad():
+        ref = tiny_unet(x, t).sample
+        err = {k: float((m(x, t).sample - ref).norm() / ref.norm()) for k, m in (("mixed", mixed), ("w4", plain))}
+    assert err["mixed"] < err["w4"], err
+    assert "weight_bits_by_layer" not in QuantConfig().to_dict()
+    assert config.to_dict()["weight_bits_by_layer"] == {"down_blocks.0.*": 8, "down_blocks.*": 6}
+    assert QuantConfig(**{**config.to_dict(), "skip": ()}) == config  # the cache's JSON round trip
+
+
 def test_skip_patterns_cover_the_subtree(tiny_unet, calib):
     config = QuantConfig(skip=("time_embedding", "*.time_emb_proj"), **FAST)
     unet = quantize_(copy.deepcopy(tiny_unet), config, calibration=calib, progress=False)
@@ -231,6 +253,9 @@ def test_load_stats_into_an_already_quantized_model(tiny_unet, calib, probe):
     ({"first_last_bits": 5}, "first_last_bits"),
     ({"skip": "conv_in"}, "skip"),
     ({"keep_first_last_fp": 1}, "keep_first_last_fp"),
+    ({"weight_bits_by_layer": {"mid_block.*": 3}}, "weight_bits_by_layer"),
+    ({"weight_bits_by_layer": {"": 8}}, "weight_bits_by_layer"),
+    ({"weight_bits_by_layer": 8}, "weight_bits_by_layer"),
 ])
 def test_quant_config_validation_names_the_field(kwargs, field):
     with pytest.raises(ValueError, match=field):

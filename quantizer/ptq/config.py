@@ -6,9 +6,11 @@ a deterministic digest of every field, used in the calibration-cache key.
 
 from __future__ import annotations
 
+import fnmatch
 import hashlib
 import json
 import re
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -61,6 +63,11 @@ class QuantConfig:
     timestep_groups: activation ranges per group of diffusion time-steps (G equal groups of [0, T), each
         calibrated on its own share of the calibration set; quantizer.ptq.timestep_groups). 1 = the paper's one
         range per tensor. Not part of a config's hash when 1, so caches made before it existed stay valid.
+    weight_bits_by_layer: fnmatch pattern of module names -> weight bits for those layers (the first matching
+        pattern wins; activations keep act_bits), e.g. {"mid_block.*": 8} for W4A8 with the layers whose 4-bit
+        weights cost most kept at 8 bits. Why: at W4A8 the weights carry the error (docs/SENSITIVITY.md), and a
+        few layers dominate it, so a small budget of 8-bit weights buys most of it back. Not part of a config's
+        hash when empty.
     split_concat: a layer whose input is a channel concat [h, skip] (the up blocks' conv_shortcut, fed the raw
         torch.cat of the decoder's features and the encoder's skip) gets one range per half, each searched on
         its own half like any other input (Q-Diffusion's split). Why: the two halves' ranges differ widely, so
@@ -83,9 +90,11 @@ class QuantConfig:
     weight_rounding: str = "nearest"
     float_groups: int = 0
     split_concat: bool = False
+    weight_bits_by_layer: tuple[tuple[str, int], ...] = ()
 
     def __post_init__(self) -> None:
         check_bits(self.weight_bits, WEIGHT_BITS, "weight_bits")
+        object.__setattr__(self, "weight_bits_by_layer", _layer_bits(self.weight_bits_by_layer))
         _check_int(self.timestep_groups, "timestep_groups", 1)
         _check_int(self.float_groups, "float_groups", 0)
         if self.float_groups >= self.timestep_groups:
@@ -119,7 +128,31 @@ class QuantConfig:
             del out["float_groups"]
         if not self.split_concat:
             del out["split_concat"]
+        if self.weight_bits_by_layer:
+            out["weight_bits_by_layer"] = dict(self.weight_bits_by_layer)
+        else:
+            del out["weight_bits_by_layer"]
         return out
+
+    def weight_bits_for(self, name: str) -> int:
+        """Weight bits of the layer called `name`: its pattern's in weight_bits_by_layer, else weight_bits."""
+        return next((bits for pattern, bits in self.weight_bits_by_layer if fnmatch.fnmatchcase(name, pattern)),
+                    self.weight_bits)
+
+
+def _layer_bits(value: object) -> tuple[tuple[str, int], ...]:
+    """weight_bits_by_layer as (pattern, bits) pairs in the given order, from a mapping or pairs."""
+    pairs = list(value.items()) if isinstance(value, Mapping) else value
+    try:
+        out = tuple((pattern, bits) for pattern, bits in pairs)  # type: ignore[union-attr]
+    except (TypeError, ValueError):
+        raise ValueError("weight_bits_by_layer must map module-name patterns to weight bits, e.g. "
+                         f"{{\"mid_block.*\": 8}}, got {value!r}") from None
+    for pattern, bits in out:
+        if not isinstance(pattern, str) or not pattern:
+            raise ValueError(f"weight_bits_by_layer: patterns must be non-empty strings, got {pattern!r}")
+        check_bits(bits, WEIGHT_BITS, f"weight_bits_by_layer[{pattern!r}]")
+    return out
 
 
 @dataclass(frozen=True)

@@ -207,7 +207,7 @@ def _swap_modules(unet: nn.Module, qcfg: QuantConfig) -> list:
     undo = []
     wrappers: dict[int, QuantLayer] = {}
     for name, module in plans:
-        weight_bits, act_bits = qcfg.weight_bits, qcfg.act_bits
+        weight_bits, act_bits = qcfg.weight_bits_for(name), qcfg.act_bits
         if name in first_last and qcfg.first_last_bits is not None:
             weight_bits, act_bits = max(weight_bits, qcfg.first_last_bits), max(act_bits, qcfg.first_last_bits)
         if id(module) not in wrappers:
