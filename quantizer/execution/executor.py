@@ -42,6 +42,7 @@ from quantizer.execution.backends import (
     resolve,
 )
 from quantizer.execution.int8_x86 import example_inputs
+from quantizer.ptq.noise_correction import NoiseCorrectedUNet
 from quantizer.ptq.quant_modules import QuantLayer
 from quantizer.ptq.timestep_groups import TimestepGroupedUNet
 
@@ -209,6 +210,8 @@ def build_executor(unet: nn.Module, backend: str = "auto", max_batch: int = DEFA
     cache_dir: where OpenVINO caches compiled models (CACHE_DIR) across restarts; None = no cache. Unused by the
     torch backends (inductor keeps its own cache).
     """
+    if isinstance(unet, NoiseCorrectedUNet):  # the correction stays outside, on whatever runs the UNet
+        return unet.map(lambda inner: build_executor(inner, backend, max_batch, cache_dir))
     if isinstance(unet, TimestepGroupedUNet):
         return _build_grouped(unet, backend, max_batch, cache_dir)
     quantized = is_quantized(unet)

@@ -20,6 +20,7 @@ from quantizer.ptq.fake_quant import ACT_BITS, WEIGHT_BITS, check_bits
 from quantizer.ptq.scale_search import METRICS, SEARCH_METHODS
 
 WEIGHT_ROUNDING: tuple[str, ...] = ("nearest", "gptq")
+NOISE_CORRECTIONS: tuple[str, ...] = ("none", "bias", "ptqd")
 CALIBRATION_METHODS: tuple[str, ...] = ("ndtc", "ndtc_code", "uniform", "single_step", "real_noised")
 _PRECISION_RE = re.compile(r"^w(\d+)a(\d+)$")
 
@@ -73,6 +74,12 @@ class QuantConfig:
         its own half like any other input (Q-Diffusion's split). Why: the two halves' ranges differ widely, so
         one range leaves the narrower half a few levels. Off by default (the paper's method); not part of a
         config's hash when off.
+    noise_correction: 'none' (default, the paper's method), 'bias' (subtract the quantized noise estimate's mean
+        error per output channel) or 'ptqd' (PTQD: also undo the part of the error proportional to the noise,
+        eps_hat = (eps_q - b) / (1 + k)), both per bucket of diffusion time, estimated after quantization on FP
+        trajectories (quantizer.ptq.noise_correction). Applies to every sampler, deterministic DDIM included;
+        PTQD's variance-schedule calibration (stochastic samplers only) is not implemented. The calibration
+        statistics do not depend on it; not part of a config's hash when 'none'.
     """
 
     weight_bits: int = 8
@@ -91,6 +98,7 @@ class QuantConfig:
     float_groups: int = 0
     split_concat: bool = False
     weight_bits_by_layer: tuple[tuple[str, int], ...] = ()
+    noise_correction: str = "none"
 
     def __post_init__(self) -> None:
         check_bits(self.weight_bits, WEIGHT_BITS, "weight_bits")
@@ -103,6 +111,7 @@ class QuantConfig:
         check_bits(self.act_bits, ACT_BITS, "act_bits")
         _check_choice(self.search, "search", SEARCH_METHODS)
         _check_choice(self.weight_rounding, "weight_rounding", WEIGHT_ROUNDING)
+        _check_choice(self.noise_correction, "noise_correction", NOISE_CORRECTIONS)
         _check_choice(self.metric, "metric", METRICS)
         if isinstance(self.p, bool) or not isinstance(self.p, (int, float)) or not self.p > 0:
             raise ValueError(f"p must be a positive number, got {self.p!r}")
@@ -132,6 +141,8 @@ class QuantConfig:
             out["weight_bits_by_layer"] = dict(self.weight_bits_by_layer)
         else:
             del out["weight_bits_by_layer"]
+        if self.noise_correction == "none":
+            del out["noise_correction"]
         return out
 
     def weight_bits_for(self, name: str) -> int:

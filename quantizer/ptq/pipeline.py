@@ -29,6 +29,7 @@ from quantizer.ptq.config import (
     QuantConfig,
     quant_config_for,
 )
+from quantizer.ptq.noise_correction import NoiseCorrectedUNet, estimate, record_pairs
 from quantizer.ptq.progress import ProgressFn, ProgressLog
 from quantizer.ptq.quantize import export_stats, load_stats, quantize_
 from quantizer.ptq.timestep_groups import (
@@ -50,6 +51,8 @@ SHIPPED_CALIBRATION_DIR = "calibration"
 
 # Bump when the meaning of exported stats changes (quantizer layout, grids), so old cache entries miss.
 STATS_FORMAT = 1
+# The same for the noise-correction statistics (cached as entries of their own).
+CORRECTION_FORMAT = 1
 
 _QUANT_FIELDS = {f.name for f in dataclasses.fields(QuantConfig)}
 _CALIBRATION_FIELDS = {f.name for f in dataclasses.fields(CalibrationConfig)}
@@ -131,10 +134,33 @@ def cache_key_parts(model: DiffusionModel, config: PTQ4DMConfig,
 
 
 def _stats_config(config: PTQ4DMConfig) -> dict[str, Any]:
-    """The config as the statistics see it: float_groups only chooses which groups run them."""
+    """The config as the statistics see it: float_groups only chooses which groups run them, noise_correction is
+    estimated after them (an entry of its own, `_noise_correction`)."""
     out = config.to_dict()
     out["quant"].pop("float_groups", None)
+    out["quant"].pop("noise_correction", None)
     return out
+
+
+def _noise_correction(model: DiffusionModel, config: PTQ4DMConfig, unet: torch.nn.Module, stats_hash: str,
+                      parts: dict[str, Any], cache_dir: str | Path | None, label: str, progress: bool,
+                      report: ProgressFn) -> dict[str, torch.Tensor]:
+    """The noise-correction statistics of this quantized UNet (quantizer.ptq.noise_correction): a cache entry of
+    their own, keyed by the calibration's key parts, the whole config (float_groups changes the quantized
+    outputs) and the hash of the statistics they were measured on, so configs without the option keep their keys
+    and a config with it reuses their calibration."""
+    key_parts = {**parts, "config": config.to_dict(), "stats": stats_hash, "noise_correction_format": CORRECTION_FORMAT}
+
+    def compute() -> dict[str, torch.Tensor]:
+        pairs = record_pairs(model.unet, model.scheduler_config, config.calibration, text_encoder=model.text_encoder,
+                             on_progress=report)
+        return estimate(unet, pairs, int(model.scheduler_config["num_train_timesteps"]),
+                        config.quant.noise_correction, progress=progress, on_progress=report)
+
+    if cache_dir is None:
+        return compute()
+    return CalibrationCache(cache_dir).get_or_compute(key_parts, compute, extra={
+        "model": model.name, "precision": label, "noise_correction": config.quant.noise_correction})
 
 
 # The calibration set depends on the FP model and CalibrationConfig only, not on the precision: a worker that
@@ -261,8 +287,14 @@ def quantize_model(model: DiffusionModel, precision: str | QuantConfig,
         calibrated["unet"] = _grouped_unet(model, config, *unpack(stats))
     elif hit:
         calibrated["unet"] = quantize_(copy.deepcopy(model.unet), config, stats=stats, progress=progress)
+    unet, calibration_hash = calibrated["unet"].eval(), hash_state_dict(stats)
+    if config.quant.noise_correction != "none":
+        correction = _noise_correction(model, config, unet, calibration_hash, parts, cache_dir, label, progress,
+                                       report)
+        unet = NoiseCorrectedUNet(unet, correction).eval()
+        calibration_hash = hash_state_dict({**stats, **correction})
     logger.info("%s quantized to %s (stats: %s)", model.name, label, source)
-    return QuantizedModel(name=model.name, unet=calibrated["unet"].eval(), scheduler_config=model.scheduler_config,
-                          precision=label, config=config, calibration_hash=hash_state_dict(stats),
+    return QuantizedModel(name=model.name, unet=unet, scheduler_config=model.scheduler_config,
+                          precision=label, config=config, calibration_hash=calibration_hash,
                           cache_key=cache_key(parts), cache_hit=hit, stats_source=source, path=model.path,
                           decoder=model.decoder, text_encoder=model.text_encoder)
