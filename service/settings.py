@@ -99,7 +99,11 @@ class ServiceSettings(BaseSettings):
     worker_id: str | None = Field(None, description="consumer name; default HOST-PID")
     max_batch: int = Field(8, ge=1, description="jobs read per batch (XREADGROUP COUNT)")
     max_batch_images: int = Field(32, ge=1, description="images per UNet forward pass")
-    max_wait_ms: int = Field(2, ge=0, description="extra window to fill a batch after the first job arrives")
+    # 0 by default: under load the backlog fills each batch by itself (7.6 images per pass with 0 and with 2 ms,
+    # docs/BENCHMARKS.md), while a window makes every job that reaches an idle worker wait it out (2 ms of window
+    # cost 2.6 ms of queue overhead p50). Set it where bursts of small jobs reach idle workers.
+    max_wait_ms: int = Field(0, ge=0, le=10_000, description="extra window to fill a batch after the first job "
+                             "arrives (0: start at once; a backlog still forms full batches)")
     progress_interval_ms: int = Field(100, ge=0, description="least time between progress writes (and cancel checks)")
     block_ms: int = Field(500, ge=1, description="XREADGROUP BLOCK while idle")
     lease_ms: int = Field(15000, ge=100, description="a pending job idle this long is reclaimed by another worker")
