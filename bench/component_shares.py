@@ -16,13 +16,12 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import statistics
 import sys
-import time
 from collections.abc import Callable
 
 import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
+from speed import time_interleaved  # bench/ is the script's directory
 from transformers import CLIPTextConfig, CLIPTextModel
 
 SD15_UNET = dict(sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
@@ -68,16 +67,8 @@ def main(argv: list[str] | None = None) -> int:
         "VAE decode fp32": lambda: vae.decode(latents).sample,
         "VAE decode bf16": bf16(lambda: vae.decode(latents).sample),
     }
-    times: dict[str, list[float]] = {name: [] for name in calls}
     with torch.no_grad(), contextlib.redirect_stdout(sys.stderr):
-        for call in calls.values():  # warm-up
-            call()
-        for _ in range(args.repeats):
-            for name, call in calls.items():
-                begin = time.perf_counter()
-                call()
-                times[name].append(time.perf_counter() - begin)
-    s = {name: statistics.median(series) for name, series in times.items()}
+        s = time_interleaved(calls, args.repeats)
     print(f"Command: `python bench/component_shares.py {' '.join(sys.argv[1:] if argv is None else argv)}`; "
           f"torch {torch.__version__}, {args.threads} threads, {args.resolution}x{args.resolution}, "
           f"{args.repeats} interleaved repeats (medians)\n")

@@ -15,15 +15,13 @@ not depend on the scale values, so its qparams are not PTQ4DM's here (they could
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
-from speed import build_variants, cifar_model  # bench/ is the script's directory
+from speed import build_variants, cifar_model, time_interleaved  # bench/ is the script's directory
 
 from quantizer.diffusion.models import load_model
 from quantizer.execution.int8_x86 import UNetForward
@@ -82,21 +80,13 @@ def main() -> int:
         fns[f"{label} (torch)"] = lambda u=unet: u(x, t)
     with tempfile.TemporaryDirectory() as tmp:
         fns["int8 ORT QDQ"] = ort_int8_session(model.unet, args.batch, Path(tmp), torch.get_num_threads())
-        times: dict[str, list[float]] = {k: [] for k in fns}
         with torch.no_grad():
-            for fn in fns.values():
-                fn()
-            for _ in range(args.repeats):
-                for label, fn in fns.items():
-                    begin = time.perf_counter()
-                    fn()
-                    times[label].append(time.perf_counter() - begin)
-    base = statistics.median(times["fp32 eager (torch)"])
+            medians = time_interleaved(fns, args.repeats)
+    base = medians["fp32 eager (torch)"]
     print(f"`python bench/ort_compare.py {' '.join(sys.argv[1:])}`, {torch.get_num_threads()} threads, "
           f"{args.repeats} interleaved repeats (medians)\n")
     print(f"| {model.name}, batch {args.batch} | ms | x fp32 eager |\n|---|---|---|")
-    for label, values in times.items():
-        med = statistics.median(values)
+    for label, med in medians.items():
         print(f"| {label} | {med * 1e3:.1f} | {base / med:.2f} |")
     return 0
 
