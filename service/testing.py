@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from service.jobs import JobRecord
 from service.queue import MemoryBackend, QueueBackend
 
 
@@ -86,6 +87,12 @@ def have_redis() -> bool:
 
 # The params of a fixture that runs a contract test on both backends (see `open_backend`).
 BACKENDS = ["memory", pytest.param("redis", marks=pytest.mark.skipif(not have_redis(), reason="no redis-server"))]
+
+
+def job_record(**fields: object) -> JobRecord:
+    """A small job for the queue contract tests (model 'tiny', fp32, DDIM-2, one image, seed 7), fields overridden."""
+    return JobRecord(**{"model": "tiny", "precision": "fp32", "sampler": "ddim", "steps": 2, "n": 1, "seed": 7,
+                        **fields})
 
 
 def open_backend(request: pytest.FixtureRequest, **options: int) -> QueueBackend:

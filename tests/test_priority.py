@@ -14,7 +14,7 @@ import pytest_asyncio
 from service.jobs import JobRecord, stream_name
 from service.priority import NORMAL, AgingCounter, class_stream, level, read_order
 from service.queue import QueueFull
-from service.testing import BACKENDS, open_backend
+from service.testing import BACKENDS, job_record, open_backend
 
 pytest_plugins = ["service.testing"]
 STREAM = stream_name("tiny", "fp32")
@@ -23,8 +23,7 @@ K = 2  # aging_batches in these tests
 
 
 def job(priority: int = NORMAL, **kw: object) -> JobRecord:
-    fields = {"model": "tiny", "precision": "fp32", "sampler": "ddim", "steps": 2, "n": 1, "seed": 7, **kw}
-    return JobRecord(priority=priority, **fields)
+    return job_record(priority=priority, **kw)
 
 
 @pytest_asyncio.fixture(params=BACKENDS)

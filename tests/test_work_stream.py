@@ -12,18 +12,14 @@ import pytest
 import pytest_asyncio
 
 from service import events
-from service.jobs import JobRecord, stream_name
+from service.jobs import stream_name
 from service.testing import BACKENDS, open_backend
+from service.testing import job_record as job
 
 pytest_plugins = ["service.testing"]
 pytestmark = pytest.mark.asyncio
 STREAM = stream_name("tiny", "fp32")
 TTL = 60
-
-
-def job(**kw: object) -> JobRecord:
-    fields = {"model": "tiny", "precision": "fp32", "sampler": "ddim", "steps": 2, "n": 1, "seed": 7, **kw}
-    return JobRecord(**fields)
 
 
 @pytest_asyncio.fixture(params=BACKENDS)
