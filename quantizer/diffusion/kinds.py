@@ -64,22 +64,28 @@ class ModelKind:
         return "an unconditional latent model" if self.kind == LATENT else self.kind
 
 
+def _is_model_dir(path: Path) -> bool:
+    return (path / "unet" / "config.json").is_file()
+
+
 def builtin_model_names() -> list[str]:
     """The models committed under MODELS_DIR (a folder with a unet/ config): each is served by its folder name."""
     if not MODELS_DIR.is_dir():
         return []
-    return sorted(p.name for p in MODELS_DIR.iterdir() if (p / "unet" / "config.json").is_file())
+    return sorted(p.name for p in MODELS_DIR.iterdir() if _is_model_dir(p))
 
 
 def resolve_model_path(name_or_path: str | Path | None) -> str:
-    """None and the built-in names (the folders under MODELS_DIR, e.g. 'fashion-mnist-ddpm-cond') map to the
-    committed directories; anything else is passed through (a local path or a hub id). A local directory of the
-    same name in the working directory wins over a built-in, as it would without this mapping."""
-    name = BUILTIN_MODEL_NAME if name_or_path is None else str(name_or_path)
-    if name == BUILTIN_MODEL_NAME and not BUILTIN_MODEL_DIR.is_dir():
-        # otherwise diffusers would take the name for a hub id
-        raise ValueError(f"model: built-in weights not found at {BUILTIN_MODEL_DIR}; set PTQ4DM_MODELS_DIR")
-    if "/" not in name and not Path(name).exists() and (MODELS_DIR / name / "unet" / "config.json").is_file():
+    """None and the built-in name map to the committed directory, as always; the other folders under MODELS_DIR
+    (e.g. 'fashion-mnist-ddpm-cond') are found by name too, unless a local directory of that name exists in the
+    working directory (which wins, as it would without this mapping); anything else is passed through (a local
+    path or a hub id)."""
+    if name_or_path is None or str(name_or_path) == BUILTIN_MODEL_NAME:
+        if not BUILTIN_MODEL_DIR.is_dir():  # otherwise diffusers would take the path for a hub id
+            raise ValueError(f"model: built-in weights not found at {BUILTIN_MODEL_DIR}; set PTQ4DM_MODELS_DIR")
+        return str(BUILTIN_MODEL_DIR)
+    name = str(name_or_path)
+    if "/" not in name and not Path(name).exists() and _is_model_dir(MODELS_DIR / name):
         return str(MODELS_DIR / name)
     return name
 
