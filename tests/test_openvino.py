@@ -88,6 +88,23 @@ def test_reproduces_fake_quant_on_int8_kernels(precision, fake_w8a8, fake_w4a8, 
     assert weight_bytes(executor) < weight_bytes(tiny_unet) or not int8_dot_products_exact()
 
 
+def test_symmetric_activations_run_without_zero_points(tiny_unet, calib, fake_w8a8):
+    """act_symmetric: every input's zero point is mid-grid, lowered to i8 kernels, still the simulation's output."""
+    fake = quantized(tiny_unet, calib, act_symmetric=True)
+    layers = [m for m in fake.modules() if isinstance(m, QuantLayer)]
+    assert {int(m.input_quantizer.zero_point) for m in layers} == {128}
+    executor = build_openvino(fake, "openvino", max_batch=16, precision="f32")
+    assert executor.int8_layer_count() == int8_eligible(fake)
+    if int8_dot_products_exact():
+        assert "i8" in executor.layer_precisions()["Convolution"]
+        assert "u8" not in executor.layer_precisions()["Convolution"]
+    with torch.no_grad():
+        real = executor(calib.xs, calib.ts).sample
+    fake_out = per_sample(fake, calib)
+    assert rel_error(real, fake_out) < OPENVINO_VS_FAKE_BOUND
+    assert rel_error(fake_out, per_sample(fake_w8a8, calib)) > 0  # a different quantization, not the same one
+
+
 @pytest.mark.skipif(not cpu_bf16(), reason="OpenVINO has no native bf16 on this CPU")
 def test_bf16_elsewhere_stays_close_to_fake_quant(ov_w4a8, fake_w4a8, calib):
     assert ov_w4a8.precision == "f32"  # 'openvino' computes what the simulation does

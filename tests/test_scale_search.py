@@ -3,6 +3,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from quantizer.ptq.config import QuantConfig
 from quantizer.ptq.fake_quant import act_range, affine_qparams, fake_quantize, symmetric_scale, weight_range
 from quantizer.ptq.scale_search import (
     METRICS,
@@ -137,3 +138,27 @@ def test_unknown_metric_or_method_raises():
         search_weight_scale(torch.randn(2, 3), 3)
     with pytest.raises(ValueError, match="act_bits"):
         search_act_qparams(torch.randn(10), 4)
+
+
+@pytest.mark.parametrize("bits", [6, 8])
+def test_symmetric_activation_search_centres_the_grid_on_zero(bits):
+    x = heavy_tailed((20000,), seed=7).abs() - 0.3  # one-sided: the asymmetric range would fit it better
+    qrange = act_range(bits)
+    minmax = search_act_qparams(x, bits, method="minmax", symmetric=True)
+    scale, zero_point = search_act_qparams(x, bits, n_candidates=50, symmetric=True)
+    middle = (qrange.qmin + qrange.qmax + 1) // 2  # 128 at 8 bits: an i8 grid
+    assert int(zero_point) == int(minmax[1]) == middle
+    # the full range covers max(|lo|, hi) on the positive side, which is the larger here
+    torch.testing.assert_close(minmax[0] * (qrange.qmax - middle), x.max().clamp(min=-x.min()))
+    assert act_error(x, scale, zero_point, bits, "lp") <= act_error(x, *minmax, bits, "lp")
+    # the price of symmetry on a one-sided input: never better than the asymmetric search
+    assert act_error(x, *search_act_qparams(x, bits, n_candidates=50), bits, "lp") <= act_error(
+        x, scale, zero_point, bits, "lp")
+
+
+def test_symmetric_activations_are_an_option_outside_the_default_hash():
+    assert "act_symmetric" not in QuantConfig().to_dict()  # caches made before the option keep their keys
+    assert QuantConfig(act_symmetric=True).to_dict()["act_symmetric"] is True
+    assert QuantConfig(**QuantConfig(act_symmetric=True).to_dict()).act_symmetric  # the cache's JSON round trip
+    with pytest.raises(ValueError, match="act_symmetric"):
+        QuantConfig(act_symmetric="yes")

@@ -80,6 +80,11 @@ class QuantConfig:
         trajectories (quantizer.ptq.noise_correction). Applies to every sampler, deterministic DDIM included;
         PTQD's variance-schedule calibration (stochastic samplers only) is not implemented. The calibration
         statistics do not depend on it; not part of a config's hash when 'none'.
+    act_symmetric: every layer input's range is symmetric about zero (zero point at the middle of the unsigned
+        grid, 128 at 8 bits; the search shrinks max(|lo|, hi) instead of [lo, hi]). Why: OpenVINO lowers such an
+        input to an i8 kernel without a zero-point, which ran the built-in UNet's int8 graph 1.25x faster
+        (docs/BENCHMARKS.md); the price is up to one bit of resolution on one-sided inputs. Off by default (the
+        paper's asymmetric ranges); not part of a config's hash when off.
     """
 
     weight_bits: int = 8
@@ -99,6 +104,7 @@ class QuantConfig:
     split_concat: bool = False
     weight_bits_by_layer: tuple[tuple[str, int], ...] = ()
     noise_correction: str = "none"
+    act_symmetric: bool = False
 
     def __post_init__(self) -> None:
         check_bits(self.weight_bits, WEIGHT_BITS, "weight_bits")
@@ -117,7 +123,7 @@ class QuantConfig:
             raise ValueError(f"p must be a positive number, got {self.p!r}")
         _check_int(self.n_candidates, "n_candidates", 1)
         _check_int(self.act_samples, "act_samples", 1)
-        for name in ("keep_first_last_fp", "quantize_attention_matmuls", "split_concat"):
+        for name in ("keep_first_last_fp", "quantize_attention_matmuls", "split_concat", "act_symmetric"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
         if self.first_last_bits is not None:  # must be valid for both weights and activations
@@ -143,6 +149,8 @@ class QuantConfig:
             del out["weight_bits_by_layer"]
         if self.noise_correction == "none":
             del out["noise_correction"]
+        if not self.act_symmetric:
+            del out["act_symmetric"]
         return out
 
     def weight_bits_for(self, name: str) -> int:

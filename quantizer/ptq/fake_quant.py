@@ -85,6 +85,14 @@ def affine_qparams(lo: torch.Tensor, hi: torch.Tensor, qrange: QRange) -> tuple[
     return scale, zero_point
 
 
+def symmetric_act_qparams(threshold: torch.Tensor, qrange: QRange) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scale, zero_point) with the zero point in the middle of the unsigned grid and [-threshold, threshold]
+    inside it: at 8 bits zero point 128, so the grid is [-128, 127] * scale, an i8 grid without a zero-point."""
+    zero_point = (qrange.qmin + qrange.qmax + 1) // 2
+    scale = torch.clamp(threshold / (qrange.qmax - zero_point), min=SCALE_EPS)
+    return scale, torch.full_like(scale, float(zero_point))
+
+
 def channel_view(values: torch.Tensor, ndim: int) -> torch.Tensor:
     """Reshape a per-output-channel vector (C,) to broadcast against a weight of `ndim` dims: (C, 1, ...)."""
     return values.reshape(-1, *([1] * (ndim - 1)))

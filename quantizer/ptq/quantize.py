@@ -265,7 +265,8 @@ def _calibrate(unet: nn.Module, qcfg: QuantConfig, calibration: CalibrationSet, 
                               RuntimeWarning, stacklevel=3)
                 continue
             scale, zero_point = search_act_qparams(observer.values(), int(quantizer.bits), qcfg.metric, qcfg.p,
-                                                   qcfg.n_candidates, qcfg.search, observer.lo, observer.hi)
+                                                   qcfg.n_candidates, qcfg.search, observer.lo, observer.hi,
+                                                   qcfg.act_symmetric)
             _check_searched(name, scale, observer.lo, observer.hi)
             quantizer.set_qparams(scale, zero_point)
     finally:

@@ -10,7 +10,14 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from quantizer.ptq.fake_quant import act_range, affine_qparams, fake_quantize, symmetric_scale, weight_range
+from quantizer.ptq.fake_quant import (
+    act_range,
+    affine_qparams,
+    fake_quantize,
+    symmetric_act_qparams,
+    symmetric_scale,
+    weight_range,
+)
 
 METRICS: tuple[str, ...] = ("lp", "mse", "l1", "cosine", "kl")
 SEARCH_METHODS: tuple[str, ...] = ("grid", "minmax")
@@ -104,12 +111,13 @@ def search_weight_scale(weight: torch.Tensor, bits: int, metric: str = "lp", p: 
 @torch.no_grad()
 def search_act_qparams(values: torch.Tensor, bits: int, metric: str = "lp", p: float = 2.4,
                        n_candidates: int = 100, method: str = "grid", lo: float | None = None,
-                       hi: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                       hi: float | None = None, symmetric: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-tensor asymmetric (scale, zero_point) as 0-dim float32 tensors.
 
     `values` is the (sub)sample the error is measured on; `lo`/`hi` are the exact extremes seen during
     calibration (they may lie outside a subsample) and default to the sample's own. Candidates shrink
-    [min(lo, 0), max(hi, 0)] towards 0 by the same factor on both sides.
+    [min(lo, 0), max(hi, 0)] towards 0 by the same factor on both sides. symmetric: candidates shrink
+    [-m, m] with m = max(|lo|, hi), the zero point fixed mid-grid (QuantConfig.act_symmetric).
     """
     _check(metric, method)
     qrange = act_range(bits)
@@ -119,12 +127,20 @@ def search_act_qparams(values: torch.Tensor, bits: int, metric: str = "lp", p: f
     lo_t = torch.as_tensor(row.min().item() if lo is None else lo, dtype=torch.float32, device=row.device)
     hi_t = torch.as_tensor(row.max().item() if hi is None else hi, dtype=torch.float32, device=row.device)
     lo_t, hi_t = lo_t.clamp(max=0.0), hi_t.clamp(min=0.0)
-    best = affine_qparams(lo_t, hi_t, qrange)
+    if symmetric:
+        threshold = torch.maximum(-lo_t, hi_t)
+
+        def qparams(alpha: float) -> tuple[torch.Tensor, torch.Tensor]:
+            return symmetric_act_qparams(threshold * alpha, qrange)
+    else:
+        def qparams(alpha: float) -> tuple[torch.Tensor, torch.Tensor]:
+            return affine_qparams(lo_t * alpha, hi_t * alpha, qrange)
+    best = qparams(1.0)
     if method == "minmax":
         return best
     best_err = float("inf")
     for alpha in candidate_fractions(n_candidates).tolist():
-        scale, zero_point = affine_qparams(lo_t * alpha, hi_t * alpha, qrange)
+        scale, zero_point = qparams(alpha)
         err = quant_error(row, fake_quantize(row, scale, zero_point, qrange), metric, p).item()
         if err < best_err:
             best_err, best = err, (scale, zero_point)
