@@ -127,6 +127,10 @@ def variants() -> list[Variant]:
         out.append(Variant(f"{precision} groups", precision, GROUPS, "preset", False))  # recommended before GPTQ
         out += [Variant(f"{precision} {preset}", precision, {"preset": preset}, "preset", False)
                 for preset in ("recommended", "faithful")]
+        # faithful with only the last quarter of the time-steps (t >= 750) in full precision: does its fp32 share
+        # (its speed cost) need to be a half?
+        out.append(Variant(f"{precision} faithful, float t>=750", precision, {"preset": "faithful", "float_groups": 1},
+                           "preset", False))
     return out
 
 

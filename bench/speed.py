@@ -57,7 +57,8 @@ CIFAR_UNET_CONFIG = {
     "attention_head_dim": None, "downsample_padding": 0, "flip_sin_to_cos": False, "freq_shift": 1,
     "norm_eps": 1e-6, "norm_num_groups": 32,
 }
-VARIANTS: tuple[tuple[str, str, str], ...] = (  # label, precision (a "w8a8 <preset>" names a preset), backend
+# label, precision, backend; a precision "w8a8 <preset> [field=json ...]" names a preset and overrides of it
+VARIANTS: tuple[tuple[str, str, str], ...] = (
     ("fp32 eager", "fp32", "eager"),
     ("fp32 compiled", "fp32", "compiled"),
     ("bf16 compiled", "fp32", "bf16"),
@@ -72,6 +73,11 @@ VARIANTS: tuple[tuple[str, str, str], ...] = (  # label, precision (a "w8a8 <pre
     ("recommended openvino", "w8a8 recommended", "openvino"),
     ("faithful openvino", "w8a8 faithful", "openvino"),
     ("faithful openvino-int8-bf16", "w8a8 faithful", "openvino-int8-bf16"),
+    # Cheaper `faithful`s, measured for fidelity in docs/RESULTS.md: symmetric activation ranges (i8 kernels without
+    # zero-points) and only the last quarter of the time-steps in fp32.
+    ("faithful symmetric openvino", "w8a8 faithful act_symmetric=true", "openvino"),
+    ("faithful t>=750 openvino", "w8a8 faithful float_groups=1", "openvino"),
+    ("faithful t>=750 symmetric openvino", "w8a8 faithful float_groups=1 act_symmetric=true", "openvino"),
 )
 # One forward per quarter of the time-steps, so a time-step-grouped preset is timed over all of its graphs.
 TIMESTEPS = (125, 375, 625, 875)
@@ -85,14 +91,17 @@ def cifar_model() -> DiffusionModel:
 
 
 def quantized(model: DiffusionModel, precision: str = "w8a8") -> DiffusionModel:
-    """The speed variants' W8A8 model; "w8a8 <preset>" is that preset (the built-in model's shipped statistics)."""
-    bits, _, preset = precision.partition(" ")
+    """The speed variants' W8A8 model; "w8a8 <preset> [field=json ...]" is that preset (the built-in model's shipped
+    statistics) with those fields overridden."""
+    bits, _, spec = precision.partition(" ")
+    preset, *fields = spec.split()
     if model.name == "cifar10-sized-random":  # random weights: min-max ranges from a few random trajectories
         overrides: dict = {"n_samples": 8, "steps": 4, "batch_size": 8, "search": "minmax"}
     else:
         overrides = {"n_samples": 64, "steps": 25}
     if preset:
         overrides = {"preset": preset, **(overrides if model.name == "cifar10-sized-random" else {})}
+        overrides.update({key: json.loads(value) for key, value in (field.split("=", 1) for field in fields)})
     return quantize_model(model, bits, overrides, cache_dir="runs/calibration-cache", progress=False)
 
 
