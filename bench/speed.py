@@ -94,7 +94,7 @@ def quantized(model: DiffusionModel, precision: str = "w8a8") -> DiffusionModel:
     """The speed variants' W8A8 model; "w8a8 <preset> [field=json ...]" is that preset (the built-in model's shipped
     statistics) with those fields overridden."""
     bits, _, spec = precision.partition(" ")
-    preset, *fields = spec.split()
+    preset, *fields = spec.split() or [""]
     if model.name == "cifar10-sized-random":  # random weights: min-max ranges from a few random trajectories
         overrides: dict = {"n_samples": 8, "steps": 4, "batch_size": 8, "search": "minmax"}
     else:
