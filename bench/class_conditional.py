@@ -26,7 +26,7 @@ from quantizer.evaluation.classifier import load_classifier
 from quantizer.evaluation.evaluate import generate_in_batches, reference_stats, samples_cache_dir
 from quantizer.evaluation.fd import extract_features, frechet_distance, gaussian_stats
 from quantizer.execution.executor import build_executor
-from quantizer.ptq.pipeline import quantize_model
+from quantizer.ptq.pipeline import build_config, quantize_model
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -62,7 +62,10 @@ def main(argv: list[str] | None = None) -> int:
         quantized = quantize_model(model, precision, {"preset": preset} if preset else None, cache_dir=args.cache_dir)
         unet = build_executor(quantized.unet, args.backend if preset else "eager", max_batch=args.batch_size)
         backend = getattr(unet, "backend", "eager" if preset is None else args.backend)
-        key = "fp32" if preset is None else f"{precision}-{quantized.cache_key[:12]}-{backend}"
+        # the statistics' key leaves out what only chooses how they run (float_groups: faithful and recommended
+        # share statistics), so the samples are keyed by the whole resolved config as well
+        config_hash = build_config(precision, {"preset": preset}).stable_hash()[:10] if preset else ""
+        key = "fp32" if preset is None else f"{precision}-{quantized.cache_key[:12]}-{config_hash}-{backend}"
         cache = samples_cache_dir(args.samples_dir, model, f"{key}-labels-mod{model.num_classes}", args.sampler,
                                   args.steps)
         start = time.time()

@@ -129,7 +129,10 @@ def variants() -> list[Variant]:
                 for preset in ("recommended", "faithful")]
         # faithful with only the last quarter of the time-steps (t >= 750) in full precision: does its fp32 share
         # (its speed cost) need to be a half?
-        out.append(Variant(f"{precision} faithful, float t>=750", precision, {"preset": "faithful", "float_groups": 1},
+        out.append(Variant(f"{precision} faithful fp32 t>=750", precision, {"preset": "faithful", "float_groups": 1},
+                           "preset", False))
+        # faithful with symmetric activation ranges (i8 kernels without zero-points: faster int8 groups)
+        out.append(Variant(f"{precision} faithful symmetric", precision, {"preset": "faithful", "act_symmetric": True},
                            "preset", False))
     return out
 

@@ -75,6 +75,7 @@ VARIANTS: tuple[tuple[str, str, str], ...] = (
     ("faithful openvino-int8-bf16", "w8a8 faithful", "openvino-int8-bf16"),
     # Cheaper `faithful`s, measured for fidelity in docs/RESULTS.md: symmetric activation ranges (i8 kernels without
     # zero-points) and only the last quarter of the time-steps in fp32.
+    ("recommended symmetric openvino", "w8a8 recommended act_symmetric=true", "openvino"),
     ("faithful symmetric openvino", "w8a8 faithful act_symmetric=true", "openvino"),
     ("faithful t>=750 openvino", "w8a8 faithful float_groups=1", "openvino"),
     ("faithful t>=750 symmetric openvino", "w8a8 faithful float_groups=1 act_symmetric=true", "openvino"),
