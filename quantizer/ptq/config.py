@@ -82,7 +82,7 @@ class QuantConfig:
         statistics do not depend on it; not part of a config's hash when 'none'.
     act_symmetric: every layer input's range is symmetric about zero (zero point at the middle of the unsigned
         grid, 128 at 8 bits; the search shrinks max(|lo|, hi) instead of [lo, hi]). Why: OpenVINO lowers such an
-        input to an i8 kernel without a zero-point, which ran the built-in UNet's int8 graph 1.25x faster
+        input to an i8 kernel without a zero-point, 1.5x faster convolutions than u8 with a zero-point
         (docs/BENCHMARKS.md); the price is up to one bit of resolution on one-sided inputs. Off by default (the
         paper's asymmetric ranges); not part of a config's hash when off.
     """
