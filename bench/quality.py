@@ -134,6 +134,10 @@ def variants() -> list[Variant]:
         # faithful with symmetric activation ranges (i8 kernels without zero-points: faster int8 groups)
         out.append(Variant(f"{precision} faithful symmetric", precision, {"preset": "faithful", "act_symmetric": True},
                            "preset", False))
+        # faithful whose noise-end groups run int8 but for the layers bench/noise_end_layers.py ranks first
+        out.append(Variant(f"{precision} balanced", precision, {"preset": "balanced"}, "preset", False))
+        out.append(Variant(f"{precision} balanced symmetric", precision, {"preset": "balanced", "act_symmetric": True},
+                           "preset", False))
     return out
 
 

@@ -125,3 +125,32 @@ def test_float_groups_run_the_fp_model_at_the_noise_end_on_the_same_statistics(g
     with pytest.raises(ValueError, match="float_groups must be < timestep_groups"):
         QuantConfig(timestep_groups=2, float_groups=2)
     assert "float_groups" not in QuantConfig().to_dict()
+
+
+def test_float_group_layers_keep_only_the_named_layers_float_at_the_noise_end(grouped):
+    model, q, cache = grouped
+    names = [n for n, m in q.unet.members[0].named_modules() if isinstance(m, QuantLayer)]
+    named, others = names[1], names[:1] + names[2:]
+    mixed = quantize_model(model, "w8a8", {**GROUPED, "float_groups": 1, "float_group_layers": [named]},
+                           cache_dir=cache, progress=False)
+    assert mixed.stats_source == "cache" and mixed.calibration_hash == q.calibration_hash  # nothing recalibrated
+    high, reference = dict(mixed.unet.members[1].named_modules()), dict(q.unet.members[1].named_modules())
+    assert not isinstance(high[named], QuantLayer)  # the model's own float layer, full-precision weights
+    assert torch.equal(high[named].weight, model.unet.get_submodule(named).weight)
+    assert all(isinstance(high[n], QuantLayer) for n in others)  # the rest int8 on the noise-end group's ranges
+    assert all(float(high[n].input_quantizer.scale) == float(reference[n].input_quantizer.scale) for n in others)
+    x = torch.randn(2, 1, 16, 16, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        assert torch.equal(mixed.unet(x, 30).sample, q.unet(x, 30).sample)  # t < 500: the quantized group as is
+        simulated = mixed.unet(x, 800).sample
+        assert not torch.equal(simulated, q.unet(x, 800).sample)
+        executor = build_executor(mixed.unet, "openvino", max_batch=8)
+        if int8_dot_products_exact():  # the named layer is the one the noise-end graph runs in float
+            assert executor.members[1].int8_layer_count() == executor.members[0].int8_layer_count() - 1
+        assert rel_error(executor(x, 800).sample, simulated) < 0.03
+    with pytest.raises(ValueError, match="match no quantized layer"):
+        quantize_model(model, "w8a8", {**GROUPED, "float_groups": 1, "float_group_layers": ["no_such_layer*"]},
+                       cache_dir=cache, progress=False)
+    with pytest.raises(ValueError, match="float_group_layers needs float_groups"):
+        QuantConfig(timestep_groups=2, float_group_layers=(named,))
+    assert "float_group_layers" not in QuantConfig().to_dict()

@@ -61,6 +61,13 @@ class QuantConfig:
         multiplies the noise estimate's error by 1/sqrt(alpha_bar_t) (~100x); 1% of random error there turns some
         seeds into other objects, the same error at t < T/2 costs nothing (docs/RESULTS.md). The statistics do not
         depend on it (not part of the calibration-cache key). 0 (default) quantizes every group.
+    float_group_layers: fnmatch patterns of quantized layers that alone run in full precision in the float groups;
+        every other layer there runs int8 on that group's own ranges. Empty (default) = the whole UNet in full
+        precision there. Why: the noise-end error of the int8 graph is spread thinly except for a few layers
+        (docs/SENSITIVITY.md, "The noise end: which layers"), so floating those few keeps most of the accuracy of
+        the fp32 half at most of the int8 speed. A pattern that matches no quantized layer is an error (it must
+        never quietly leave the noise end all-int8). Not part of the calibration-cache key; not part of a config's
+        hash when empty.
     timestep_groups: activation ranges per group of diffusion time-steps (G equal groups of [0, T), each
         calibrated on its own share of the calibration set; quantizer.ptq.timestep_groups). 1 = the paper's one
         range per tensor. Not part of a config's hash when 1, so caches made before it existed stay valid.
@@ -101,6 +108,7 @@ class QuantConfig:
     timestep_groups: int = 1
     weight_rounding: str = "nearest"
     float_groups: int = 0
+    float_group_layers: tuple[str, ...] = ()
     split_concat: bool = False
     weight_bits_by_layer: tuple[tuple[str, int], ...] = ()
     noise_correction: str = "none"
@@ -131,6 +139,13 @@ class QuantConfig:
         if isinstance(self.skip, str) or not all(isinstance(s, str) for s in self.skip):
             raise ValueError(f"skip must be a sequence of module-name patterns, got {self.skip!r}")
         object.__setattr__(self, "skip", tuple(self.skip))
+        if isinstance(self.float_group_layers, str) or not all(isinstance(s, str) and s
+                                                               for s in self.float_group_layers):
+            raise ValueError("float_group_layers must be a sequence of module-name patterns, got "
+                             f"{self.float_group_layers!r}")
+        object.__setattr__(self, "float_group_layers", tuple(self.float_group_layers))
+        if self.float_group_layers and not self.float_groups:
+            raise ValueError("float_group_layers needs float_groups >= 1 (the groups whose layers they name)")
         object.__setattr__(self, "p", float(self.p))
 
     def to_dict(self) -> dict[str, Any]:
@@ -141,6 +156,10 @@ class QuantConfig:
             del out["weight_rounding"]
         if self.float_groups == 0:
             del out["float_groups"]
+        if self.float_group_layers:
+            out["float_group_layers"] = list(self.float_group_layers)
+        else:
+            del out["float_group_layers"]
         if not self.split_concat:
             del out["split_concat"]
         if self.weight_bits_by_layer:
@@ -254,14 +273,19 @@ class PTQ4DMConfig:
 
 # Named starting points for the QuantConfig / CalibrationConfig fields of a quantized precision; explicit
 # overrides win over a preset's values. 'ptq4dm' is the paper's method exactly (NDTC, one range per tensor,
-# first/last layers at 8 bits) and the library's default; 'recommended' is what the measurements in
-# docs/SENSITIVITY.md chose, and what the CLI and the service use unless told otherwise.
+# first/last layers at 8 bits) and the library's default; the others are what the measurements in
+# docs/SENSITIVITY.md and docs/RESULTS.md chose; the CLI and the service use SERVING_PRESET unless told otherwise.
 PRESETS: dict[str, dict[str, object]] = {
     "ptq4dm": {},
     "recommended": {"method": "uniform", "timestep_groups": 4, "keep_first_last_fp": True, "weight_rounding": "gptq"},
     # the noise-end half of the time-steps in full precision: the images stay the FP ones, at a speed cost
     "faithful": {"method": "uniform", "timestep_groups": 4, "keep_first_last_fp": True, "weight_rounding": "gptq",
                  "float_groups": 2},
+    # the noise-end half int8 on its own ranges but for the last up block's resnet outputs, which
+    # bench/noise_end_layers.py ranks first there (~6% of the multiply-accumulates of the built-in UNet)
+    "balanced": {"method": "uniform", "timestep_groups": 4, "keep_first_last_fp": True, "weight_rounding": "gptq",
+                 "float_groups": 2,
+                 "float_group_layers": ("up_blocks.-1.resnets.*.conv2", "up_blocks.-1.resnets.*.conv_shortcut")},
 }
 LIBRARY_PRESET = "ptq4dm"
 

@@ -31,7 +31,7 @@ from quantizer.ptq.config import (
 )
 from quantizer.ptq.noise_correction import NoiseCorrectedUNet, estimate, record_pairs
 from quantizer.ptq.progress import ProgressFn, ProgressLog
-from quantizer.ptq.quantize import export_stats, load_stats, quantize_
+from quantizer.ptq.quantize import export_stats, load_stats, quantize_, restore_float_layers
 from quantizer.ptq.timestep_groups import (
     WEIGHT_KEY,
     TimestepGroupedUNet,
@@ -138,6 +138,7 @@ def _stats_config(config: PTQ4DMConfig) -> dict[str, Any]:
     estimated after them (an entry of its own, `_noise_correction`)."""
     out = config.to_dict()
     out["quant"].pop("float_groups", None)
+    out["quant"].pop("float_group_layers", None)
     out["quant"].pop("noise_correction", None)
     return out
 
@@ -215,7 +216,12 @@ def _grouped_unet(model: DiffusionModel, config: PTQ4DMConfig, group_stats: list
         member = share_weights(base)
         load_stats(member, {k: group_stats[0][k] if WEIGHT_KEY in k else v for k, v in stats.items()})
         members.append(member)
-    if config.quant.float_groups:  # one float copy serves every float group
+    if config.quant.float_group_layers:  # int8 on each float group's own ranges but for the named layers
+        for stats in group_stats[quantized:]:
+            member = share_weights(base)
+            load_stats(member, {k: group_stats[0][k] if WEIGHT_KEY in k else v for k, v in stats.items()})
+            members.append(restore_float_layers(member, model.unet, config.quant.float_group_layers))
+    elif config.quant.float_groups:  # one float copy serves every float group
         members += [copy.deepcopy(model.unet).eval()] * config.quant.float_groups
     return TimestepGroupedUNet(members, edges).eval()
 

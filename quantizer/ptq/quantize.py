@@ -7,9 +7,11 @@ range search on the pooled samples. Weight ranges need no data and are searched 
 
 from __future__ import annotations
 
+import copy
 import fnmatch
 import logging
 import math
+import re
 import warnings
 import zlib
 from collections.abc import Iterator
@@ -171,6 +173,36 @@ def load_stats(unet: nn.Module, stats: dict[str, torch.Tensor]) -> None:
     for module in unet.modules():
         if isinstance(module, QuantLayer):
             module.apply_rounded()
+
+
+def resolve_negative_indices(pattern: str, unet: nn.Module) -> str:
+    """'up_blocks.-1.resnets.*' -> 'up_blocks.3.resnets.*' on a UNet with four up blocks: a negative index after a
+    top-level ModuleList counts from its end, so one pattern names the same part of UNets of any depth."""
+    def index(match: re.Match[str]) -> str:
+        blocks = getattr(unet, match.group(1), None)
+        if not isinstance(blocks, nn.ModuleList) or not 1 <= int(match.group(2)) <= len(blocks):
+            raise ValueError(f"pattern {pattern!r}: the UNet has no {match.group(1)}[-{match.group(2)}]")
+        return f"{match.group(1)}.{len(blocks) - int(match.group(2))}"
+
+    return re.sub(r"^(\w+)\.-(\d+)(?=\.|$)", index, pattern)
+
+
+def restore_float_layers(unet: nn.Module, float_unet: nn.Module, patterns: tuple[str, ...]) -> nn.Module:
+    """`unet` with each quantized layer whose name matches a pattern replaced by a copy of float_unet's layer of
+    that name (full-precision weights and input); returns unet. Every backend then sees a plain Conv2d/Linear
+    there and runs it in float. Patterns are fnmatch patterns of module names, with negative indices into
+    top-level block lists (resolve_negative_indices). A pattern that matches no quantized layer raises ValueError."""
+    patterns = tuple(resolve_negative_indices(p, unet) for p in patterns)
+    names = [name for name, module in unet.named_modules() if isinstance(module, QuantLayer)]
+    unmatched = [p for p in patterns if not any(fnmatch.fnmatchcase(name, p) for name in names)]
+    if unmatched:
+        raise ValueError(f"float_group_layers: {unmatched} match no quantized layer (quantized: {names[:3]}...)")
+    for name in names:
+        if any(fnmatch.fnmatchcase(name, p) for p in patterns):
+            parent_name, _, child = name.rpartition(".")
+            parent = unet.get_submodule(parent_name) if parent_name else unet
+            setattr(parent, child, copy.deepcopy(float_unet.get_submodule(name)))
+    return unet
 
 
 def _skipped(name: str, patterns: tuple[str, ...]) -> bool:

@@ -1,0 +1,143 @@
+"""Which layers the noise end needs in float: a greedy ranking on the float groups of a time-step-grouped preset.
+
+Why: `faithful` runs its noise-end time-step groups in fp32 (a deterministic sampler decides there what the image
+shows, docs/RESULTS.md), which makes its forward ~25% slower than the int8 graphs at batch 16. If the int8 error of
+those groups sits in a few layers, floating just those keeps most of the accuracy at most of the int8 speed
+(QuantConfig.float_group_layers). This measures where it sits.
+
+For each float group of the preset (its activation ranges are calibrated even though the preset does not run
+them), starting from that group's all-int8 UNet, it keeps in float (full-precision input and weights, the model's
+own layer) the layer whose float copy lowers the one-forward error most, and repeats. One-forward error: mean
+||eps_q - eps_fp|| / ||eps_fp|| over the held-out (x_t, t) pairs of bench/sensitivity.py that fall in the group;
+MAC share: the float layers' share of one forward's multiply-accumulates.
+
+    python bench/noise_end_layers.py --steps 8 --out runs/noise-end-layers.md     # W8A8 `faithful`, ~15 min
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from sensitivity import HELD_OUT_SEED, _flops_share  # noqa: E402  (the sensitivity report's held-out pairs)
+
+from quantizer.diffusion.models import DiffusionModel, load_model  # noqa: E402
+from quantizer.ptq.calibration import build_calibration_set  # noqa: E402
+from quantizer.ptq.config import CalibrationConfig  # noqa: E402
+from quantizer.ptq.pipeline import build_config, quantize_model  # noqa: E402
+from quantizer.ptq.quant_modules import QuantLayer  # noqa: E402
+
+
+class LayerSwitch:
+    """Puts the model's own float layer in place of chosen quantized layers of a UNet (and back)."""
+
+    def __init__(self, unet: nn.Module, float_unet: nn.Module) -> None:
+        self.unet = unet
+        self.quantized = {n: m for n, m in unet.named_modules() if isinstance(m, QuantLayer)}
+        self.floats = {n: float_unet.get_submodule(n) for n in self.quantized}
+
+    def set_float(self, names: set[str]) -> None:
+        for name, module in self.quantized.items():
+            parent_name, _, child = name.rpartition(".")
+            parent = self.unet.get_submodule(parent_name) if parent_name else self.unet
+            setattr(parent, child, self.floats[name] if name in names else module)
+
+
+@torch.no_grad()
+def rel_error(unet: nn.Module, xs: torch.Tensor, ts: torch.Tensor, ref: torch.Tensor, batch: int = 64) -> float:
+    out = torch.cat([unet(xs[i:i + batch], ts[i:i + batch]).sample for i in range(0, len(xs), batch)])
+    return float(((out - ref).flatten(1).norm(dim=1) / ref.flatten(1).norm(dim=1).clamp_min(1e-12)).mean())
+
+
+def greedy(switch: LayerSwitch, xs: torch.Tensor, ts: torch.Tensor, ref: torch.Tensor, steps: int,
+           macs: dict[str, float]) -> dict[str, Any]:
+    """The all-int8 error, then after each step the layer floated, the error and the float layers' MAC share."""
+    floated: set[str] = set()
+    switch.set_float(floated)
+    row: dict[str, Any] = {"pairs": len(xs), "int8": rel_error(switch.unet, xs, ts, ref), "steps": []}
+    for _ in range(min(steps, len(switch.quantized))):
+        scores = {}
+        for name in switch.quantized:
+            if name not in floated:
+                switch.set_float(floated | {name})
+                scores[name] = rel_error(switch.unet, xs, ts, ref)
+        best = min(scores, key=scores.__getitem__)
+        floated.add(best)
+        row["steps"].append({"layer": best, "rel_error": scores[best],
+                             "mac_share": sum(macs.get(n, 0.0) for n in floated)})
+        print(f"  + {best}: {scores[best]:.5f}", file=sys.stderr, flush=True)
+    switch.set_float(set())
+    return row
+
+
+def run(model: DiffusionModel, precision: str, config: dict[str, Any], n_pairs: int, steps: int,
+        cache_dir: str | None) -> dict[str, Any]:
+    """config: the quantization overrides (a preset and/or fields) whose float groups are ranked."""
+    float_groups = build_config(precision, config).quant.float_groups
+    if not float_groups:
+        raise ValueError(f"{config} has no float groups to rank layers for")
+    # the same statistics with every group quantized: the float groups' int8 UNets, on their own ranges
+    q = quantize_model(model, precision, {**config, "float_groups": 0, "float_group_layers": []},
+                       cache_dir=cache_dir, progress=False)
+    pairs = build_calibration_set(model.unet, model.scheduler_config,
+                                  CalibrationConfig(method="uniform", n_samples=n_pairs, seed=HELD_OUT_SEED,
+                                                    batch_size=64), progress=False)
+    edges = [*q.unet.edges, int(model.scheduler_config["num_train_timesteps"])]
+    macs = _flops_share(model)
+    groups = {}
+    for g in range(len(q.unet.edges) - float_groups, len(q.unet.edges)):
+        keep = (pairs.ts >= edges[g]) & (pairs.ts < edges[g + 1])
+        xs, ts = pairs.xs[keep], pairs.ts[keep]
+        with torch.no_grad():
+            ref = model.unet(xs, ts).sample
+        print(f"group [{edges[g]}, {edges[g + 1]}): {len(xs)} pairs", file=sys.stderr, flush=True)
+        groups[f"{edges[g]}-{edges[g + 1]}"] = greedy(LayerSwitch(q.unet.members[g], model.unet), xs, ts, ref,
+                                                      steps, macs)
+    return {"precision": precision, "config": config, "calibration_hash": q.calibration_hash,
+            "stats_source": q.stats_source, "groups": groups}
+
+
+def report(result: dict[str, Any], command: str) -> str:
+    lines = [f"Command: `{command}`. {result['precision'].upper()} `{json.dumps(result['config'])}` (stats: "
+             f"{result['stats_source']}, {result['calibration_hash'][:12]}), fake quant.", ""]
+    for span, row in result["groups"].items():
+        lines += [f"Group t in [{span.replace('-', ', ')}) ({row['pairs']} held-out pairs): all int8 "
+                  f"{row['int8']:.4f}", "", "| + float layer | rel. error | float MAC share |", "|---|---|---|"]
+        lines += [f"| `{s['layer']}` | {s['rel_error']:.4f} | {100 * s['mac_share']:.1f}% |" for s in row["steps"]]
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default=None, help="built-in name or a diffusers directory (default: built-in)")
+    parser.add_argument("--precision", default="w8a8")
+    parser.add_argument("--preset", default="faithful")
+    parser.add_argument("--pairs", type=int, default=256, help="held-out pairs over all time-steps")
+    parser.add_argument("--steps", type=int, default=8, help="layers to add, per group")
+    parser.add_argument("--cache-dir", default="runs/calibration-cache")
+    parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args(argv)
+    torch.manual_seed(0)
+    result = run(load_model(args.model), args.precision, {"preset": args.preset}, args.pairs, args.steps,
+                 args.cache_dir)
+    text = report(result, shlex.join(["python", "bench/noise_end_layers.py", *(argv or sys.argv[1:])]))
+    print(text)
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=1))
+    if args.out:
+        args.out.write_text(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
