@@ -16,7 +16,7 @@ from quantizer.ptq.calibration import build_calibration_set
 from quantizer.ptq.config import PTQ4DMConfig, QuantConfig
 from quantizer.ptq.pipeline import build_config, quantize_model
 from quantizer.ptq.quant_modules import QuantLayer
-from quantizer.ptq.quantize import quantize_
+from quantizer.ptq.quantize import quantize_, resolve_negative_indices
 from quantizer.ptq.timestep_groups import TimestepGroupedUNet, group_edges, group_index, split_calibration
 
 pytest_plugins = ["service.testing"]
@@ -154,3 +154,13 @@ def test_float_group_layers_keep_only_the_named_layers_float_at_the_noise_end(gr
     with pytest.raises(ValueError, match="float_group_layers needs float_groups"):
         QuantConfig(timestep_groups=2, float_group_layers=(named,))
     assert "float_group_layers" not in QuantConfig().to_dict()
+
+
+def test_negative_block_indices_name_the_same_part_of_any_unet(tiny_unet):
+    last = len(tiny_unet.up_blocks) - 1
+    assert resolve_negative_indices("up_blocks.-1.resnets.*.conv2", tiny_unet) == f"up_blocks.{last}.resnets.*.conv2"
+    assert resolve_negative_indices("down_blocks.-2", tiny_unet) == f"down_blocks.{len(tiny_unet.down_blocks) - 2}"
+    assert resolve_negative_indices("up_blocks.1.conv", tiny_unet) == "up_blocks.1.conv"  # no negative index
+    for bad in ("up_blocks.-99.x", "up_blocks.-0.x", "conv_in.-1"):
+        with pytest.raises(ValueError, match="the UNet has no"):
+            resolve_negative_indices(bad, tiny_unet)
