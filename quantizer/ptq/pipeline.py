@@ -210,17 +210,17 @@ def _grouped_unet(model: DiffusionModel, config: PTQ4DMConfig, group_stats: list
     """One fake-quant member per group, all on the first group's quantized weights (every group shares them)
     and each with its own activation ranges."""
     base = quantize_(copy.deepcopy(model.unet), config, stats=group_stats[0], progress=False)
-    members = [base]
-    quantized = len(edges) - config.quant.float_groups  # the float groups' stats exist but are not run
-    for stats in group_stats[1:quantized]:
+
+    def member_of(stats: dict[str, torch.Tensor]) -> torch.nn.Module:  # the base's weights, these ranges
         member = share_weights(base)
         load_stats(member, {k: group_stats[0][k] if WEIGHT_KEY in k else v for k, v in stats.items()})
-        members.append(member)
+        return member
+
+    quantized = len(edges) - config.quant.float_groups  # the float groups' stats exist but are not run
+    members = [base, *(member_of(stats) for stats in group_stats[1:quantized])]
     if config.quant.float_group_layers:  # int8 on each float group's own ranges but for the named layers
-        for stats in group_stats[quantized:]:
-            member = share_weights(base)
-            load_stats(member, {k: group_stats[0][k] if WEIGHT_KEY in k else v for k, v in stats.items()})
-            members.append(restore_float_layers(member, model.unet, config.quant.float_group_layers))
+        members += [restore_float_layers(member_of(stats), model.unet, config.quant.float_group_layers)
+                    for stats in group_stats[quantized:]]
     elif config.quant.float_groups:  # one float copy serves every float group
         members += [copy.deepcopy(model.unet).eval()] * config.quant.float_groups
     return TimestepGroupedUNet(members, edges).eval()
