@@ -11,7 +11,7 @@ own layer) the layer whose float copy lowers the one-forward error most, and rep
 ||eps_q - eps_fp|| / ||eps_fp|| over the held-out (x_t, t) pairs of bench/sensitivity.py that fall in the group;
 MAC share: the float layers' share of one forward's multiply-accumulates.
 
-    python bench/noise_end_layers.py --steps 8 --out runs/noise-end-layers.md     # W8A8 `faithful`, ~15 min
+    python bench/noise_end_layers.py --steps 6 --out runs/noise-end-layers.md     # W8A8 `faithful`, ~10 min
 """
 
 from __future__ import annotations
@@ -27,13 +27,14 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from sensitivity import HELD_OUT_SEED, _flops_share  # noqa: E402  (the sensitivity report's held-out pairs)
+from sensitivity import HELD_OUT_SEED, _flops_share, eps, one_forward_errors  # noqa: E402  (its held-out pairs)
 
 from quantizer.diffusion.models import DiffusionModel, load_model  # noqa: E402
-from quantizer.ptq.calibration import build_calibration_set  # noqa: E402
+from quantizer.ptq.calibration import CalibrationSet, build_calibration_set  # noqa: E402
 from quantizer.ptq.config import CalibrationConfig  # noqa: E402
 from quantizer.ptq.pipeline import build_config, quantize_model  # noqa: E402
 from quantizer.ptq.quant_modules import QuantLayer  # noqa: E402
+from quantizer.ptq.timestep_groups import split_calibration  # noqa: E402
 
 
 class LayerSwitch:
@@ -46,29 +47,26 @@ class LayerSwitch:
 
     def set_float(self, names: set[str]) -> None:
         for name, module in self.quantized.items():
-            parent_name, _, child = name.rpartition(".")
-            parent = self.unet.get_submodule(parent_name) if parent_name else self.unet
-            setattr(parent, child, self.floats[name] if name in names else module)
+            self.unet.set_submodule(name, self.floats[name] if name in names else module)
 
 
-@torch.no_grad()
-def rel_error(unet: nn.Module, xs: torch.Tensor, ts: torch.Tensor, ref: torch.Tensor, batch: int = 64) -> float:
-    out = torch.cat([unet(xs[i:i + batch], ts[i:i + batch]).sample for i in range(0, len(xs), batch)])
-    return float(((out - ref).flatten(1).norm(dim=1) / ref.flatten(1).norm(dim=1).clamp_min(1e-12)).mean())
+def rel_error(unet: nn.Module, pairs: CalibrationSet, ref: torch.Tensor, num_train: int) -> float:
+    """bench/sensitivity.py's one-forward error of unet on these pairs (mean over pairs)."""
+    return one_forward_errors(eps(unet, pairs), ref, pairs.ts, num_train)["rel_error"]
 
 
-def greedy(switch: LayerSwitch, xs: torch.Tensor, ts: torch.Tensor, ref: torch.Tensor, steps: int,
+def greedy(switch: LayerSwitch, pairs: CalibrationSet, ref: torch.Tensor, num_train: int, steps: int,
            macs: dict[str, float]) -> dict[str, Any]:
     """The all-int8 error, then after each step the layer floated, the error and the float layers' MAC share."""
     floated: set[str] = set()
     switch.set_float(floated)
-    row: dict[str, Any] = {"pairs": len(xs), "int8": rel_error(switch.unet, xs, ts, ref), "steps": []}
+    row: dict[str, Any] = {"pairs": len(pairs), "int8": rel_error(switch.unet, pairs, ref, num_train), "steps": []}
     for _ in range(min(steps, len(switch.quantized))):
         scores = {}
         for name in switch.quantized:
             if name not in floated:
                 switch.set_float(floated | {name})
-                scores[name] = rel_error(switch.unet, xs, ts, ref)
+                scores[name] = rel_error(switch.unet, pairs, ref, num_train)
         best = min(scores, key=scores.__getitem__)
         floated.add(best)
         row["steps"].append({"layer": best, "rel_error": scores[best],
@@ -90,17 +88,16 @@ def run(model: DiffusionModel, precision: str, config: dict[str, Any], n_pairs: 
     pairs = build_calibration_set(model.unet, model.scheduler_config,
                                   CalibrationConfig(method="uniform", n_samples=n_pairs, seed=HELD_OUT_SEED,
                                                     batch_size=64), progress=False)
-    edges = [*q.unet.edges, int(model.scheduler_config["num_train_timesteps"])]
+    num_train = int(model.scheduler_config["num_train_timesteps"])
+    edges = [*q.unet.edges, num_train]
     macs = _flops_share(model)
     groups = {}
-    for g in range(len(q.unet.edges) - float_groups, len(q.unet.edges)):
-        keep = (pairs.ts >= edges[g]) & (pairs.ts < edges[g + 1])
-        xs, ts = pairs.xs[keep], pairs.ts[keep]
-        with torch.no_grad():
-            ref = model.unet(xs, ts).sample
-        print(f"group [{edges[g]}, {edges[g + 1]}): {len(xs)} pairs", file=sys.stderr, flush=True)
-        groups[f"{edges[g]}-{edges[g + 1]}"] = greedy(LayerSwitch(q.unet.members[g], model.unet), xs, ts, ref,
-                                                      steps, macs)
+    parts = split_calibration(pairs, q.unet.edges)
+    for g in range(len(parts) - float_groups, len(parts)):
+        ref = eps(model.unet, parts[g])
+        print(f"group [{edges[g]}, {edges[g + 1]}): {len(parts[g])} pairs", file=sys.stderr, flush=True)
+        groups[f"{edges[g]}-{edges[g + 1]}"] = greedy(LayerSwitch(q.unet.members[g], model.unet), parts[g], ref,
+                                                      num_train, steps, macs)
     return {"precision": precision, "config": config, "calibration_hash": q.calibration_hash,
             "stats_source": q.stats_source, "groups": groups}
 

@@ -6,11 +6,13 @@ switch that left a layer quantized, or an error measured on the wrong time-steps
 
 from __future__ import annotations
 
-import torch
 from test_timestep_groups import GROUPED
 
 from bench.noise_end_layers import LayerSwitch, rel_error, report, run
+from bench.sensitivity import eps
 from quantizer.diffusion.models import load_model
+from quantizer.ptq.calibration import build_calibration_set
+from quantizer.ptq.config import CalibrationConfig
 from quantizer.ptq.pipeline import quantize_model
 from quantizer.ptq.quant_modules import QuantLayer
 
@@ -39,12 +41,12 @@ def test_the_switch_puts_the_float_layer_in_and_back(tiny_model_dir, tmp_path):
     member = quantize_model(model, "w8a8", GROUPED, cache_dir=tmp_path, progress=False).unet.members[1]
     switch = LayerSwitch(member, model.unet)
     name = next(iter(switch.quantized))
-    x, t = torch.randn(4, 1, 16, 16, generator=torch.Generator().manual_seed(0)), torch.full((4,), 800)
-    with torch.no_grad():
-        quantized, fp = member(x, t).sample, model.unet(x, t).sample
+    pairs = build_calibration_set(model.unet, model.scheduler_config,
+                                  CalibrationConfig(method="uniform", n_samples=4, steps=4, seed=5), progress=False)
+    quantized, fp = eps(member, pairs), eps(model.unet, pairs)
     switch.set_float({name})
     assert member.get_submodule(name) is model.unet.get_submodule(name)
     switch.set_float(set(switch.quantized))
-    assert rel_error(member, x, t, fp) < 1e-6
+    assert rel_error(member, pairs, fp, 1000) < 1e-6
     switch.set_float(set())
-    assert isinstance(member.get_submodule(name), QuantLayer) and rel_error(member, x, t, quantized) == 0
+    assert isinstance(member.get_submodule(name), QuantLayer) and rel_error(member, pairs, quantized, 1000) == 0

@@ -192,16 +192,17 @@ def restore_float_layers(unet: nn.Module, float_unet: nn.Module, patterns: tuple
     that name (full-precision weights and input); returns unet. Every backend then sees a plain Conv2d/Linear
     there and runs it in float. Patterns are fnmatch patterns of module names, with negative indices into
     top-level block lists (resolve_negative_indices). A pattern that matches no quantized layer raises ValueError."""
-    patterns = tuple(resolve_negative_indices(p, unet) for p in patterns)
+    try:
+        patterns = tuple(resolve_negative_indices(p, unet) for p in patterns)
+    except ValueError as error:  # name the field the user set
+        raise ValueError(f"float_group_layers: {error}") from None
     names = [name for name, module in unet.named_modules() if isinstance(module, QuantLayer)]
     unmatched = [p for p in patterns if not any(fnmatch.fnmatchcase(name, p) for name in names)]
     if unmatched:
         raise ValueError(f"float_group_layers: {unmatched} match no quantized layer (quantized: {names[:3]}...)")
     for name in names:
         if any(fnmatch.fnmatchcase(name, p) for p in patterns):
-            parent_name, _, child = name.rpartition(".")
-            parent = unet.get_submodule(parent_name) if parent_name else unet
-            setattr(parent, child, copy.deepcopy(float_unet.get_submodule(name)))
+            unet.set_submodule(name, copy.deepcopy(float_unet.get_submodule(name)))
     return unet
 
 
