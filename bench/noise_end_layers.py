@@ -119,14 +119,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--precision", default="w8a8")
     parser.add_argument("--preset", default="faithful")
     parser.add_argument("--pairs", type=int, default=256, help="held-out pairs over all time-steps")
-    parser.add_argument("--steps", type=int, default=8, help="layers to add, per group")
+    parser.add_argument("--float-groups", type=int, default=None,
+                        help="rank this many groups from the noise end instead of the preset's float groups")
+    parser.add_argument("--steps", type=int, default=8, help="layers to add, per group (0: the all-int8 errors)")
     parser.add_argument("--cache-dir", default="runs/calibration-cache")
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
     torch.manual_seed(0)
-    result = run(load_model(args.model), args.precision, {"preset": args.preset}, args.pairs, args.steps,
-                 args.cache_dir)
+    config: dict[str, Any] = {"preset": args.preset}
+    if args.float_groups is not None:
+        config["float_groups"] = args.float_groups
+    result = run(load_model(args.model), args.precision, config, args.pairs, args.steps, args.cache_dir)
     text = report(result, shlex.join(["python", "bench/noise_end_layers.py", *(argv or sys.argv[1:])]))
     print(text)
     if args.json:

@@ -105,6 +105,11 @@ class Variant:
         return f"{self.precision}-{cache_key(overrides)[:10]}"
 
 
+def samples_tag(variant: Variant, backend: str, sampler: str, steps: int) -> str:
+    """The directory under runs/samples/<model>/ holding a row's samples (FP rows have one, whatever backend)."""
+    return "fp32" if variant.precision == "fp32" else f"{variant.key(sampler, steps)}-{backend}"
+
+
 def variants() -> list[Variant]:
     out = [Variant("fp32", "fp32")]
     for precision in ("w8a8", "w4a8"):
@@ -130,6 +135,9 @@ def variants() -> list[Variant]:
         # faithful with only the last quarter of the time-steps (t >= 750) in full precision: does its fp32 share
         # (its speed cost) need to be a half?
         out.append(Variant(f"{precision} faithful fp32 t>=750", precision, {"preset": "faithful", "float_groups": 1},
+                           "preset", False))
+        # ... and with three quarters (t >= 250): what the worst DDPM-1000 seeds need (bench/seed_probe.py)
+        out.append(Variant(f"{precision} faithful fp32 t>=250", precision, {"preset": "faithful", "float_groups": 3},
                            "preset", False))
         # faithful with symmetric activation ranges (i8 kernels without zero-points: faster int8 groups)
         out.append(Variant(f"{precision} faithful symmetric", precision, {"preset": "faithful", "act_symmetric": True},
@@ -178,8 +186,8 @@ class Evaluator:
             info["config"] = model.config.to_dict()  # what a preset meant when the row was made
         unet = build_executor(model.unet, backend if variant.precision != "fp32" else "eager",
                               max_batch=self.forward_batch)
-        tag = "fp32" if variant.precision == "fp32" else f"{variant.key(sampler, steps)}-{backend}"
-        cache = samples_cache_dir(self.samples_root, self.model, tag, sampler, steps)
+        cache = samples_cache_dir(self.samples_root, self.model, samples_tag(variant, backend, sampler, steps),
+                                  sampler, steps)
         start = time.perf_counter()
         seeds = range(self.n) if seeds is None else seeds
         cached: list[int] = []  # a row resumed from runs/samples times only what it sampled: say how much it did not

@@ -48,7 +48,7 @@ def generate_in_batches(unet: torch.nn.Module, scheduler_config: dict, seeds: li
     for name, value in (("batch_size", batch_size), ("forward_batch", forward_batch)):
         if value < 1:
             raise ValueError(f"{name} must be >= 1, got {value}")
-    cached = _cached_images(cache_dir) if cache_dir is not None else {}
+    cached = cached_images(cache_dir) if cache_dir is not None else {}
     with tqdm(total=len(seeds) * steps, desc=f"{sampler}-{steps} x{len(seeds)}", unit="img-step") as bar:
         outputs = []
         for start in range(0, len(seeds), batch_size):
@@ -71,7 +71,7 @@ def generate_in_batches(unet: torch.nn.Module, scheduler_config: dict, seeds: li
         return torch.cat(outputs)
 
 
-def _cached_images(cache_dir: str | Path) -> dict[int, torch.Tensor]:
+def cached_images(cache_dir: str | Path) -> dict[int, torch.Tensor]:
     """Seed -> image from every finished batch file; files whose size does not match the seed range in their name
     (a batch of non-consecutive seeds) are left out rather than guessed at."""
     images: dict[int, torch.Tensor] = {}
