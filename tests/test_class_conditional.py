@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 from diffusers import UNet2DModel
+from markers import needs_openvino
 from serving_helpers import CALIBRATION, CC_UNET_CONFIG, CLASSES, decode_png, generate_png, save_class_conditional
 from test_openvino import OPENVINO_VS_FAKE_BOUND
 from test_quantize import rel_error
@@ -34,7 +35,6 @@ from quantizer.diffusion.sampling import sample
 from quantizer.engine import Engine
 from quantizer.execution.executor import build_executor, float_weights_of
 from quantizer.execution.int8_x86 import int8_supported, lower_int8_x86
-from quantizer.execution.openvino import openvino_unavailable
 from quantizer.ptq.calibration import build_calibration_set
 from quantizer.ptq.config import CalibrationConfig
 from quantizer.ptq.pipeline import build_config, cache_key, cache_key_parts, quantize_model
@@ -43,7 +43,6 @@ from service.cli import main as ptq4dm
 from service.jobs import JobRecord
 
 pytest_plugins = ["service.testing"]
-needs_openvino = pytest.mark.skipif(openvino_unavailable() is not None, reason=str(openvino_unavailable()))
 
 
 @pytest.fixture(scope="module")

@@ -7,12 +7,12 @@ import copy
 
 import pytest
 import torch
+from markers import needs_openvino
 from test_quantize import FAST, calib, probe, rel_error, run  # noqa: F401  (fixtures)
 from torch import nn
 
 from quantizer.diffusion.models import load_model
 from quantizer.execution.executor import build_executor
-from quantizer.execution.openvino import openvino_unavailable
 from quantizer.ptq.config import QuantConfig
 from quantizer.ptq.fake_quant import weight_range
 from quantizer.ptq.gptq import InputHessian, gptq_round
@@ -81,7 +81,7 @@ def test_default_config_hash_is_unchanged_by_the_option():
         QuantConfig(weight_rounding="adaround")
 
 
-@pytest.mark.skipif(openvino_unavailable() is not None, reason="openvino not installed")
+@needs_openvino
 def test_time_step_groups_share_one_rounding_and_openvino_runs_it(tiny_model_dir, tmp_path):
     model = load_model(tiny_model_dir)
     overrides = {"method": "uniform", "n_samples": 16, "steps": 8, "batch_size": 8, "timestep_groups": 2,

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import torch
 from diffusers import AutoencoderKL, DDIMScheduler, LDMPipeline, UNet2DModel, VQModel
+from markers import needs_openvino
 from serving_helpers import CALIBRATION, decode_png, generate_png
 from test_openvino import OPENVINO_VS_FAKE_BOUND
 from test_quantize import rel_error
@@ -28,7 +29,6 @@ from quantizer.diffusion.sampling import sample
 from quantizer.engine import Engine
 from quantizer.evaluation.train import DEFAULT_SCHEDULER_CONFIG
 from quantizer.execution.executor import build_executor
-from quantizer.execution.openvino import openvino_unavailable
 from quantizer.ptq.cache import hash_state_dict
 from quantizer.ptq.calibration import build_calibration_set
 from quantizer.ptq.config import CalibrationConfig
@@ -36,7 +36,6 @@ from quantizer.ptq.pipeline import quantize_model
 from service.model_info import model_info
 
 pytest_plugins = ["service.testing"]
-needs_openvino = pytest.mark.skipif(openvino_unavailable() is not None, reason=str(openvino_unavailable()))
 
 
 def latent_unet(channels: int) -> UNet2DModel:

@@ -8,6 +8,7 @@ import threading
 
 import pytest
 import torch
+from markers import needs_openvino
 from test_execution import per_sample
 from test_quantize import FAST, rel_error
 
@@ -20,14 +21,13 @@ from quantizer.execution.openvino import (
     build_openvino,
     cpu_bf16,
     int8_dot_products_exact,
-    openvino_unavailable,
 )
 from quantizer.ptq.calibration import CalibrationSet, build_calibration_set
 from quantizer.ptq.config import CalibrationConfig, PTQ4DMConfig, QuantConfig
 from quantizer.ptq.quant_modules import QuantLayer
 from quantizer.ptq.quantize import quantize_
 
-pytestmark = pytest.mark.skipif(openvino_unavailable() is not None, reason=str(openvino_unavailable()))
+pytestmark = needs_openvino
 
 # Same bound as int8-x86 (tests/test_execution.py): the kernels differ from the simulation only in rounding order
 # (FakeQuantize's own formula, int32 accumulation). Measured on the tiny UNet: 0.013-0.017.

@@ -7,6 +7,7 @@ import sys
 
 import pytest
 import torch
+from markers import needs_openvino
 from test_execution import per_sample
 from test_openvino import OPENVINO_VS_FAKE_BOUND
 from test_quantize import FAST, rel_error
@@ -15,7 +16,7 @@ from torch import nn
 from quantizer.diffusion.models import load_model
 from quantizer.execution.executor import BackendUnavailable, build_executor
 from quantizer.execution.int8_x86 import check_int8_grid
-from quantizer.execution.openvino import OpenVINOUNet, build_openvino, openvino_unavailable, runtime_layers
+from quantizer.execution.openvino import OpenVINOUNet, build_openvino, runtime_layers
 from quantizer.ptq.calibration import CalibrationSet, build_calibration_set
 from quantizer.ptq.concat_split import split_inputs
 from quantizer.ptq.config import CalibrationConfig, PTQ4DMConfig, QuantConfig
@@ -26,7 +27,6 @@ from quantizer.ptq.quantize import export_stats, quantize_
 from quantizer.ptq.timestep_groups import TimestepGroupedUNet
 
 pytest_plugins = ["service.testing"]
-needs_openvino = pytest.mark.skipif(openvino_unavailable() is not None, reason=str(openvino_unavailable()))
 
 # The tiny UNet's up blocks (tests/conftest.py, block_out_channels (8, 16)): resnet i of each block is fed
 # cat([decoder features, encoder skip]); the first half is what the previous resnet (or block) put out.

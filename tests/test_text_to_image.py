@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import torch
 from diffusers import StableDiffusionPipeline
+from markers import needs_openvino
 from PIL import Image
 from serving_helpers import CALIBRATION, CONTEXT, WIDTH, decode_png, generate_png, save_text_to_image
 from test_openvino import OPENVINO_VS_FAKE_BOUND
@@ -28,14 +29,12 @@ from quantizer.diffusion.prompts import DEFAULT_GUIDANCE_SCALE, builtin_prompts,
 from quantizer.diffusion.sampling import sample
 from quantizer.engine import Engine
 from quantizer.execution.executor import build_executor
-from quantizer.execution.openvino import openvino_unavailable
 from quantizer.ptq.calibration import build_calibration_set
 from quantizer.ptq.config import CalibrationConfig
 from quantizer.ptq.pipeline import quantize_model
 from service.model_info import model_info
 
 pytest_plugins = ["service.testing"]
-needs_openvino = pytest.mark.skipif(openvino_unavailable() is not None, reason=str(openvino_unavailable()))
 
 
 

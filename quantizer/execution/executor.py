@@ -73,8 +73,7 @@ def float_weights_of(quant_unet: nn.Module) -> nn.Module:
     unet = copy.deepcopy(quant_unet)
     for name, module in list(unet.named_modules()):
         if isinstance(module, QuantLayer):
-            parent_name, _, child = name.rpartition(".")
-            setattr(unet.get_submodule(parent_name) if parent_name else unet, child, module.layer)
+            unet.set_submodule(name, module.layer)
     if hasattr(unet, "set_default_attn_processor"):
         unet.set_default_attn_processor()
     return unet.eval()

@@ -170,8 +170,7 @@ def traceable_quantized(quant_unet: nn.Module, exact_int8: bool | None = None) -
             int8 = exact_int8 or module.weight_quantizer.qrange.qmax <= SAFE_WEIGHT_QMAX
             if not int8:
                 in_float.append(name)
-            parent_name, _, child = name.rpartition(".")
-            setattr(unet.get_submodule(parent_name) if parent_name else unet, child, FakeQuantizedLayer(module, int8))
+            unet.set_submodule(name, FakeQuantizedLayer(module, int8))
     if in_float:  # info, not a warning: the results stay exact and nobody can act on it but with other hardware
         logger.info("openvino: this CPU has no VNNI/AMX, so u8 x s8 kernels saturate with 8-bit weights; "
                        "%d of %d quantized layers run as float simulation instead (e.g. %s)",

@@ -248,10 +248,8 @@ def _swap_modules(unet: nn.Module, qcfg: QuantConfig) -> list:
             wrappers[id(module)] = cls(module, weight_bits, act_bits)
             if qcfg.weight_rounding == "gptq" and gptq.supports(module):
                 wrappers[id(module)].weight_quantizer.hold_rounded(module.weight)
-        parent_name, _, attr = name.rpartition(".")
-        parent = unet.get_submodule(parent_name) if parent_name else unet
-        setattr(parent, attr, wrappers[id(module)])
-        undo.append(lambda p=parent, a=attr, m=module: setattr(p, a, m))
+        unet.set_submodule(name, wrappers[id(module)])
+        undo.append(lambda n=name, m=module: unet.set_submodule(n, m))
     if qcfg.quantize_attention_matmuls:
         for name, module in unet.named_modules():
             if isinstance(module, Attention) and not _skipped(name, qcfg.skip):
