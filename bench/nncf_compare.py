@@ -9,6 +9,7 @@ alike. NNCF (bench-only dependency: pip install 'nncf==3.4.0') calibrates on the
 
     python bench/nncf_compare.py                         # built-in model, batch 1 and 16, fp32 and bf16 float ops
     python bench/nncf_compare.py --model cifar --batches 16
+    python bench/nncf_compare.py --symmetric             # + our scales on symmetric grids (act_symmetric)
 """
 
 from __future__ import annotations
@@ -42,6 +43,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--precisions", default="f32,bf16", help="OpenVINO INFERENCE_PRECISION_HINT values")
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--calibration-samples", type=int, default=256)
+    parser.add_argument("--symmetric", action="store_true",
+                        help="also our scales with symmetric activation ranges (act_symmetric: i8 kernels, no "
+                             "zero-points), the grid NNCF's default preset uses")
     args = parser.parse_args(argv)
     import nncf
     import openvino as ov
@@ -57,13 +61,17 @@ def main(argv: list[str] | None = None) -> int:
     fp32 = convert(model.unet)
     ours = convert(traceable_quantized(quantized(model).unet))
     ours_s = time.perf_counter() - start
+    graphs = {"ptq4dm scales": ours}
+    if args.symmetric:
+        graphs["ptq4dm scales, symmetric"] = convert(traceable_quantized(
+            quantized(model, extra={"act_symmetric": True}).unet))
     start = time.perf_counter()
     theirs = nncf.quantize(convert(model.unet), nncf.Dataset(fit, lambda item: list(item)),
                            subset_size=len(fit))
     nncf_s = time.perf_counter() - start
 
     core = ov.Core()
-    graphs = {"ptq4dm scales": ours, "nncf default": theirs, "fp32 (no quantization)": fp32}
+    graphs.update({"nncf default": theirs, "fp32 (no quantization)": fp32})
     rows, calls = [], {}
     for precision in args.precisions.split(","):
         for batch in (int(b) for b in args.batches.split(",")):

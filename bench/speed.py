@@ -97,9 +97,9 @@ def cifar_model() -> DiffusionModel:
                           scheduler_config=load_model(None).scheduler_config)
 
 
-def quantized(model: DiffusionModel, precision: str = "w8a8") -> DiffusionModel:
+def quantized(model: DiffusionModel, precision: str = "w8a8", extra: dict | None = None) -> DiffusionModel:
     """The speed variants' W8A8 model; "w8a8 <preset> [field=json ...]" is that preset (the built-in model's shipped
-    statistics) with those fields overridden."""
+    statistics) with those fields overridden; `extra` overrides fields of either."""
     bits, _, spec = precision.partition(" ")
     preset, *fields = spec.split() or [""]
     if model.name == "cifar10-sized-random":  # random weights: min-max ranges from a few random trajectories
@@ -109,7 +109,8 @@ def quantized(model: DiffusionModel, precision: str = "w8a8") -> DiffusionModel:
     if preset:
         overrides = {"preset": preset, **(overrides if model.name == "cifar10-sized-random" else {})}
         overrides.update({key: json.loads(value) for key, value in (field.split("=", 1) for field in fields)})
-    return quantize_model(model, bits, overrides, cache_dir="runs/calibration-cache", progress=False)
+    return quantize_model(model, bits, {**overrides, **(extra or {})}, cache_dir="runs/calibration-cache",
+                          progress=False)
 
 
 def build_variants(model: DiffusionModel, max_batch: int,
