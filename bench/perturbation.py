@@ -15,7 +15,6 @@ import argparse
 import shlex
 import sys
 
-import numpy as np
 import torch
 from diffusers.models.unets.unet_2d import UNet2DOutput
 from torch import nn
@@ -23,7 +22,7 @@ from torch import nn
 from quantizer.diffusion.images import to_uint8
 from quantizer.diffusion.models import load_model
 from quantizer.diffusion.sampling import sample
-from quantizer.evaluation.metrics import psnr
+from quantizer.evaluation.metrics import capped_psnr
 
 # (relative size, [t_lo, t_hi)) of the injected error; None = every time-step
 SETTINGS = ((0.003, None), (0.01, None), (0.02, None), (0.02, (0, 500)), (0.02, (500, 1000)),
@@ -62,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
         ref = to_uint8(sample(model.unet, model.scheduler_config, seeds, steps=steps))
         for rel, window in SETTINGS:
             out = to_uint8(sample(NoisyUNet(model.unet, rel, window), model.scheduler_config, seeds, steps=steps))
-            per_image = np.minimum(psnr(ref, out), 100)
+            per_image = capped_psnr(ref, out)
             where = "all" if window is None else f"{window[0]} <= t < {window[1]}"
             print(f"| {steps} | {100 * rel:.1f}% | {where} | {per_image.mean():.1f} | {per_image.min():.1f} | "
                   f"{int((per_image < 25).sum())} of {len(seeds)} |", flush=True)

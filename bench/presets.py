@@ -16,12 +16,10 @@ import json
 import shlex
 import sys
 
-import numpy as np
-
 from quantizer.diffusion.images import to_uint8
 from quantizer.diffusion.models import load_model
 from quantizer.diffusion.sampling import sample
-from quantizer.evaluation.metrics import psnr
+from quantizer.evaluation.metrics import capped_psnr
 from quantizer.execution.executor import build_executor
 from quantizer.ptq.pipeline import quantize_model
 
@@ -49,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
         unet = q.unet if args.backend == "fake" else build_executor(q.unet, args.backend)
         cells = []
         for s, ref in refs.items():
-            per_image = np.minimum(psnr(ref, to_uint8(sample(unet, model.scheduler_config, seeds, steps=s))), 100)
+            per_image = capped_psnr(ref, to_uint8(sample(unet, model.scheduler_config, seeds, steps=s)))
             cells.append(f"{per_image.mean():.1f} ({per_image.min():.1f})")
         print(f"| `{text}` | {args.backend} | {q.stats_source} | " + " | ".join(cells) + " |", flush=True)
     return 0

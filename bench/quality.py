@@ -50,7 +50,7 @@ from quantizer.evaluation.evaluate import (
     seed_batch_path,
 )
 from quantizer.evaluation.fd import extract_features, frechet_distance, gaussian_stats
-from quantizer.evaluation.metrics import psnr, ssim
+from quantizer.evaluation.metrics import capped_psnr, ssim
 from quantizer.execution.executor import build_executor
 from quantizer.ptq.cache import atomic_write, cache_key
 from quantizer.ptq.pipeline import build_config, quantize_model
@@ -221,7 +221,7 @@ class Evaluator:
                "sampler": f"{sampler}{steps}", "n": self.n, "seeds": f"0..{self.n - 1}", "fd": round(fd, 3), **info}
         if ref is not None:
             a, b = ref, to_uint8(x)
-            per_image = np.minimum(psnr(a, b), 100.0)  # the worst images: a diverging seed hides in a mean
+            per_image = capped_psnr(a, b)  # the worst images: a diverging seed hides in a mean
             row["psnr"] = round(float(per_image.mean()), 2)  # mean_psnr's value, from the same per-image PSNRs
             row["psnr_min"] = round(float(per_image.min()), 2)
             row["psnr_p1"] = round(float(np.percentile(per_image, 1)), 2)

@@ -32,18 +32,18 @@ from quantizer.diffusion.images import to_uint8  # noqa: E402
 from quantizer.diffusion.models import DiffusionModel, load_model  # noqa: E402
 from quantizer.diffusion.sampling import sample  # noqa: E402
 from quantizer.evaluation.evaluate import cached_images, samples_cache_dir  # noqa: E402
-from quantizer.evaluation.metrics import psnr  # noqa: E402
+from quantizer.evaluation.metrics import capped_psnr  # noqa: E402
 from quantizer.execution.executor import build_executor  # noqa: E402
 from quantizer.ptq.pipeline import quantize_model  # noqa: E402
 
 
 def per_seed_psnr(references: dict[int, np.ndarray], images: dict[int, torch.Tensor]) -> dict[int, float]:
-    """PSNR (dB, capped at 100 as quality.py caps it) of every seed both hold."""
+    """PSNR (dB, capped as quality.py's rows are) of every seed both hold."""
     seeds = sorted(set(references) & set(images))
     if not seeds:
         raise ValueError("the row's samples and the references share no seed: was the row run?")
-    values = np.minimum(psnr(np.stack([references[s] for s in seeds]),
-                             to_uint8(torch.stack([images[s] for s in seeds]))), 100.0)
+    values = capped_psnr(np.stack([references[s] for s in seeds]),
+                         to_uint8(torch.stack([images[s] for s in seeds])))
     return dict(zip(seeds, (float(v) for v in values), strict=True))
 
 
@@ -100,6 +100,10 @@ def main(argv: list[str] | None = None) -> int:
         perturbations = [parse_perturbation(spec) for spec in args.perturb]
     except ValueError as error:
         parser.error(str(error))
+    try:
+        extra_seeds = [int(s) for s in args.seeds.split(",") if s]
+    except ValueError:
+        parser.error(f"--seeds wants a comma list of integers, got {args.seeds!r}")
     by_label = {v.label: v for v in variants()}
     if args.row not in by_label:
         parser.error(f"--row {args.row!r} is not a bench/quality.py variant")
@@ -109,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     tag = samples_tag(variant, args.backend, sampler, steps)
     stored = cached_images(samples_cache_dir(args.samples_dir, model, tag, sampler, steps))
     row_psnr = per_seed_psnr(references, stored)
-    seeds = worst_seeds(row_psnr, args.worst) + [int(s) for s in args.seeds.split(",") if s]
+    seeds = worst_seeds(row_psnr, args.worst) + extra_seeds
     print(f"Command: `python bench/seed_probe.py {shlex.join(sys.argv[1:] if argv is None else argv)}`\n")
     print(f"PSNR dB against FP, {args.column}; the row has {len(row_psnr)} seeds stored.\n")
     print("| what | " + " | ".join(f"seed {s}" for s in seeds) + " |")

@@ -42,7 +42,7 @@ import torch
 from quantizer.diffusion.images import to_uint8
 from quantizer.diffusion.models import DiffusionModel, load_model
 from quantizer.diffusion.sampling import sample
-from quantizer.evaluation.metrics import psnr
+from quantizer.evaluation.metrics import capped_psnr
 from quantizer.ptq.calibration import CalibrationSet, build_calibration_set, sampler_timesteps
 from quantizer.ptq.config import CalibrationConfig
 from quantizer.ptq.pipeline import quantize_model
@@ -161,7 +161,7 @@ def run(precision: str, n_images: int, n_pairs: int, kinds: list[str], psnr_kind
         configure(layers, weights, activations)
         row = one_forward_errors(eps(unet, pairs), ref_eps, pairs.ts, num_train)
         if with_psnr:  # the expensive part: n_images DDIM-100 generations
-            per_image = np.minimum(psnr(ref_images, images(unet, model, n_images)), 100.0)
+            per_image = capped_psnr(ref_images, images(unet, model, n_images))
             row.update(psnr=float(per_image.mean()), psnr_per_image=per_image.round(2).tolist(), n_images=n_images)
         return row
 

@@ -13,9 +13,14 @@ def psnr(reference: np.ndarray, test: np.ndarray, peak: float = 255.0) -> np.nda
         return 10 * np.log10(peak**2 / mse)
 
 
+def capped_psnr(reference: np.ndarray, test: np.ndarray, cap: float = 100.0) -> np.ndarray:
+    """Per-image PSNR capped at `cap` dB, so identical images (+inf) can be averaged and ranked with the rest."""
+    return np.minimum(psnr(reference, test), cap)
+
+
 def mean_psnr(reference: np.ndarray, test: np.ndarray, cap: float = 100.0) -> float:
     """Mean per-image PSNR, each image capped at `cap` dB: one identical image would make the mean +inf."""
-    return float(np.mean(np.minimum(psnr(reference, test), cap)))
+    return float(np.mean(capped_psnr(reference, test, cap)))
 
 
 def ssim(reference: np.ndarray, test: np.ndarray, peak: float = 255.0) -> np.ndarray:
