@@ -97,11 +97,13 @@ class Variant:
         return {**own, **self.overrides}
 
     def key(self, sampler: str, steps: int) -> str:
-        """Names the row's cached samples: by the resolved config, so a preset whose meaning changed never reuses
-        the samples of its former self. Rows without a preset keep their earlier keys (and samples)."""
+        """Names the row's cached samples: by the resolved config as this column's step count runs it
+        (`PTQ4DMConfig.for_steps`), so a preset whose meaning changed never reuses the samples of its former self,
+        and two configs that run the same UNets at these steps share them. Rows without a preset keep their
+        earlier keys (and samples)."""
         overrides = self.calibration(sampler, steps)
         if "preset" in overrides:
-            overrides = build_config(self.precision, overrides).to_dict()
+            overrides = build_config(self.precision, overrides).for_steps(steps).to_dict()
         return f"{self.precision}-{cache_key(overrides)[:10]}"
 
 
@@ -139,6 +141,9 @@ def variants() -> list[Variant]:
         # ... and with three quarters (t >= 250): what the worst DDPM-1000 seeds need (bench/seed_probe.py)
         out.append(Variant(f"{precision} faithful fp32 t>=250", precision, {"preset": "faithful", "float_groups": 3},
                            "preset", False))
+        # faithful as it was before float_groups_by_steps: t >= 500 in full precision at every step count
+        out.append(Variant(f"{precision} faithful fp32 t>=500 only", precision,
+                           {"preset": "faithful", "float_groups_by_steps": {}}, "preset", False))
         # faithful with symmetric activation ranges (i8 kernels without zero-points: faster int8 groups)
         out.append(Variant(f"{precision} faithful symmetric", precision, {"preset": "faithful", "act_symmetric": True},
                            "preset", False))

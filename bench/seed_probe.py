@@ -7,7 +7,7 @@ pick the seeds; each `--config` is quantized and run on `--backend` as quality.p
 adds seeded Gaussian error of relative size REL to the FP noise estimate for t in [LO, HI)
 (bench/perturbation.py) and nothing else; every line is PSNR against the committed FP references.
 
-    python bench/seed_probe.py --column ddpm1000 --row "w8a8 faithful" --worst 6 \\
+    python bench/seed_probe.py --column ddpm1000 --row "w8a8 faithful fp32 t>=500 only" --worst 6 \\
         --config 'w8a8 {"preset": "faithful", "float_groups": 3}' --perturb 0.01:250:500
 """
 

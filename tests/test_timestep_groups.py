@@ -10,6 +10,7 @@ import torch
 from test_quantize import FAST, rel_error
 
 from quantizer.diffusion.models import load_model
+from quantizer.diffusion.sampling import sample
 from quantizer.execution.executor import BackendUnavailable, build_executor
 from quantizer.execution.openvino import OpenVINOUNet, int8_dot_products_exact
 from quantizer.ptq.calibration import build_calibration_set
@@ -125,6 +126,58 @@ def test_float_groups_run_the_fp_model_at_the_noise_end_on_the_same_statistics(g
     with pytest.raises(ValueError, match="float_groups must be < timestep_groups"):
         QuantConfig(timestep_groups=2, float_groups=2)
     assert "float_groups" not in QuantConfig().to_dict()
+
+
+def test_float_groups_by_steps_gives_long_requests_more_float_groups_on_the_same_graphs(grouped):
+    """At >= 20 steps the noise-end group runs the float member, below it the quantized one: the same images as the
+    configs that always do, no recalibration, and on OpenVINO no extra graph (the float one is built once)."""
+    model, q, cache = grouped
+    by_steps = quantize_model(model, "w8a8", {**GROUPED, "float_groups_by_steps": {"20": 1}}, cache_dir=cache,
+                              progress=False)
+    assert by_steps.stats_source == "cache" and by_steps.calibration_hash == q.calibration_hash
+    always = quantize_model(model, "w8a8", {**GROUPED, "float_groups": 1}, cache_dir=cache, progress=False)
+    unet = by_steps.unet
+    assert unet.for_steps(19) is unet and unet.for_steps(20) is unet.for_steps(1000)
+    assert unet.for_steps(20).members[0] is unet.members[0] and unet.for_steps(20).members[1] is unet.float_member
+    assert not any(isinstance(m, QuantLayer) for m in unet.float_member.modules())
+    seeds = [0, 1]
+    assert torch.equal(sample(unet, model.scheduler_config, seeds, steps=10),
+                       sample(q.unet, model.scheduler_config, seeds, steps=10))
+    assert torch.equal(sample(unet, model.scheduler_config, seeds, steps=20),
+                       sample(always.unet, model.scheduler_config, seeds, steps=20))
+    executor = build_executor(unet, "openvino", max_batch=8)
+    assert [m.backend for m in executor.members] == ["openvino", "openvino"]
+    assert executor.for_steps(20).members[1] is executor.float_member
+    assert executor.float_member.backend == "openvino-fp32"
+    x = torch.randn(2, 1, 16, 16, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        assert rel_error(executor.for_steps(20)(x, 800).sample, model.unet(x, 800).sample) < 1e-4
+
+
+def test_float_groups_by_steps_resolves_to_the_config_it_runs():
+    config = build_config("w8a8", {**GROUPED, "float_groups_by_steps": {"20": 1}})
+    assert config.to_dict()["quant"]["float_groups_by_steps"] == {"20": 1}  # JSON keys: what PTQ4DM_CALIBRATION takes
+    assert config.for_steps(20).to_dict() == build_config("w8a8", {**GROUPED, "float_groups": 1}).to_dict()
+    assert config.for_steps(19).to_dict() == build_config("w8a8", GROUPED).to_dict()
+    assert config.stable_hash() != build_config("w8a8", GROUPED).stable_hash()
+    assert "float_groups_by_steps" not in build_config("w8a8", GROUPED).to_dict()["quant"]
+    assert QuantConfig(timestep_groups=4, float_groups_by_steps=((500, 3), (101, 2))).float_groups_by_steps == (
+        (101, 2), (500, 3))
+    assert QuantConfig(timestep_groups=4, float_groups=3, float_groups_by_steps={101: 2}).float_groups_for(1000) == 3
+    faithful = build_config("w8a8", {"preset": "faithful"})  # what the service serves
+    assert [faithful.for_steps(s).quant.float_groups for s in (25, 100, 101, 1000)] == [2, 2, 3, 3]
+    for bad, match in (({"twenty": 1}, "float_groups_by_steps step count"),
+                       ({"20": 2}, r"float_groups_by_steps\[20\] must be < timestep_groups"),
+                       ({"0": 1}, "float_groups_by_steps step count must be an integer >= 1"),
+                       ([(20, 1), ("20", 1)], "names a step count twice"),
+                       ("20:1", "must map a step count to float groups")):
+        with pytest.raises(ValueError, match=match):
+            build_config("w8a8", {**GROUPED, "float_groups_by_steps": bad})
+    with pytest.raises(ValueError, match="needs float_group_layers empty"):
+        build_config("w8a8", {**GROUPED, "float_groups": 1, "float_group_layers": ["conv_in"],
+                              "float_groups_by_steps": {"20": 1}})
+    with pytest.raises(ValueError, match="cannot be combined with noise_correction"):
+        build_config("w8a8", {**GROUPED, "noise_correction": "bias", "float_groups_by_steps": {"20": 1}})
 
 
 def test_float_group_layers_keep_only_the_named_layers_float_at_the_noise_end(grouped):

@@ -89,6 +89,8 @@ def sample(
                          f"prompt: the model is {kind.described} and takes no prompt")
     if text is not None and len(text) != len(seeds):
         raise ValueError(f"prompt: one per image ({len(seeds)}), got {len(text)}")
+    if hasattr(unet, "for_steps"):  # a time-step-grouped UNet whose float groups depend on the step count
+        unet = unet.for_steps(steps)
     shape = sample_shape(unet)
     batch_size = len(seeds) if batch_size is None else batch_size
     if batch_size < 1:

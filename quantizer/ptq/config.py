@@ -11,7 +11,7 @@ import hashlib
 import json
 import re
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from quantizer.constants import PRECISION_PRESETS, SERVING_PRESET  # noqa: F401  (re-exported)
@@ -68,6 +68,13 @@ class QuantConfig:
         the fp32 half at most of the int8 speed. A pattern that matches no quantized layer is an error (it must
         never quietly leave the noise end all-int8). Not part of the calibration-cache key; not part of a config's
         hash when empty.
+    float_groups_by_steps: (min_steps, groups) pairs: a request of at least min_steps sampler steps runs at least
+        `groups` float groups (the most of float_groups and every pair it reaches; float_group_layers must be empty:
+        the extra groups reuse the one full-precision member).
+        Why: a group's int8 error adds up over the steps taken inside it; DDIM-100 takes 25 steps per quarter of
+        the time-steps and keeps its images with t >= 500 in fp32, DDPM-1000 takes 250 and needs t >= 250 for its
+        worst seeds (docs/RESULTS.md), so few-step requests keep the faster graphs. Not part of the
+        calibration-cache key; not part of a config's hash when empty.
     timestep_groups: activation ranges per group of diffusion time-steps (G equal groups of [0, T), each
         calibrated on its own share of the calibration set; quantizer.ptq.timestep_groups). 1 = the paper's one
         range per tensor. Not part of a config's hash when 1, so caches made before it existed stay valid.
@@ -109,6 +116,7 @@ class QuantConfig:
     weight_rounding: str = "nearest"
     float_groups: int = 0
     float_group_layers: tuple[str, ...] = ()
+    float_groups_by_steps: tuple[tuple[int, int], ...] = ()
     split_concat: bool = False
     weight_bits_by_layer: tuple[tuple[str, int], ...] = ()
     noise_correction: str = "none"
@@ -146,6 +154,17 @@ class QuantConfig:
         object.__setattr__(self, "float_group_layers", tuple(self.float_group_layers))
         if self.float_group_layers and not self.float_groups:
             raise ValueError("float_group_layers needs float_groups >= 1 (the groups whose layers they name)")
+        object.__setattr__(self, "float_groups_by_steps", _steps_groups(self.float_groups_by_steps))
+        for steps, groups in self.float_groups_by_steps:
+            if groups >= self.timestep_groups:
+                raise ValueError(f"float_groups_by_steps[{steps}] must be < timestep_groups ({self.timestep_groups}) "
+                                 f"so something is quantized, got {groups!r}")
+        if self.float_groups_by_steps and self.float_group_layers:
+            raise ValueError("float_groups_by_steps needs float_group_layers empty (its extra groups run the whole "
+                             "UNet in full precision)")
+        if self.float_groups_by_steps and self.noise_correction != "none":
+            raise ValueError("float_groups_by_steps cannot be combined with noise_correction (the correction is "
+                             "estimated on one set of float groups)")
         object.__setattr__(self, "p", float(self.p))
 
     def to_dict(self) -> dict[str, Any]:
@@ -160,6 +179,10 @@ class QuantConfig:
             out["float_group_layers"] = list(self.float_group_layers)
         else:
             del out["float_group_layers"]
+        if self.float_groups_by_steps:
+            out["float_groups_by_steps"] = {str(steps): groups for steps, groups in self.float_groups_by_steps}
+        else:
+            del out["float_groups_by_steps"]
         if not self.split_concat:
             del out["split_concat"]
         if self.weight_bits_by_layer:
@@ -171,6 +194,16 @@ class QuantConfig:
         if not self.act_symmetric:
             del out["act_symmetric"]
         return out
+
+    def float_groups_for(self, steps: int) -> int:
+        """The float groups a request of `steps` sampler steps runs (float_groups_by_steps, else float_groups)."""
+        return max([self.float_groups, *(groups for min_steps, groups in self.float_groups_by_steps
+                                         if steps >= min_steps)])
+
+    def for_steps(self, steps: int) -> QuantConfig:
+        """This config as a request of `steps` steps runs it: float_groups resolved, float_groups_by_steps gone (equal
+        to the config that always runs those float groups)."""
+        return replace(self, float_groups=self.float_groups_for(steps), float_groups_by_steps=())
 
     def weight_bits_for(self, name: str) -> int:
         """Weight bits of the layer called `name`: its pattern's in weight_bits_by_layer, else weight_bits."""
@@ -191,6 +224,24 @@ def _layer_bits(value: object) -> tuple[tuple[str, int], ...]:
             raise ValueError(f"weight_bits_by_layer: patterns must be non-empty strings, got {pattern!r}")
         check_bits(bits, WEIGHT_BITS, f"weight_bits_by_layer[{pattern!r}]")
     return out
+
+
+def _steps_groups(value: object) -> tuple[tuple[int, int], ...]:
+    """float_groups_by_steps as (min_steps, float_groups) pairs sorted by min_steps, from a mapping (JSON keys are
+    strings: "101") or pairs."""
+    pairs = list(value.items()) if isinstance(value, Mapping) else value
+    try:
+        out = [(int(steps) if isinstance(steps, str) and steps.isdigit() else steps, groups)
+               for steps, groups in pairs]  # type: ignore[union-attr]
+    except (TypeError, ValueError):
+        raise ValueError("float_groups_by_steps must map a step count to float groups, e.g. {\"101\": 3}, got "
+                         f"{value!r}") from None
+    for steps, groups in out:
+        _check_int(steps, "float_groups_by_steps step count", 1)
+        _check_int(groups, f"float_groups_by_steps[{steps}]", 1)
+    if len({steps for steps, _ in out}) != len(out):
+        raise ValueError(f"float_groups_by_steps names a step count twice: {value!r}")
+    return tuple(sorted(out))
 
 
 @dataclass(frozen=True)
@@ -266,6 +317,10 @@ class PTQ4DMConfig:
     def to_dict(self) -> dict[str, Any]:
         return {"quant": self.quant.to_dict(), "calibration": self.calibration.to_dict()}
 
+    def for_steps(self, steps: int) -> PTQ4DMConfig:
+        """The config a request of `steps` sampler steps runs (QuantConfig.for_steps): what its images depend on."""
+        return replace(self, quant=self.quant.for_steps(steps))
+
     def stable_hash(self) -> str:
         """sha256 of the canonical JSON of every field: equal configs give equal hashes across processes."""
         return _digest(self.to_dict())
@@ -278,9 +333,10 @@ class PTQ4DMConfig:
 PRESETS: dict[str, dict[str, object]] = {
     "ptq4dm": {},
     "recommended": {"method": "uniform", "timestep_groups": 4, "keep_first_last_fp": True, "weight_rounding": "gptq"},
-    # the noise-end half of the time-steps in full precision: the images stay the FP ones, at a speed cost
+    # the noise-end half of the time-steps in full precision: the images stay the FP ones, at a speed cost; requests
+    # of more than 100 steps (DDPM-1000's worst seeds) three quarters (t >= 250)
     "faithful": {"method": "uniform", "timestep_groups": 4, "keep_first_last_fp": True, "weight_rounding": "gptq",
-                 "float_groups": 2},
+                 "float_groups": 2, "float_groups_by_steps": ((101, 3),)},
     # the noise-end half int8 on its own ranges but for the last up block's resnet outputs, which
     # bench/noise_end_layers.py ranks first there (~6% of the multiply-accumulates of the built-in UNet)
     "balanced": {"method": "uniform", "timestep_groups": 4, "keep_first_last_fp": True, "weight_rounding": "gptq",

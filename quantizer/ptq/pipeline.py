@@ -134,11 +134,12 @@ def cache_key_parts(model: DiffusionModel, config: PTQ4DMConfig,
 
 
 def _stats_config(config: PTQ4DMConfig) -> dict[str, Any]:
-    """The config as the statistics see it: float_groups only chooses which groups run them, noise_correction is
-    estimated after them (an entry of its own, `_noise_correction`)."""
+    """The config as the statistics see it: float_groups (and float_groups_by_steps) only choose which groups run
+    them, noise_correction is estimated after them (an entry of its own, `_noise_correction`)."""
     out = config.to_dict()
     out["quant"].pop("float_groups", None)
     out["quant"].pop("float_group_layers", None)
+    out["quant"].pop("float_groups_by_steps", None)
     out["quant"].pop("noise_correction", None)
     return out
 
@@ -216,14 +217,18 @@ def _grouped_unet(model: DiffusionModel, config: PTQ4DMConfig, group_stats: list
         load_stats(member, {k: group_stats[0][k] if WEIGHT_KEY in k else v for k, v in stats.items()})
         return member
 
-    quantized = len(edges) - config.quant.float_groups  # the float groups' stats exist but are not run
+    quant = config.quant
+    quantized = len(edges) - quant.float_groups  # the float groups' stats exist but are not run
     members = [base, *(member_of(stats) for stats in group_stats[1:quantized])]
-    if config.quant.float_group_layers:  # int8 on each float group's own ranges but for the named layers
-        members += [restore_float_layers(member_of(stats), model.unet, config.quant.float_group_layers)
+    # one float copy serves every whole-float group, and the extra ones of long requests (float_groups_by_steps)
+    whole_float = bool(quant.float_groups and not quant.float_group_layers) or bool(quant.float_groups_by_steps)
+    float_member = copy.deepcopy(model.unet).eval() if whole_float else None
+    if quant.float_group_layers:  # int8 on each float group's own ranges but for the named layers
+        members += [restore_float_layers(member_of(stats), model.unet, quant.float_group_layers)
                     for stats in group_stats[quantized:]]
-    elif config.quant.float_groups:  # one float copy serves every float group
-        members += [copy.deepcopy(model.unet).eval()] * config.quant.float_groups
-    return TimestepGroupedUNet(members, edges).eval()
+    else:
+        members += [float_member] * quant.float_groups
+    return TimestepGroupedUNet(members, edges, float_member, quant.float_groups_by_steps).eval()
 
 
 def shipped_stats(model: DiffusionModel, parts: dict[str, Any], label: str) -> dict[str, torch.Tensor] | None:

@@ -94,13 +94,36 @@ class TimestepGroupedUNet(nn.Module):
     compiled graph per group).
     """
 
-    def __init__(self, members: Sequence[nn.Module], edges: Sequence[int]) -> None:
+    def __init__(self, members: Sequence[nn.Module], edges: Sequence[int], float_member: nn.Module | None = None,
+                 float_groups_by_steps: Sequence[tuple[int, int]] = ()) -> None:
         super().__init__()
         if len(members) != len(edges) or not members:
             raise ValueError(f"one member per group: {len(members)} members for {len(edges)} groups")
+        if float_groups_by_steps and float_member is None:
+            raise ValueError("float_groups_by_steps needs the float member its extra groups run")
         self.members = nn.ModuleList(members)
         self.edges = list(edges)
+        self.float_member = float_member
+        self.float_groups_by_steps = tuple(float_groups_by_steps)
         self.config = members[0].config
+        self._views: dict[int, TimestepGroupedUNet] = {}
+
+    def for_steps(self, steps: int) -> TimestepGroupedUNet:
+        """The members a request of `steps` sampler steps runs (QuantConfig.float_groups_by_steps): the last groups
+        handed to the float member when it takes that many steps, else this UNet itself. sample() calls it."""
+        groups = max((g for min_steps, g in self.float_groups_by_steps if steps >= min_steps), default=0)
+        kept = len(self.members) - groups
+        if all(member is self.float_member for member in self.members[kept:]):
+            return self  # those groups run the float member already
+        if groups not in self._views:
+            self._views[groups] = TimestepGroupedUNet([*self.members[:kept], *[self.float_member] * groups],
+                                                      self.edges).eval()
+        return self._views[groups]
+
+    def _distinct(self) -> list[nn.Module]:
+        """Every module that runs some group, once (the float member may serve several, or only for_steps views)."""
+        found = {id(m): m for m in [*self.members, *([self.float_member] if self.float_member is not None else [])]}
+        return list(found.values())
 
     @property
     def dtype(self) -> torch.dtype:
@@ -117,16 +140,15 @@ class TimestepGroupedUNet(nn.Module):
     def map(self, build: Callable[[nn.Module], nn.Module]) -> TimestepGroupedUNet:
         """The same groups with every member replaced by build(member) (e.g. compiled by a backend); a member
         serving several groups (the float one) is built once."""
-        built: dict[int, nn.Module] = {}
-        for member in self.members:
-            if id(member) not in built:
-                built[id(member)] = build(member)
-        return TimestepGroupedUNet([built[id(member)] for member in self.members], self.edges)
+        built = {id(member): build(member) for member in self._distinct()}
+        float_member = None if self.float_member is None else built[id(self.float_member)]
+        return TimestepGroupedUNet([built[id(member)] for member in self.members], self.edges, float_member,
+                                   self.float_groups_by_steps)
 
     def warmup(self, batch_sizes: Iterable[int] = (1,)) -> dict[int, float]:
         sizes = list(batch_sizes)
         seconds: dict[int, float] = dict.fromkeys(sizes, 0.0)
-        for member in self.members:
+        for member in self._distinct():
             if hasattr(member, "warmup"):
                 for size, s in member.warmup(sizes).items():
                     seconds[size] = seconds.get(size, 0.0) + s
@@ -135,8 +157,9 @@ class TimestepGroupedUNet(nn.Module):
     def weight_bytes(self) -> int:
         from quantizer.execution.executor import weight_bytes
 
-        if all(hasattr(m, "weight_bytes") and callable(m.weight_bytes) for m in self.members):
-            return sum(weight_bytes(m) for m in self.members)  # compiled graphs each hold their weights
+        members = self._distinct()
+        if all(hasattr(m, "weight_bytes") and callable(m.weight_bytes) for m in members):
+            return sum(weight_bytes(m) for m in members)  # compiled graphs each hold their weights
         return weight_bytes(self.members[0])  # fake-quant members share their parameters
 
     def forward(self, sample: torch.Tensor, timestep: torch.Tensor | int, return_dict: bool = True,
