@@ -79,7 +79,8 @@ VARIANTS: tuple[tuple[str, str, str], ...] = (
     ("faithful symmetric openvino", "w8a8 faithful act_symmetric=true", "openvino"),
     ("faithful t>=750 openvino", "w8a8 faithful float_groups=1", "openvino"),
     ("faithful t>=750 symmetric openvino", "w8a8 faithful float_groups=1 act_symmetric=true", "openvino"),
-    # ... and three quarters in fp32 (t >= 250): what the worst DDPM-1000 seeds need (bench/seed_probe.py)
+    # ... and three quarters in fp32 (t >= 250): what the worst DDPM-1000 seeds need (bench/seed_probe.py), and what
+    # `faithful` runs for requests of more than 100 steps (float_groups_by_steps; forwards here are timed directly)
     ("faithful t>=250 openvino", "w8a8 faithful float_groups=3", "openvino"),
     # `faithful` whose noise-end half runs int8 on its own ranges except the last up block's resnet outputs (conv2
     # and conv_shortcut), the layers the noise-end sensitivity ranking puts first (docs/SENSITIVITY.md).

@@ -14,6 +14,7 @@ from test_quantize import FAST, rel_error
 
 from quantizer.diffusion.sampling import sample
 from quantizer.execution.executor import BackendUnavailable, build_executor, resolve_backend, weight_bytes
+from quantizer.execution.group_norm import ChannelGroupNorm, channelwise_group_norms
 from quantizer.execution.int8_x86 import int8_supported
 from quantizer.execution.openvino import (
     SAFE_WEIGHT_QMAX,
@@ -21,6 +22,7 @@ from quantizer.execution.openvino import (
     build_openvino,
     cpu_bf16,
     int8_dot_products_exact,
+    traceable_quantized,
 )
 from quantizer.ptq.calibration import CalibrationSet, build_calibration_set
 from quantizer.ptq.config import CalibrationConfig, PTQ4DMConfig, QuantConfig
@@ -204,3 +206,30 @@ def test_backend_errors_are_clear(tiny_unet, fake_w8a8, calib, monkeypatch):
     with pytest.raises(BackendUnavailable, match="openvino package is not installed"):
         resolve_backend("openvino", quantized=True)
     assert resolve_backend("auto", quantized=True) == ("int8-x86" if int8_supported() is None else "fake")
+
+
+@pytest.mark.parametrize("shape", [(3, 32, 5, 7), (2, 32, 9)])  # a resnet's (N, C, H, W), attention's (N, C, L)
+@pytest.mark.parametrize("affine", [True, False])
+def test_channel_group_norm_is_group_norm(shape, affine):
+    norm = torch.nn.GroupNorm(8, 32, eps=1e-6, affine=affine)
+    if affine:
+        with torch.no_grad():
+            norm.weight.normal_()
+            norm.bias.normal_()
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(5)) * 3 + 1
+    with torch.no_grad():
+        assert torch.allclose(ChannelGroupNorm(norm)(x), norm(x), atol=1e-5, rtol=1e-5)
+
+
+def test_int8_graphs_normalise_without_mvn_and_fp32_graphs_keep_it(fake_w8a8, tiny_unet, calib):
+    """The int8 graph's GroupNorms are per-channel reductions (no MVN, so no planar reorders before them), with
+    the same output; the fp32 graph keeps nn.GroupNorm (MVN), where it measures faster."""
+    executor = build_openvino(fake_w8a8, "openvino", max_batch=16, precision="f32")
+    assert "MVN" not in executor.layer_precisions()
+    assert "MVN" in build_openvino(tiny_unet, "openvino-fp32", max_batch=16, precision="f32").layer_precisions()
+    plain = OpenVINOUNet(traceable_quantized(fake_w8a8, channel_group_norm=False), "openvino", "f32", 16, None)
+    assert "MVN" in plain.layer_precisions()
+    with torch.no_grad():
+        assert rel_error(executor(calib.xs, calib.ts).sample, plain(calib.xs, calib.ts).sample) < 0.01
+    assert channelwise_group_norms(copy.deepcopy(tiny_unet)) == sum(
+        isinstance(m, torch.nn.GroupNorm) for m in tiny_unet.modules())

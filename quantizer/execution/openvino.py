@@ -41,6 +41,7 @@ from diffusers.models.unets.unet_2d import UNet2DOutput
 from torch import nn
 
 from quantizer.diffusion.kinds import kind_of
+from quantizer.execution.group_norm import channelwise_group_norms
 from quantizer.execution.int8_x86 import _cpu_flags as cpu_flags
 from quantizer.ptq.quant_modules import QuantAttnProcessor, QuantConv2d, QuantLayer, QuantLinear, SplitActQuantizer
 
@@ -155,11 +156,14 @@ class FakeQuantizedLayer(nn.Module):
         return F.linear(x, weight, bias)
 
 
-def traceable_quantized(quant_unet: nn.Module, exact_int8: bool | None = None) -> nn.Module:
+def traceable_quantized(quant_unet: nn.Module, exact_int8: bool | None = None,
+                        channel_group_norm: bool = True) -> nn.Module:
     """A copy of the fake-quant UNet with every QuantLayer as FakeQuantizedLayer (the model to convert).
 
     exact_int8: whether int8 kernels are exact for any 8-bit weight (default: detect VNNI/AMX). If not, layers with
     weights above 7 bits are left to float (int8=False) rather than computed wrongly; a log line says how many.
+    channel_group_norm: GroupNorms as per-channel reductions (quantizer.execution.group_norm: same arithmetic, no
+    layout reorders around the int8 convolutions); False keeps nn.GroupNorm (for measuring the difference).
     """
     layers = check_openvino_grid(quant_unet)
     exact_int8 = int8_dot_products_exact() if exact_int8 is None else exact_int8
@@ -171,6 +175,8 @@ def traceable_quantized(quant_unet: nn.Module, exact_int8: bool | None = None) -
             if not int8:
                 in_float.append(name)
             unet.set_submodule(name, FakeQuantizedLayer(module, int8))
+    if channel_group_norm:
+        channelwise_group_norms(unet)
     if in_float:  # info, not a warning: the results stay exact and nobody can act on it but with other hardware
         logger.info("openvino: this CPU has no VNNI/AMX, so u8 x s8 kernels saturate with 8-bit weights; "
                        "%d of %d quantized layers run as float simulation instead (e.g. %s)",
