@@ -154,6 +154,24 @@ def variants() -> list[Variant]:
     return out
 
 
+def same_unets_row(results: dict[str, dict], variant: Variant, backend: str, column: str) -> dict | None:
+    """A stored row of this column whose variant runs the same UNets at its step count (same samples tag, e.g.
+    `faithful` at DDPM-1000 and `faithful fp32 t>=250`): its numbers are this row's, so they are copied under this
+    label, naming the row they come from, instead of sampling the same 2000 images again."""
+    if variant.precision == "fp32":
+        return None
+    sampler, steps = SAMPLERS[column]
+    tag = samples_tag(variant, backend, sampler, steps)
+    by_label = {v.label: v for v in variants()}
+    for key, row in sorted(results.items()):
+        other = by_label.get(row["label"])
+        if (other is not None and other.label != variant.label and key == f"{column}|{other.label}|{backend}"
+                and samples_tag(other, backend, sampler, steps) == tag):
+            return {**row, "label": variant.label, "table": variant.table,
+                    "overrides": variant.calibration(sampler, steps), "same_unets_as": other.label}
+    return None
+
+
 def load_results(path: Path = RESULTS_JSON) -> dict[str, dict]:
     return json.loads(path.read_text()) if path.exists() else {}
 
@@ -307,6 +325,8 @@ def render(results: dict[str, dict]) -> str:
                 note = ""
                 if r is None and label not in own:  # a compared row from the backend it was run on
                     r, note = results.get(f"{s}|{label}|{PRIMARY_BACKEND}"), f" ({PRIMARY_BACKEND})"
+                if r is not None and "same_unets_as" in r:
+                    note += f" (= {r['same_unets_as']})"
                 if r is None:
                     cells.append("not run")
                 elif r["precision"] == "fp32":
@@ -330,7 +350,8 @@ def render_worst(results: dict[str, dict]) -> list[str]:
     for r in sorted(rows, key=lambda r: (r["label"], list(SAMPLERS).index(r["sampler"]))):
         fp = results.get(f"{r['sampler']}|fp32|eager")
         share = f"{100 * (r['fd'] / fp['fd'] - 1):+.0f}%" if fp else "-"
-        lines.append(f"| {r['label']} | {r['sampler']} | {r['backend']} | {r['fd']:.2f} | {share} | {r['psnr']:.1f} | "
+        label = r["label"] + (f" (= {r['same_unets_as']})" if "same_unets_as" in r else "")
+        lines.append(f"| {label} | {r['sampler']} | {r['backend']} | {r['fd']:.2f} | {share} | {r['psnr']:.1f} | "
                      f"{r['psnr_p1']:.1f} | {r['psnr_min']:.1f} |")
     return lines + [""]
 
@@ -392,9 +413,11 @@ def main(argv: list[str] | None = None) -> int:
                     continue
                 for backend in (["eager"] if variant.precision == "fp32" else args.backends.split(",")):
                     key = f"{s}|{variant.label}|{backend}"
-                    if key in load_results(store):
+                    results = load_results(store)
+                    if key in results:
                         continue
-                    row = evaluator.row(variant, backend, sampler, steps)
+                    row = (same_unets_row(results, variant, backend, s)
+                           or evaluator.row(variant, backend, sampler, steps))
                     save_result(key, row, store)
                     print(json.dumps(row), flush=True)
     results = load_results(store)

@@ -79,3 +79,20 @@ def test_fp_reference_is_stored_per_batch_and_reused_without_sampling(tmp_path):
     fresh.model.unet.register_forward_hook(lambda *args: calls.append(1))
     assert np.array_equal(fresh.reference("ddim", 2), first)
     assert calls == []  # read from the store: no UNet forward
+
+
+def test_a_row_running_the_same_unets_is_copied_under_its_label_and_no_other():
+    """`faithful` at DDPM-1000 runs fp32 for t >= 250, exactly the `faithful fp32 t>=250` row's UNets: the 2.2 h of
+    sampling behind that row are its numbers too. At DDIM-25 the two run different graphs and nothing is copied."""
+    from bench.quality import RESULTS_JSON, same_unets_row, variants
+
+    results = json.loads((ROOT / RESULTS_JSON).read_text())
+    by_label = {v.label: v for v in variants()}
+    source = results["ddpm1000|w8a8 faithful fp32 t>=250|openvino"]
+    copied = same_unets_row(results, by_label["w8a8 faithful"], "openvino", "ddpm1000")
+    assert copied is not None and copied["same_unets_as"] == "w8a8 faithful fp32 t>=250"
+    assert copied["label"] == "w8a8 faithful" and copied["overrides"] == {"preset": "faithful"}
+    assert (copied["fd"], copied["psnr_min"]) == (source["fd"], source["psnr_min"])
+    assert same_unets_row(results, by_label["w8a8 faithful"], "openvino", "ddim25") is None  # t >= 500 there
+    assert same_unets_row(results, by_label["w8a8 faithful fp32 t>=250"], "openvino", "ddim25") is None
+    assert same_unets_row(results, by_label["w8a8 faithful"], "int8-x86", "ddpm1000") is None  # other kernels
