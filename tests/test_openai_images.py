@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
+import numpy as np
 import openai
 import pytest
 from fastapi.testclient import TestClient
@@ -51,7 +52,12 @@ def test_b64_json_pngs_of_the_model_size(server):
     assert [i.size for i in images] == [(16, 16), (16, 16)] and all(d.url is None for d in result.data)
     # Extensions are real: the seed picks the images (image k = seed + k), the default model and size apply.
     again = client(server).images.generate(prompt="", model="tiny", size="auto", extra_body={"seed": 4, "steps": 2})
-    assert base64.b64decode(again.data[0].b64_json) == base64.b64decode(result.data[1].b64_json)
+    alone, second, first = (np.asarray(png(base64.b64decode(d.b64_json)), dtype=np.int16)
+                            for d in (again.data[0], result.data[1], result.data[0]))
+    # seed 4 alone = image 2 of the seed-3 request, up to fp32 kernels that round by batch size (AVX512 without
+    # AMX: a level here and there); seed 3's image is another picture
+    assert np.abs(alone - second).max() <= 2
+    assert np.abs(alone - first).mean() > 10 * (np.abs(alone - second).mean() + 0.1)
 
 
 def test_url_pngs_are_fetchable(server):

@@ -192,7 +192,9 @@ def test_float_group_layers_keep_only_the_named_layers_float_at_the_noise_end(gr
     assert torch.equal(high[named].weight, model.unet.get_submodule(named).weight)
     assert all(isinstance(high[n], QuantLayer) for n in others)  # the rest int8 on the noise-end group's ranges
     assert all(float(high[n].input_quantizer.scale) == float(reference[n].input_quantizer.scale) for n in others)
-    x = torch.randn(2, 1, 16, 16, generator=torch.Generator().manual_seed(3))
+    # 8 images: on a tiny random UNet one activation rounding the other way (the graph's float order is not
+    # torch's) moves a single image by a few percent, so a bound on one or two images would measure luck.
+    x = torch.randn(8, 1, 16, 16, generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         assert torch.equal(mixed.unet(x, 30).sample, q.unet(x, 30).sample)  # t < 500: the quantized group as is
         simulated = mixed.unet(x, 800).sample
