@@ -162,14 +162,17 @@ def same_unets_row(results: dict[str, dict], variant: Variant, backend: str, col
         return None
     sampler, steps = SAMPLERS[column]
     tag = samples_tag(variant, backend, sampler, steps)
-    by_label = {v.label: v for v in variants()}
-    for key, row in sorted(results.items()):
-        other = by_label.get(row["label"])
-        if (other is not None and other.label != variant.label and key == f"{column}|{other.label}|{backend}"
-                and samples_tag(other, backend, sampler, steps) == tag):
+    for other in variants():
+        row = results.get(f"{column}|{other.label}|{backend}")
+        if row is not None and other.label != variant.label and samples_tag(other, backend, sampler, steps) == tag:
             return {**row, "label": variant.label, "table": variant.table,
                     "overrides": variant.calibration(sampler, steps), "same_unets_as": other.label}
     return None
+
+
+def same_unets_note(row: dict) -> str:
+    """' (= <label>)' for a row copied from another label's run (same_unets_row), else ''."""
+    return f" (= {row['same_unets_as']})" if "same_unets_as" in row else ""
 
 
 def load_results(path: Path = RESULTS_JSON) -> dict[str, dict]:
@@ -325,8 +328,8 @@ def render(results: dict[str, dict]) -> str:
                 note = ""
                 if r is None and label not in own:  # a compared row from the backend it was run on
                     r, note = results.get(f"{s}|{label}|{PRIMARY_BACKEND}"), f" ({PRIMARY_BACKEND})"
-                if r is not None and "same_unets_as" in r:
-                    note += f" (= {r['same_unets_as']})"
+                if r is not None:
+                    note += same_unets_note(r)
                 if r is None:
                     cells.append("not run")
                 elif r["precision"] == "fp32":
@@ -350,9 +353,8 @@ def render_worst(results: dict[str, dict]) -> list[str]:
     for r in sorted(rows, key=lambda r: (r["label"], list(SAMPLERS).index(r["sampler"]))):
         fp = results.get(f"{r['sampler']}|fp32|eager")
         share = f"{100 * (r['fd'] / fp['fd'] - 1):+.0f}%" if fp else "-"
-        label = r["label"] + (f" (= {r['same_unets_as']})" if "same_unets_as" in r else "")
-        lines.append(f"| {label} | {r['sampler']} | {r['backend']} | {r['fd']:.2f} | {share} | {r['psnr']:.1f} | "
-                     f"{r['psnr_p1']:.1f} | {r['psnr_min']:.1f} |")
+        lines.append(f"| {r['label']}{same_unets_note(r)} | {r['sampler']} | {r['backend']} | {r['fd']:.2f} | "
+                     f"{share} | {r['psnr']:.1f} | {r['psnr_p1']:.1f} | {r['psnr_min']:.1f} |")
     return lines + [""]
 
 
