@@ -36,20 +36,17 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from diffusers.models.unets.unet_2d import UNet2DOutput
 from torch import nn
 
 from quantizer.diffusion.kinds import kind_of
+from quantizer.execution.fake_quantized import ACT_QMAX, WEIGHT_QMAX, FakeQuantizedLayer
 from quantizer.execution.group_norm import channelwise_group_norms
 from quantizer.execution.int8_x86 import _cpu_flags as cpu_flags
-from quantizer.ptq.quant_modules import QuantAttnProcessor, QuantConv2d, QuantLayer, QuantLinear, SplitActQuantizer
+from quantizer.ptq.quant_modules import QuantAttnProcessor, QuantLayer
 
 logger = logging.getLogger(__name__)
 
-# The 8-bit grids of the CPU's int8 kernels: u8 activations, narrow symmetric s8 weights (as PTQ4DM's 8-bit grid).
-ACT_QMAX = 255
-WEIGHT_QMAX = 127
 PRECISIONS: tuple[str, ...] = ("bf16", "f32")
 # Runtime layer types whose int8 execution the backend exists for.
 WEIGHTED_LAYER_TYPES: tuple[str, ...] = ("Convolution", "FullyConnected", "MatMul")
@@ -103,57 +100,6 @@ def check_openvino_grid(quant_unet: nn.Module) -> dict[str, QuantLayer]:
         raise ValueError("openvino does not run quantized attention matmuls "
                          "(quantize_attention_matmuls=True); use backend='fake'")
     return layers
-
-
-class FakeQuantizedLayer(nn.Module):
-    """A QuantLayer as torch's fake-quantize ops, which OpenVINO converts to FakeQuantize nodes.
-
-    int8=False keeps the weights as plain float constants on PTQ4DM's grid (no weight FakeQuantize): OpenVINO then
-    cannot fold the layer into an integer kernel and runs the same simulation in float (exact, not faster).
-    A conv whose input is split (SplitActQuantizer: one range per half of a skip concat) becomes two convolutions,
-    each on its half of the input channels and of the weight, summed (the bias once): a u8 kernel takes one
-    activation scale, and the split weights keep their per-output-channel scales.
-    """
-
-    def __init__(self, quant_layer: QuantLayer, int8: bool = True) -> None:
-        super().__init__()
-        layer, iq, wq = quant_layer.layer, quant_layer.input_quantizer, quant_layer.weight_quantizer
-        self.is_conv = isinstance(quant_layer, QuantConv2d)
-        if not self.is_conv and not isinstance(quant_layer, QuantLinear):
-            raise TypeError(f"unsupported quantized layer {type(quant_layer).__name__}")
-        self.int8 = int8
-        self.layer = layer  # keeps stride/padding/bias; its weight is replaced by the snapped one below
-        halves = (iq.first, iq.second) if isinstance(iq, SplitActQuantizer) else (iq,)
-        self.act_qparams = [(float(q.scale), int(q.zero_point)) for q in halves]
-        self.act_qmax = int(iq.qrange.qmax)
-        with torch.no_grad():  # on PTQ4DM's grid (any width <= 8 bits): the 8-bit FakeQuantize below is exact
-            snapped = wq(layer.weight.detach().float())
-        self.split = int(iq.split) if len(halves) == 2 else None
-        if self.split is not None:
-            self.register_buffer("weight_second", snapped[:, self.split:].contiguous())
-            snapped = snapped[:, :self.split].contiguous()
-        self.register_buffer("weight", snapped)
-        self.register_buffer("weight_scale", wq.scale.detach().flatten().float().clone())
-        self.register_buffer("weight_zero_point", torch.zeros(wq.scale.numel(), dtype=torch.int32))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.split is None:
-            return self._run(x, self.act_qparams[0], self.weight, self.layer.bias)
-        first = self._run(x[:, :self.split], self.act_qparams[0], self.weight, self.layer.bias)
-        return first + self._run(x[:, self.split:], self.act_qparams[1], self.weight_second, None)
-
-    def _run(self, x: torch.Tensor, qparams: tuple[float, int], weight: torch.Tensor,
-             bias: torch.Tensor | None) -> torch.Tensor:
-        scale, zero_point = qparams
-        if self.act_qmax != ACT_QMAX:  # a narrower grid first, then the same values on the u8 kernel grid
-            x = torch.fake_quantize_per_tensor_affine(x, scale, zero_point, 0, self.act_qmax)
-        x = torch.fake_quantize_per_tensor_affine(x, scale, zero_point, 0, ACT_QMAX)
-        if self.int8:
-            weight = torch.fake_quantize_per_channel_affine(weight, self.weight_scale, self.weight_zero_point, 0,
-                                                            -WEIGHT_QMAX, WEIGHT_QMAX)
-        if self.is_conv:
-            return self.layer._conv_forward(x, weight, bias)
-        return F.linear(x, weight, bias)
 
 
 def traceable_quantized(quant_unet: nn.Module, exact_int8: bool | None = None,
