@@ -3,22 +3,23 @@ quantization of the same fp32 UNet: speed per forward on the same runtime, and f
 
 Why: issue #20's target is that our scales cost no speed against the runtime's own PTQ (>= 1.0x NNCF int8 at
 batch 1 and 16) while being more faithful. Both models are converted once, reshaped to a static batch and compiled
-with the same hints; timing is interleaved (each repeat runs every variant once), so a noisy neighbour slows all
-alike. NNCF (bench-only dependency: pip install 'nncf==3.4.0') calibrates on the same kind of inputs PTQ4DM uses
-(x_t from the FP model's own DDIM trajectories, uniform over the steps); it chooses its own ranges and layer set.
+with the same hints; timing is interleaved per batch size (each repeat runs every variant once, in a fresh random
+order), so a noisy neighbour slows all alike and no variant always follows the same one. NNCF (bench-only
+dependency: pip install 'nncf==3.4.0') calibrates on the same kind of inputs PTQ4DM uses (x_t from the FP model's
+own DDIM trajectories, uniform over the steps); it chooses its own ranges and layer set.
 
     python bench/nncf_compare.py                         # built-in model, batch 1 and 16, fp32 and bf16 float ops
     python bench/nncf_compare.py --model cifar --batches 16
     python bench/nncf_compare.py --symmetric             # + our scales on symmetric grids (act_symmetric)
 
 Our graph is also shown as it was converted before its GroupNorms became per-channel reductions
-(`ptq4dm scales, nn.GroupNorm`), so the two are measured side by side.
+(`ptq4dm scales, nn.GroupNorm`) and before the blocks' time-embedding projections became one int8 matmul
+(`a time projection per block`, quantizer.execution.time_projections), so each change is measured side by side.
 """
 
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -27,7 +28,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from speed import cifar_model, quantized  # noqa: E402  (the speed table's models and W8A8 quantization)
+from speed import cifar_model, quantized, time_interleaved  # noqa: E402  (the speed table's models, W8A8, timing)
 
 from quantizer.diffusion.models import load_model  # noqa: E402
 from quantizer.execution.openvino import convert, runtime_layers, traceable_quantized  # noqa: E402
@@ -66,7 +67,9 @@ def main(argv: list[str] | None = None) -> int:
     ours_s = time.perf_counter() - start
     graphs = {"ptq4dm scales": ours,  # GroupNorm as per-channel reductions (quantizer.execution.group_norm)
               "ptq4dm scales, nn.GroupNorm": convert(traceable_quantized(quantized(model).unet,
-                                                                         channel_group_norm=False))}
+                                                                         channel_group_norm=False)),
+              "ptq4dm scales, a time projection per block": convert(traceable_quantized(
+                  quantized(model).unet, shared_time_projection=False))}
     if args.symmetric:
         graphs["ptq4dm scales, symmetric"] = convert(traceable_quantized(
             quantized(model, extra={"act_symmetric": True}).unet))
@@ -96,20 +99,18 @@ def main(argv: list[str] | None = None) -> int:
             reference = outs["fp32 (no quantization)"]
             for label in graphs:
                 rows.append((precision, batch, label, rel_error(outs[label], reference) if label in outs else 0.0))
-    times: dict[tuple, list[float]] = {k: [] for k in calls}
-    for _ in range(args.repeats):
-        for key, (call, _) in calls.items():
-            begin = time.perf_counter()
-            call()
-            times[key].append(time.perf_counter() - begin)
+    medians: dict[tuple, float] = {}
+    for group in dict.fromkeys(key[:2] for key in calls):  # each (float ops, batch) on its own, shuffled repeats
+        members = {key: call for key, (call, _) in calls.items() if key[:2] == group}
+        medians.update(time_interleaved(members, args.repeats))
     print(f"{model.name}; OpenVINO {ov.get_version()}, NNCF {nncf.__version__}, torch {torch.__version__}; "
           f"{args.repeats} interleaved repeats (medians); quantization: ours {ours_s:.1f} s (convert + stats from "
           f"the cache/shipped), NNCF {nncf_s:.1f} s on {len(fit)} samples\n")
     print("| float ops | batch | variant | int8 layers | UNet fwd ms | ours: x faster | rel. error vs fp32 |")
     print("|---|---|---|---|---|---|---|")
     for precision, batch, label, err in rows:
-        ms = statistics.median(times[(precision, batch, label)]) * 1e3
-        ours_ms = statistics.median(times[(precision, batch, "ptq4dm scales")]) * 1e3
+        ms = medians[(precision, batch, label)] * 1e3
+        ours_ms = medians[(precision, batch, "ptq4dm scales")] * 1e3
         print(f"| {precision} | {batch} | {label} | {calls[(precision, batch, label)][1]} | {ms:.1f} | "
               f"{ms / ours_ms:.2f}x | {err:.4f} |")
     return 0

@@ -31,6 +31,7 @@ import argparse
 import json
 import os
 import platform
+import random
 import resource
 import shlex
 import statistics
@@ -139,13 +140,18 @@ def build_variants(model: DiffusionModel, max_batch: int,
     return executors, build_s
 
 
-def time_interleaved(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
-    """Median seconds per call; every repeat runs every function once, in turn."""
+def time_interleaved(fns: dict[str, Callable[[], object]], repeats: int, seed: int = 0) -> dict[str, float]:
+    """Median seconds per call; every repeat runs every function once, in a fresh random order: in a fixed order
+    each function would always follow the same one, whose weights it finds in the caches or that evicted its own
+    (measured: a fixed order made the first of the batch-1 graphs 8% slower than the same graph placed third)."""
     for fn in fns.values():
         fn()
     times: dict[str, list[float]] = {k: [] for k in fns}
+    order, rng = list(fns), random.Random(seed)
     for _ in range(repeats):
-        for label, fn in fns.items():
+        rng.shuffle(order)
+        for label in order:
+            fn = fns[label]
             start = time.perf_counter()
             fn()
             times[label].append(time.perf_counter() - start)
