@@ -25,7 +25,6 @@ from quantizer.execution.openvino import (
     int8_dot_products_exact,
     traceable_quantized,
 )
-from quantizer.execution.time_projections import SlicedProjection
 from quantizer.ptq.calibration import CalibrationSet, build_calibration_set
 from quantizer.ptq.config import CalibrationConfig, PTQ4DMConfig, QuantConfig
 from quantizer.ptq.quant_modules import QuantLayer
@@ -69,12 +68,9 @@ def ov_w4a8(fake_w4a8) -> OpenVINOUNet:
 
 
 def int8_eligible(fake: torch.nn.Module) -> int:
-    """Quantized layers whose weights the CPU's int8 kernels hold exactly (all of them with VNNI/AMX); the blocks'
-    time-embedding projections count once where the graph runs them as one matmul."""
-    eligible = sum(1 for m in fake.modules() if isinstance(m, QuantLayer)
-                   and (int8_dot_products_exact() or m.weight_quantizer.qrange.qmax <= SAFE_WEIGHT_QMAX))
-    fused = sum(isinstance(m, SlicedProjection) for m in traceable_quantized(fake).modules())
-    return eligible - fused + 1 if fused else eligible
+    """Quantized layers whose weights the CPU's int8 kernels hold exactly (all of them with VNNI/AMX)."""
+    return sum(1 for m in fake.modules() if isinstance(m, QuantLayer)
+               and (int8_dot_products_exact() or m.weight_quantizer.qrange.qmax <= SAFE_WEIGHT_QMAX))
 
 
 @pytest.mark.parametrize("precision", ["w8a8", "w4a8"])
@@ -240,23 +236,3 @@ def test_int8_graphs_normalise_without_mvn_and_fp32_graphs_keep_it(fake_w8a8, ti
         assert rel_error(executor(calib.xs, calib.ts).sample, plain(calib.xs, calib.ts).sample) < 0.01
     assert channelwise_group_norms(copy.deepcopy(tiny_unet)) == sum(
         isinstance(m, torch.nn.GroupNorm) for m in tiny_unet.modules())
-
-
-def test_time_projections_run_as_one_int8_matmul(fake_w8a8, calib):
-    """The blocks' time-embedding projections (one input, one activation range) become one int8 FullyConnected
-    that computes exactly what one per block computes."""
-    fake = copy.deepcopy(fake_w8a8).requires_grad_(True)  # as a model fresh from training: trainable parameters
-    fused, per_block = traceable_quantized(fake), traceable_quantized(fake, shared_time_projection=False)
-    blocks = sum(isinstance(getattr(m, "time_emb_proj", None), QuantLayer) for m in fake_w8a8.modules())
-    shared = sum(isinstance(getattr(m, "time_emb_proj", None), SlicedProjection) for m in fused.modules())
-    assert blocks > 1
-    # fused wherever the kernels hold the weights exactly (8-bit weights need VNNI/AMX; else they stay float)
-    assert shared == (blocks if int8_dot_products_exact() else 0)
-    with torch.no_grad():
-        assert torch.equal(fused(calib.xs, calib.ts).sample, per_block(calib.xs, calib.ts).sample)
-    ov_fused = OpenVINOUNet(fused, "openvino", "f32", 16, None)
-    ov_per_block = OpenVINOUNet(per_block, "openvino", "f32", 16, None)
-    matmuls = [sum(ov.layer_precisions().get("FullyConnected", {}).values()) for ov in (ov_fused, ov_per_block)]
-    assert matmuls[1] - matmuls[0] == (shared - 1 if shared else 0)
-    with torch.no_grad():
-        assert rel_error(ov_fused(calib.xs, calib.ts).sample, ov_per_block(calib.xs, calib.ts).sample) < 1e-6

@@ -43,7 +43,6 @@ from quantizer.diffusion.kinds import kind_of
 from quantizer.execution.fake_quantized import ACT_QMAX, WEIGHT_QMAX, FakeQuantizedLayer
 from quantizer.execution.group_norm import channelwise_group_norms
 from quantizer.execution.int8_x86 import _cpu_flags as cpu_flags
-from quantizer.execution.time_projections import fuse_time_projections
 from quantizer.ptq.quant_modules import QuantAttnProcessor, QuantLayer
 
 logger = logging.getLogger(__name__)
@@ -104,15 +103,13 @@ def check_openvino_grid(quant_unet: nn.Module) -> dict[str, QuantLayer]:
 
 
 def traceable_quantized(quant_unet: nn.Module, exact_int8: bool | None = None,
-                        channel_group_norm: bool = True, shared_time_projection: bool = True) -> nn.Module:
+                        channel_group_norm: bool = True) -> nn.Module:
     """A copy of the fake-quant UNet with every QuantLayer as FakeQuantizedLayer (the model to convert).
 
     exact_int8: whether int8 kernels are exact for any 8-bit weight (default: detect VNNI/AMX). If not, layers with
     weights above 7 bits are left to float (int8=False) rather than computed wrongly; a log line says how many.
     channel_group_norm: GroupNorms as per-channel reductions (quantizer.execution.group_norm: same arithmetic, no
     layout reorders around the int8 convolutions); False keeps nn.GroupNorm (for measuring the difference).
-    shared_time_projection: the blocks' time-embedding projections as one int8 matmul where that is exact
-    (quantizer.execution.time_projections); False keeps one per block.
     """
     layers = check_openvino_grid(quant_unet)
     exact_int8 = int8_dot_products_exact() if exact_int8 is None else exact_int8
@@ -126,8 +123,6 @@ def traceable_quantized(quant_unet: nn.Module, exact_int8: bool | None = None,
             unet.set_submodule(name, FakeQuantizedLayer(module, int8))
     if channel_group_norm:
         channelwise_group_norms(unet)
-    if shared_time_projection:
-        fuse_time_projections(unet)
     if in_float:  # info, not a warning: the results stay exact and nobody can act on it but with other hardware
         logger.info("openvino: this CPU has no VNNI/AMX, so u8 x s8 kernels saturate with 8-bit weights; "
                        "%d of %d quantized layers run as float simulation instead (e.g. %s)",
