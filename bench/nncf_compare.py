@@ -13,8 +13,7 @@ own DDIM trajectories, uniform over the steps); it chooses its own ranges and la
     python bench/nncf_compare.py --symmetric             # + our scales on symmetric grids (act_symmetric)
 
 Our graph is also shown as it was converted before its GroupNorms became per-channel reductions
-(`ptq4dm scales, nn.GroupNorm`) and before the blocks' time-embedding projections became one int8 matmul
-(`a time projection per block`, quantizer.execution.time_projections), so each change is measured side by side.
+(`ptq4dm scales, nn.GroupNorm`), so the two are measured side by side.
 """
 
 from __future__ import annotations
@@ -67,9 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     ours_s = time.perf_counter() - start
     graphs = {"ptq4dm scales": ours,  # GroupNorm as per-channel reductions (quantizer.execution.group_norm)
               "ptq4dm scales, nn.GroupNorm": convert(traceable_quantized(quantized(model).unet,
-                                                                         channel_group_norm=False)),
-              "ptq4dm scales, a time projection per block": convert(traceable_quantized(
-                  quantized(model).unet, shared_time_projection=False))}
+                                                                         channel_group_norm=False))}
     if args.symmetric:
         graphs["ptq4dm scales, symmetric"] = convert(traceable_quantized(
             quantized(model, extra={"act_symmetric": True}).unet))
