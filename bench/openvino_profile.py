@@ -14,6 +14,7 @@ much of the gap the activation zero-points cost. Static batch, the same hints fo
 from __future__ import annotations
 
 import argparse
+import random
 import statistics
 import sys
 import time
@@ -117,8 +118,11 @@ def main(argv: list[str] | None = None) -> int:
         requests[label].infer([x, t])
     times: dict[str, list[float]] = {label: [] for label in requests}
     per_op: dict[str, Counter] = {label: Counter() for label in requests}
+    order, rng = list(requests), random.Random(0)
     for _ in range(args.repeats):
-        for label, request in requests.items():
+        rng.shuffle(order)  # a fresh order each repeat: no variant always runs after the same one
+        for label in order:
+            request = requests[label]
             begin = time.perf_counter()
             request.infer([x, t])
             times[label].append(time.perf_counter() - begin)

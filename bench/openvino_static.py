@@ -12,16 +12,20 @@ run-time shape arithmetic of GroupNorm's reshapes.
 from __future__ import annotations
 
 import argparse
-import statistics
+import sys
 import time
 from collections import Counter
+from pathlib import Path
 
 import numpy as np
 import torch
 
-from quantizer.diffusion.models import load_model
-from quantizer.execution.openvino import convert, runtime_layers, traceable_quantized
-from quantizer.ptq.pipeline import quantize_model
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from speed import time_interleaved  # noqa: E402  (bench/'s interleaved timing)
+
+from quantizer.diffusion.models import load_model  # noqa: E402
+from quantizer.execution.openvino import convert, runtime_layers, traceable_quantized  # noqa: E402
+from quantizer.ptq.pipeline import quantize_model  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -56,19 +60,16 @@ def main(argv: list[str] | None = None) -> int:
             request = compiled.create_infer_request()
             request.infer([x, t])
             calls[key] = lambda request=request, x=x, t=t: request.infer([x, t])
-    times: dict[tuple[int, str], list[float]] = {k: [] for k in calls}
-    for _ in range(args.repeats):  # interleaved: a noisy neighbour slows every variant alike
-        for key, call in calls.items():
-            start = time.perf_counter()
-            call()
-            times[key].append(time.perf_counter() - start)
+    # interleaved in a fresh random order each repeat: a noisy neighbour slows every variant alike, and no graph
+    # always runs after the same one (bench/speed.py's time_interleaved)
+    medians = time_interleaved(calls, args.repeats)
     print(f"{args.precision}, float ops {args.float_precision}, torch {torch.__version__}, OpenVINO "
           f"{ov.get_version()}, {args.repeats} interleaved repeats (medians)\n")
     print("| batch | dynamic ms | static ms | static speed-up | static compile s | JIT subgraphs (static) | "
           "FakeQuantize left (dynamic / static) |")
     print("|---|---|---|---|---|---|---|")
     for batch in sorted({b for b, _ in calls}):
-        dyn, sta = (statistics.median(times[(batch, k)]) * 1e3 for k in ("dynamic", "static"))
+        dyn, sta = (medians[(batch, k)] * 1e3 for k in ("dynamic", "static"))
         print(f"| {batch} | {dyn:.1f} | {sta:.1f} | {dyn / sta:.2f}x | {compile_s[(batch, 'static')]:.2f} | "
               f"{kinds[(batch, 'static')]['Subgraph']} | {kinds[(batch, 'dynamic')]['FakeQuantize']} / "
               f"{kinds[(batch, 'static')]['FakeQuantize']} |")
