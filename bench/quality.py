@@ -151,6 +151,11 @@ def variants() -> list[Variant]:
         out.append(Variant(f"{precision} balanced", precision, {"preset": "balanced"}, "preset", False))
         out.append(Variant(f"{precision} balanced symmetric", precision, {"preset": "balanced", "act_symmetric": True},
                            "preset", False))
+        # faithful whose noise-end half runs int8 plus a residual pass instead of fp32 (but for a few layers), and the
+        # same with every layer on its residual pass
+        out.append(Variant(f"{precision} residual", precision, {"preset": "residual"}, "preset", False))
+        out.append(Variant(f"{precision} residual every layer", precision,
+                           {"preset": "residual", "float_group_layers": []}, "preset", False))
     return out
 
 

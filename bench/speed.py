@@ -12,8 +12,8 @@ Run from the repository root; prints a markdown report (and writes it with --out
         --no-rss                                        # UNet pass size for long (DDPM-1000) sampling runs
 
 Method. Per model, every variant is built first (compile time recorded), then timed *interleaved*: each
-repeat runs every variant once in turn, so a noisy neighbour slows all of them alike; the table gives the
-median and ratios against fp32 eager of the same run. "UNet" is the mean forward over t = 125, 375, 625, 875
+repeat runs every variant once, in a fresh random order, so a noisy neighbour slows all of them alike; the table
+gives the median and ratios against fp32 eager of the same run. "UNet" is the mean forward over t = 125, 375, 625, 875
 (one per quarter, so a time-step-grouped preset counts each of its graphs); "DDIM-50" one full generation
 through `quantizer.diffusion.sampling.sample` (scheduler steps included). Memory:
 "weights" is bytes of the tensors the variant computes with (for compiled graphs, the graph's constants);
@@ -87,6 +87,10 @@ VARIANTS: tuple[tuple[str, str, str], ...] = (
     # and conv_shortcut), the layers the noise-end sensitivity ranking puts first (docs/SENSITIVITY.md).
     ("balanced openvino", "w8a8 balanced", "openvino"),
     ("balanced symmetric openvino", "w8a8 balanced act_symmetric=true", "openvino"),
+    # `faithful` whose noise-end half runs int8 plus a second int8 pass over each input's rounding residual (but for
+    # a few layers in fp32), and the same with every layer on its residual pass
+    ("residual openvino", "w8a8 residual", "openvino"),
+    ("residual every layer openvino", "w8a8 residual float_group_layers=[]", "openvino"),
 )
 # One forward per quarter of the time-steps, so a time-step-grouped preset is timed over all of its graphs.
 TIMESTEPS = (125, 375, 625, 875)

@@ -15,8 +15,9 @@ from quantizer.execution.executor import BackendUnavailable, build_executor
 from quantizer.execution.openvino import OpenVINOUNet, int8_dot_products_exact
 from quantizer.ptq.calibration import build_calibration_set
 from quantizer.ptq.config import PTQ4DMConfig, QuantConfig
+from quantizer.ptq.fake_quant import residual_step
 from quantizer.ptq.pipeline import build_config, quantize_model
-from quantizer.ptq.quant_modules import QuantLayer
+from quantizer.ptq.quant_modules import ActQuantizer, QuantLayer
 from quantizer.ptq.quantize import quantize_, resolve_negative_indices
 from quantizer.ptq.timestep_groups import TimestepGroupedUNet, group_edges, group_index, split_calibration
 
@@ -219,3 +220,89 @@ def test_negative_block_indices_name_the_same_part_of_any_unet(tiny_unet):
     for bad in ("up_blocks.-99.x", "up_blocks.-0.x", "conv_in.-1"):
         with pytest.raises(ValueError, match="the UNet has no"):
             resolve_negative_indices(bad, tiny_unet)
+
+
+def test_a_residual_input_is_its_int8_grid_plus_a_second_int8_pass_over_the_rounding_residual():
+    quantizer = ActQuantizer(8)
+    quantizer.set_qparams(torch.tensor(0.05), torch.tensor(40))
+    quantizer.mode = "quant"
+    x = torch.linspace(-2.0, 10.75, 4001)  # the grid spans [-2.0, 10.75]
+    plain = quantizer(x)
+    quantizer.residual = True
+    fine = quantizer(x)
+    step = residual_step(0.05)
+    assert float((plain - x).abs().max()) == pytest.approx(0.025, rel=1e-3)
+    assert float((fine - x).abs().max()) <= step / 2 + 1e-6  # ~16-bit: half a step of scale / 254
+    levels = (fine - plain) / step  # on the residual's s8 grid
+    assert float((levels - levels.round()).abs().max()) < 1e-2 and float(levels.abs().max()) < 127.01
+
+
+class _Clip(torch.nn.Module):
+    def __init__(self, lo: float, hi: float) -> None:
+        super().__init__()
+        self.lo, self.hi = lo, hi
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.clamp(self.lo, self.hi)
+
+
+def clipped_inputs(member: torch.nn.Module) -> torch.nn.Module:
+    """A copy of a fake-quant member whose layer inputs are clipped to their grid's range (widened by the residual
+    pass's reach, half a step) but not rounded: the limit of ever finer rounding, weights as they are."""
+    out = copy.deepcopy(member)
+    for module in out.modules():
+        if isinstance(module, QuantLayer):
+            iq = module.input_quantizer
+            scale, zero_point = float(iq.scale), int(iq.zero_point)
+            module.input_quantizer = _Clip((iq.qrange.qmin - zero_point - 0.5) * scale,
+                                           (iq.qrange.qmax - zero_point + 0.5) * scale)
+    return out
+
+
+def test_residual_float_groups_run_the_int8_graph_plus_a_residual_pass_at_the_noise_end(grouped):
+    """The same statistics; at t >= 500 every layer input gets its second pass (closer to FP than int8 alone), on
+    OpenVINO as a second int8 kernel per layer; requests that reach float_groups_by_steps run full precision."""
+    model, q, cache = grouped
+    mixed = quantize_model(model, "w8a8", {**GROUPED, "float_groups": 1, "float_group_mode": "residual"},
+                           cache_dir=cache, progress=False)
+    assert mixed.stats_source == "cache" and mixed.calibration_hash == q.calibration_hash  # nothing recalibrated
+    assert mixed.unet.float_member is None  # no fp32 copy kept
+    high, reference = dict(mixed.unet.members[1].named_modules()), dict(q.unet.members[1].named_modules())
+    layers = [n for n, m in high.items() if isinstance(m, QuantLayer)]
+    assert layers and all(high[n].input_quantizer.residual for n in layers)
+    assert all(float(high[n].input_quantizer.scale) == float(reference[n].input_quantizer.scale) for n in layers)
+    assert not any(m.input_quantizer.residual for m in mixed.unet.members[0].modules() if isinstance(m, QuantLayer))
+    x = torch.randn(8, 1, 16, 16, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        assert torch.equal(mixed.unet(x, 30).sample, q.unet(x, 30).sample)  # t < 500: the int8 group as is
+        # what the two passes approximate: each input clipped to its grid (plus the residual's half step), exact
+        exact_inputs, simulated = clipped_inputs(q.unet.members[1])(x, 800).sample, mixed.unet(x, 800).sample
+        assert rel_error(simulated, exact_inputs) < rel_error(q.unet(x, 800).sample, exact_inputs) / 20
+        executor = build_executor(mixed.unet, "openvino", max_batch=8)
+        assert [m.backend for m in executor.members] == ["openvino", "openvino"]
+        if int8_dot_products_exact():  # each quantized layer runs two int8 kernels at the noise end
+            assert executor.members[1].int8_layer_count() == 2 * executor.members[0].int8_layer_count()
+        assert rel_error(executor(x, 800).sample, simulated) < 0.01
+    by_steps = quantize_model(model, "w8a8", {**GROUPED, "float_groups": 1, "float_group_mode": "residual",
+                                              "float_groups_by_steps": {"20": 1}}, cache_dir=cache, progress=False)
+    assert by_steps.unet.for_steps(19) is by_steps.unet and by_steps.unet.for_steps(20).members[1] is (
+        by_steps.unet.float_member)
+    config = by_steps.config
+    assert config.for_steps(19).quant.float_group_mode == "residual"
+    assert config.for_steps(20).to_dict() == build_config("w8a8", {**GROUPED, "float_groups": 1}).to_dict()
+
+
+def test_the_residual_preset_is_faithful_with_its_int8_noise_end_below_101_steps():
+    residual, faithful = build_config("w8a8", {"preset": "residual"}), build_config("w8a8", {"preset": "faithful"})
+    assert residual.for_steps(100).quant.float_group_mode == "residual"
+    assert residual.for_steps(100).quant.float_groups == faithful.for_steps(100).quant.float_groups == 2
+    assert residual.for_steps(101).to_dict() == faithful.for_steps(101).to_dict()  # DDPM-1000: t >= 250 in fp32
+    assert "float_group_mode" not in faithful.to_dict()["quant"]  # the default keeps every existing hash
+    short = build_config("w8a8", {"preset": "residual", "float_groups_by_steps": {"26": 2, "101": 3}})
+    assert short.for_steps(25).quant.float_group_mode == "residual"
+    assert all(short.for_steps(s).to_dict() == faithful.for_steps(s).to_dict() for s in (26, 100, 1000))
+    for overrides, match in (({"float_group_mode": "bf16"}, "float_group_mode must be one of"),
+                             ({"float_group_mode": "residual", "float_groups": 2, "float_groups_by_steps": {"20": 1}},
+                              r"each pair's groups must be >= float_groups \(2\)")):
+        with pytest.raises(ValueError, match=match):
+            build_config("w8a8", {**GROUPED, "timestep_groups": 4, "float_groups": 1, **overrides})

@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from quantizer.ptq.fake_quant import RESIDUAL_RANGE, residual_step
 from quantizer.ptq.quant_modules import QuantConv2d, QuantLayer, QuantLinear, SplitActQuantizer
 
 # The 8-bit grids of the CPU's int8 kernels: u8 activations, narrow symmetric s8 weights (as PTQ4DM's 8-bit grid).
@@ -22,6 +23,8 @@ class FakeQuantizedLayer(nn.Module):
     A conv whose input is split (SplitActQuantizer: one range per half of a skip concat) becomes two convolutions,
     each on its half of the input channels and of the weight, summed (the bias once): a u8 kernel takes one
     activation scale, and the split weights keep their per-output-channel scales.
+    A residual input (ActQuantizer.residual) adds a second convolution with the same int8 weight on the first
+    pass's rounding residual, quantized symmetrically (an s8 input without a zero-point), summed.
     """
 
     def __init__(self, quant_layer: QuantLayer, int8: bool = True) -> None:
@@ -34,6 +37,7 @@ class FakeQuantizedLayer(nn.Module):
         self.layer = layer  # keeps stride/padding/bias; its weight is replaced by the snapped one below
         halves = (iq.first, iq.second) if isinstance(iq, SplitActQuantizer) else (iq,)
         self.act_qparams = [(float(q.scale), int(q.zero_point)) for q in halves]
+        self.residual = [bool(q.residual) for q in halves]
         self.act_qmax = int(iq.qrange.qmax)
         with torch.no_grad():  # on PTQ4DM's grid (any width <= 8 bits): the 8-bit FakeQuantize below is exact
             snapped = wq(layer.weight.detach().float())
@@ -47,19 +51,27 @@ class FakeQuantizedLayer(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.split is None:
-            return self._run(x, self.act_qparams[0], self.weight, self.layer.bias)
-        first = self._run(x[:, :self.split], self.act_qparams[0], self.weight, self.layer.bias)
-        return first + self._run(x[:, self.split:], self.act_qparams[1], self.weight_second, None)
+            return self._run(x, 0, self.weight, self.layer.bias)
+        first = self._run(x[:, :self.split], 0, self.weight, self.layer.bias)
+        return first + self._run(x[:, self.split:], 1, self.weight_second, None)
 
-    def _run(self, x: torch.Tensor, qparams: tuple[float, int], weight: torch.Tensor,
-             bias: torch.Tensor | None) -> torch.Tensor:
-        scale, zero_point = qparams
+    def _run(self, x: torch.Tensor, half: int, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        scale, zero_point = self.act_qparams[half]
+        q = x
         if self.act_qmax != ACT_QMAX:  # a narrower grid first, then the same values on the u8 kernel grid
-            x = torch.fake_quantize_per_tensor_affine(x, scale, zero_point, 0, self.act_qmax)
-        x = torch.fake_quantize_per_tensor_affine(x, scale, zero_point, 0, ACT_QMAX)
+            q = torch.fake_quantize_per_tensor_affine(q, scale, zero_point, 0, self.act_qmax)
+        q = torch.fake_quantize_per_tensor_affine(q, scale, zero_point, 0, ACT_QMAX)
         if self.int8:
             weight = torch.fake_quantize_per_channel_affine(weight, self.weight_scale, self.weight_zero_point, 0,
                                                             -WEIGHT_QMAX, WEIGHT_QMAX)
+        out = self._layer(q, weight, bias)
+        if self.residual[half]:
+            r = torch.fake_quantize_per_tensor_affine(x - q, residual_step(scale), 0, RESIDUAL_RANGE.qmin,
+                                                      RESIDUAL_RANGE.qmax)
+            out = out + self._layer(r, weight, None)
+        return out
+
+    def _layer(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         if self.is_conv:
             return self.layer._conv_forward(x, weight, bias)
         return F.linear(x, weight, bias)

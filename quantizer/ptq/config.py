@@ -21,6 +21,7 @@ from quantizer.ptq.scale_search import METRICS, SEARCH_METHODS
 
 WEIGHT_ROUNDING: tuple[str, ...] = ("nearest", "gptq")
 NOISE_CORRECTIONS: tuple[str, ...] = ("none", "bias", "ptqd")
+FLOAT_GROUP_MODES: tuple[str, ...] = ("fp32", "residual")
 CALIBRATION_METHODS: tuple[str, ...] = ("ndtc", "ndtc_code", "uniform", "single_step", "real_noised")
 _PRECISION_RE = re.compile(r"^w(\d+)a(\d+)$")
 
@@ -69,12 +70,21 @@ class QuantConfig:
         never quietly leave the noise end all-int8). Not part of the calibration-cache key; not part of a config's
         hash when empty.
     float_groups_by_steps: (min_steps, groups) pairs: a request of at least min_steps sampler steps runs at least
-        `groups` float groups (the most of float_groups and every pair it reaches; float_group_layers must be empty:
-        the extra groups reuse the one full-precision member).
+        `groups` float groups (the most of float_groups and every pair it reaches), all of them the one
+        full-precision member (float_group_layers must be empty unless float_group_mode is 'residual').
         Why: a group's int8 error adds up over the steps taken inside it; DDIM-100 takes 25 steps per quarter of
         the time-steps and keeps its images with t >= 500 in fp32, DDPM-1000 takes 250 and needs t >= 250 for its
         worst seeds (docs/RESULTS.md), so few-step requests keep the faster graphs. Not part of the
         calibration-cache key; not part of a config's hash when empty.
+    float_group_mode: how the float groups run. 'fp32' (default): the full-precision UNet (or, with
+        float_group_layers, int8 but for those layers). 'residual': the int8 UNet on each group's own ranges with a
+        second 8-bit pass per layer input over the first one's rounding residual (ActQuantizer.residual: inputs on a
+        ~16-bit grid, 8-bit weights; two int8 kernels per layer on OpenVINO). Why: the noise end needs an error far
+        below int8's, and on CPUs whose fp32 FMAs do a quarter of an int8 dot product's work two int8 passes cost
+        less than one fp32 pass (docs/RESULTS.md, docs/BENCHMARKS.md). A request that reaches a
+        float_groups_by_steps pair runs all its float groups in full precision. With float_group_layers those layers
+        run in full precision and every other one with its residual pass. Not part of the calibration-cache key;
+        not part of a config's hash when 'fp32'.
     timestep_groups: activation ranges per group of diffusion time-steps (G equal groups of [0, T), each
         calibrated on its own share of the calibration set; quantizer.ptq.timestep_groups). 1 = the paper's one
         range per tensor. Not part of a config's hash when 1, so caches made before it existed stay valid.
@@ -117,6 +127,7 @@ class QuantConfig:
     float_groups: int = 0
     float_group_layers: tuple[str, ...] = ()
     float_groups_by_steps: tuple[tuple[int, int], ...] = ()
+    float_group_mode: str = "fp32"
     split_concat: bool = False
     weight_bits_by_layer: tuple[tuple[str, int], ...] = ()
     noise_correction: str = "none"
@@ -134,6 +145,7 @@ class QuantConfig:
         _check_choice(self.search, "search", SEARCH_METHODS)
         _check_choice(self.weight_rounding, "weight_rounding", WEIGHT_ROUNDING)
         _check_choice(self.noise_correction, "noise_correction", NOISE_CORRECTIONS)
+        _check_choice(self.float_group_mode, "float_group_mode", FLOAT_GROUP_MODES)
         _check_choice(self.metric, "metric", METRICS)
         if isinstance(self.p, bool) or not isinstance(self.p, (int, float)) or not self.p > 0:
             raise ValueError(f"p must be a positive number, got {self.p!r}")
@@ -159,9 +171,12 @@ class QuantConfig:
             if groups >= self.timestep_groups:
                 raise ValueError(f"float_groups_by_steps[{steps}] must be < timestep_groups ({self.timestep_groups}) "
                                  f"so something is quantized, got {groups!r}")
-        if self.float_groups_by_steps and self.float_group_layers:
+        if self.float_groups_by_steps and self.float_group_layers and self.float_group_mode == "fp32":
             raise ValueError("float_groups_by_steps needs float_group_layers empty (its extra groups run the whole "
                              "UNet in full precision)")
+        if self.float_group_mode != "fp32" and any(g < self.float_groups for _, g in self.float_groups_by_steps):
+            raise ValueError("float_groups_by_steps: with float_group_mode 'residual' each pair's groups must be >= "
+                             f"float_groups ({self.float_groups}): a request that reaches it runs them all in fp32")
         if self.float_groups_by_steps and self.noise_correction != "none":
             raise ValueError("float_groups_by_steps cannot be combined with noise_correction (the correction is "
                              "estimated on one set of float groups)")
@@ -183,6 +198,8 @@ class QuantConfig:
             out["float_groups_by_steps"] = {str(steps): groups for steps, groups in self.float_groups_by_steps}
         else:
             del out["float_groups_by_steps"]
+        if self.float_group_mode == "fp32":
+            del out["float_group_mode"]
         if not self.split_concat:
             del out["split_concat"]
         if self.weight_bits_by_layer:
@@ -202,8 +219,11 @@ class QuantConfig:
 
     def for_steps(self, steps: int) -> QuantConfig:
         """This config as a request of `steps` steps runs it: float_groups resolved, float_groups_by_steps gone (equal
-        to the config that always runs those float groups)."""
-        return replace(self, float_groups=self.float_groups_for(steps), float_groups_by_steps=())
+        to the config that always runs those float groups; full-precision ones once a pair is reached)."""
+        if not any(steps >= min_steps for min_steps, _ in self.float_groups_by_steps):
+            return replace(self, float_groups_by_steps=())
+        return replace(self, float_groups=self.float_groups_for(steps), float_groups_by_steps=(),
+                       float_group_mode="fp32", float_group_layers=())
 
     def weight_bits_for(self, name: str) -> int:
         """Weight bits of the layer called `name`: its pattern's in weight_bits_by_layer, else weight_bits."""
@@ -337,6 +357,13 @@ PRESETS: dict[str, dict[str, object]] = {
     # of more than 100 steps (DDPM-1000's worst seeds) three quarters (t >= 250)
     "faithful": {"method": "uniform", "timestep_groups": 4, "keep_first_last_fp": True, "weight_rounding": "gptq",
                  "float_groups": 2, "float_groups_by_steps": ((101, 3),)},
+    # faithful whose noise-end half runs int8 with a residual pass (inputs on a ~16-bit grid) instead of fp32, but
+    # for the layers whose 8-bit weights bench/noise_end_layers.py ranks first there (~6% of the built-in UNet's
+    # multiply-accumulates); requests of more than 100 steps run faithful's fp32 for t >= 250
+    "residual": {"method": "uniform", "timestep_groups": 4, "keep_first_last_fp": True, "weight_rounding": "gptq",
+                 "float_groups": 2, "float_group_mode": "residual", "float_groups_by_steps": ((101, 3),),
+                 "float_group_layers": ("up_blocks.-1.resnets.*.conv_shortcut", "up_blocks.-1.resnets.*.conv2",
+                                        "time_embedding.linear_1")},
     # the noise-end half int8 on its own ranges but for the last up block's resnet outputs, which
     # bench/noise_end_layers.py ranks first there (~6% of the multiply-accumulates of the built-in UNet)
     "balanced": {"method": "uniform", "timestep_groups": 4, "keep_first_last_fp": True, "weight_rounding": "gptq",

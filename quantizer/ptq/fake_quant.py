@@ -68,6 +68,16 @@ def fake_quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor
     return dequantize(quantize(x, scale, zero_point, qrange), scale, zero_point)
 
 
+# The second 8-bit pass of a residual quantizer: what rounding onto a grid of step s left, |r| <= s / 2, on a
+# symmetric s8 grid of step s / 254 (an i8 kernel without a zero-point).
+RESIDUAL_RANGE = QRange(-127, 127)
+
+
+def residual_step(scale: torch.Tensor | float) -> torch.Tensor | float:
+    """Step of the residual pass of an input quantized with step `scale`: half a step spread over 127 levels."""
+    return scale / (2 * RESIDUAL_RANGE.qmax)
+
+
 def symmetric_scale(threshold: torch.Tensor, qrange: QRange) -> torch.Tensor:
     """Scale that maps [-threshold, threshold] onto the symmetric grid."""
     return torch.clamp(threshold / qrange.qmax, min=SCALE_EPS)

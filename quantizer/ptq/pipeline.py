@@ -31,6 +31,7 @@ from quantizer.ptq.config import (
 )
 from quantizer.ptq.noise_correction import NoiseCorrectedUNet, estimate, record_pairs
 from quantizer.ptq.progress import ProgressFn, ProgressLog
+from quantizer.ptq.quant_modules import run_residual
 from quantizer.ptq.quantize import export_stats, load_stats, quantize_, restore_float_layers
 from quantizer.ptq.timestep_groups import (
     WEIGHT_KEY,
@@ -134,12 +135,13 @@ def cache_key_parts(model: DiffusionModel, config: PTQ4DMConfig,
 
 
 def _stats_config(config: PTQ4DMConfig) -> dict[str, Any]:
-    """The config as the statistics see it: float_groups (and float_groups_by_steps) only choose which groups run
-    them, noise_correction is estimated after them (an entry of its own, `_noise_correction`)."""
+    """The config as the statistics see it: float_groups (and float_groups_by_steps, float_group_mode) only choose
+    which groups run them and how, noise_correction is estimated after them (an entry of its own)."""
     out = config.to_dict()
     out["quant"].pop("float_groups", None)
     out["quant"].pop("float_group_layers", None)
     out["quant"].pop("float_groups_by_steps", None)
+    out["quant"].pop("float_group_mode", None)
     out["quant"].pop("noise_correction", None)
     return out
 
@@ -221,10 +223,13 @@ def _grouped_unet(model: DiffusionModel, config: PTQ4DMConfig, group_stats: list
     quantized = len(edges) - quant.float_groups  # the float groups' stats exist but are not run
     members = [base, *(member_of(stats) for stats in group_stats[1:quantized])]
     # one float copy serves every whole-float group, and the extra ones of long requests (float_groups_by_steps)
-    whole_float = bool(quant.float_groups and not quant.float_group_layers) or bool(quant.float_groups_by_steps)
+    in_fp32 = quant.float_group_mode == "fp32" and not quant.float_group_layers
+    whole_float = bool(quant.float_groups and in_fp32) or bool(quant.float_groups_by_steps)
     float_member = copy.deepcopy(model.unet).eval() if whole_float else None
-    if quant.float_group_layers:  # int8 on each float group's own ranges but for the named layers
-        members += [restore_float_layers(member_of(stats), model.unet, quant.float_group_layers)
+    if quant.float_group_layers or quant.float_group_mode == "residual":
+        # int8 on each float group's own ranges (plus the residual pass), but for the named layers
+        finer = run_residual if quant.float_group_mode == "residual" else (lambda member: member)
+        members += [restore_float_layers(finer(member_of(stats)), model.unet, quant.float_group_layers)
                     for stats in group_stats[quantized:]]
     else:
         members += [float_member] * quant.float_groups

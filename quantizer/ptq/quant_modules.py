@@ -12,7 +12,15 @@ import torch.nn.functional as F
 from diffusers.models.attention_processor import Attention
 from torch import nn
 
-from quantizer.ptq.fake_quant import QRange, act_range, channel_view, fake_quantize, weight_range
+from quantizer.ptq.fake_quant import (
+    RESIDUAL_RANGE,
+    QRange,
+    act_range,
+    channel_view,
+    fake_quantize,
+    residual_step,
+    weight_range,
+)
 
 MODES: tuple[str, ...] = ("fp", "observe", "quant")
 # At most this many values are drawn from any one batch of activations.
@@ -107,7 +115,12 @@ class WeightQuantizer(nn.Module):
 
 
 class ActQuantizer(nn.Module):
-    """Per-tensor asymmetric activation quantizer (uint grid, integer zero_point)."""
+    """Per-tensor asymmetric activation quantizer (uint grid, integer zero_point).
+
+    residual: add a second 8-bit pass over what the first left, x ~ q(x) + q_r(x - q(x)) (RESIDUAL_RANGE, step
+    residual_step(scale)): the input on a ~16-bit grid that 8-bit kernels still run, as two passes summed
+    (QuantConfig.float_group_mode 'residual'). A property of how a member runs, not of its statistics.
+    """
 
     def __init__(self, bits: int) -> None:
         super().__init__()
@@ -116,6 +129,7 @@ class ActQuantizer(nn.Module):
         self.register_buffer("zero_point", torch.tensor(0, dtype=torch.int32))
         self.register_buffer("bits", torch.tensor(bits, dtype=torch.int32))
         self.mode = "fp"
+        self.residual = False
         self.observer: ActObserver | None = None
 
     def set_qparams(self, scale: torch.Tensor, zero_point: torch.Tensor) -> None:
@@ -128,7 +142,10 @@ class ActQuantizer(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.mode == "quant":
             zero_point = self.zero_point.to(torch.float32)
-            return fake_quantize(x.float(), self.scale, zero_point, self.qrange).to(x.dtype)
+            q = fake_quantize(x.float(), self.scale, zero_point, self.qrange)
+            if self.residual:
+                q = q + fake_quantize(x.float() - q, residual_step(self.scale), 0, RESIDUAL_RANGE)
+            return q.to(x.dtype)
         if self.mode == "observe":
             if self.observer is None:
                 raise RuntimeError("ActQuantizer in observe mode without an observer")
@@ -136,7 +153,15 @@ class ActQuantizer(nn.Module):
         return x
 
     def extra_repr(self) -> str:
-        return f"bits={int(self.bits)}, mode={self.mode}"
+        return f"bits={int(self.bits)}, mode={self.mode}" + (", residual" if self.residual else "")
+
+
+def run_residual(unet: nn.Module) -> nn.Module:
+    """Give every activation quantizer of a fake-quant UNet its residual pass (ActQuantizer.residual); returns it."""
+    for module in unet.modules():
+        if isinstance(module, ActQuantizer):
+            module.residual = True
+    return unet
 
 
 class SplitActQuantizer(nn.Module):
