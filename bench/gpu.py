@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from speed import TIMESTEPS, cifar_model, quantized, time_interleaved  # bench/ is the script's directory
+from speed import TIMESTEPS, cifar_model, fmt, quantized, time_interleaved  # bench/ is the script's directory
 from torch import nn
 
 from quantizer.diffusion.images import to_uint8
@@ -301,10 +301,6 @@ def machine(device: torch.device) -> str:
             f"{torch.backends.cudnn.version()}; TF32: cuDNN convolutions {torch.backends.cudnn.allow_tf32}, matmul "
             f"{torch.backends.cuda.matmul.allow_tf32} (torch's defaults, as the service runs); cudnn.benchmark "
             f"{torch.backends.cudnn.benchmark}; {cpu}")
-
-
-def fmt(value: float | None, spec: str) -> str:
-    return "-" if value is None else format(value, spec)
 
 
 def table(header: list[str], rows: list[dict], key: Callable[[dict], list[str]],
