@@ -12,6 +12,7 @@ own layer) the layer whose float copy lowers the one-forward error most, and rep
 MAC share: the float layers' share of one forward's multiply-accumulates.
 
     python bench/noise_end_layers.py --steps 6 --out runs/noise-end-layers.md     # W8A8 `faithful`, ~10 min
+    python bench/noise_end_layers.py --preset residual --steps 4   # on the residual passes (float_group_mode)
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from quantizer.diffusion.models import DiffusionModel, load_model  # noqa: E402
 from quantizer.ptq.calibration import CalibrationSet, build_calibration_set  # noqa: E402
 from quantizer.ptq.config import CalibrationConfig  # noqa: E402
 from quantizer.ptq.pipeline import build_config, quantize_model  # noqa: E402
-from quantizer.ptq.quant_modules import QuantLayer  # noqa: E402
+from quantizer.ptq.quant_modules import QuantLayer, run_residual  # noqa: E402
 from quantizer.ptq.timestep_groups import split_calibration  # noqa: E402
 
 
@@ -79,11 +80,13 @@ def greedy(switch: LayerSwitch, pairs: CalibrationSet, ref: torch.Tensor, num_tr
 def run(model: DiffusionModel, precision: str, config: dict[str, Any], n_pairs: int, steps: int,
         cache_dir: str | None) -> dict[str, Any]:
     """config: the quantization overrides (a preset and/or fields) whose float groups are ranked."""
-    float_groups = build_config(precision, config).quant.float_groups
+    quant = build_config(precision, config).quant
+    float_groups, residual = quant.float_groups, quant.float_group_mode == "residual"
     if not float_groups:
         raise ValueError(f"{config} has no float groups to rank layers for")
     # the same statistics with every group quantized: the float groups' int8 UNets, on their own ranges
-    q = quantize_model(model, precision, {**config, "float_groups": 0, "float_group_layers": []},
+    q = quantize_model(model, precision, {**config, "float_groups": 0, "float_group_layers": [],
+                                          "float_group_mode": "fp32", "float_groups_by_steps": []},
                        cache_dir=cache_dir, progress=False)
     pairs = build_calibration_set(model.unet, model.scheduler_config,
                                   CalibrationConfig(method="uniform", n_samples=n_pairs, seed=HELD_OUT_SEED,
@@ -96,19 +99,23 @@ def run(model: DiffusionModel, precision: str, config: dict[str, Any], n_pairs: 
     for g in range(len(parts) - float_groups, len(parts)):
         ref = eps(model.unet, parts[g])
         print(f"group [{edges[g]}, {edges[g + 1]}): {len(parts[g])} pairs", file=sys.stderr, flush=True)
-        groups[f"{edges[g]}-{edges[g + 1]}"] = greedy(LayerSwitch(q.unet.members[g], model.unet), parts[g], ref,
-                                                      num_train, steps, macs)
+        # a residual preset's groups run every int8 layer with its residual pass: rank on those members
+        member = run_residual(q.unet.members[g]) if residual else q.unet.members[g]
+        groups[f"{edges[g]}-{edges[g + 1]}"] = greedy(LayerSwitch(member, model.unet), parts[g], ref, num_train,
+                                                      steps, macs)
     return {"precision": precision, "config": config, "calibration_hash": q.calibration_hash,
-            "stats_source": q.stats_source, "groups": groups}
+            "stats_source": q.stats_source, "residual": residual, "groups": groups}
 
 
 def report(result: dict[str, Any], command: str) -> str:
     lines = [f"Command: `{command}`. {result['precision'].upper()} `{json.dumps(result['config'])}` (stats: "
-             f"{result['stats_source']}, {result['calibration_hash'][:12]}), fake quant.", ""]
+             f"{result['stats_source']}, {result['calibration_hash'][:12]}), fake quant"
+             + (", every int8 layer with its residual pass." if result.get("residual") else "."), ""]
     for span, row in result["groups"].items():
-        lines += [f"Group t in [{span.replace('-', ', ')}) ({row['pairs']} held-out pairs): all int8 "
-                  f"{row['int8']:.4f}", "", "| + float layer | rel. error | float MAC share |", "|---|---|---|"]
-        lines += [f"| `{s['layer']}` | {s['rel_error']:.4f} | {100 * s['mac_share']:.1f}% |" for s in row["steps"]]
+        lines += [f"Group t in [{span.replace('-', ', ')}) ({row['pairs']} held-out pairs): all int8"
+                  f"{' + residual' if result.get('residual') else ''} "
+                  f"{row['int8']:.5f}", "", "| + float layer | rel. error | float MAC share |", "|---|---|---|"]
+        lines += [f"| `{s['layer']}` | {s['rel_error']:.5f} | {100 * s['mac_share']:.1f}% |" for s in row["steps"]]
         lines.append("")
     return "\n".join(lines)
 

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from speed import quantized  # noqa: E402  (the speed table's W8A8 quantization)
+from speed import cifar_model, quantized  # noqa: E402  (the speed table's models and W8A8 quantization)
 
 from quantizer.diffusion.models import load_model  # noqa: E402
 from quantizer.execution.openvino import FakeQuantizedLayer, convert, traceable_quantized  # noqa: E402
@@ -80,6 +80,7 @@ def symmetric_activations(unet: nn.Module) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", choices=("builtin", "cifar"), default="builtin")
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--precision", default="f32", help="OpenVINO INFERENCE_PRECISION_HINT")
     parser.add_argument("--repeats", type=int, default=15)
@@ -89,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     import openvino as ov
 
     torch.set_num_threads(2)
-    model = load_model(None)
+    model = cifar_model() if args.model == "cifar" else load_model(None)
     calib = build_calibration_set(model.unet, model.scheduler_config,
                                   CalibrationConfig(method="uniform", n_samples=128, steps=25, batch_size=32, seed=1),
                                   progress=False)
@@ -130,7 +131,8 @@ def main(argv: list[str] | None = None) -> int:
                 per_op[label][f"{info.node_type} ({info.exec_type})"] += info.real_time.total_seconds() / args.repeats
     ours_ms = statistics.median(times["ptq4dm scales"]) * 1e3
     print(f"Command: `python bench/openvino_profile.py {' '.join(argv if argv is not None else sys.argv[1:])}`; "
-          f"OpenVINO {ov.get_version()}, NNCF {nncf.__version__}, batch {args.batch}, float ops {args.precision}, "
+          f"OpenVINO {ov.get_version()}, NNCF {nncf.__version__}, {args.model} UNet, batch {args.batch}, "
+          f"float ops {args.precision}, "
           f"{args.repeats} interleaved repeats (medians)\n")
     print("| variant | UNet fwd ms | x ours | top op types, ms per forward (kernel) |")
     print("|---|---|---|---|")
