@@ -13,6 +13,7 @@ MAC share: the float layers' share of one forward's multiply-accumulates.
 
     python bench/noise_end_layers.py --steps 6 --out runs/noise-end-layers.md     # W8A8 `faithful`, ~10 min
     python bench/noise_end_layers.py --preset residual --steps 4   # on the residual passes (float_group_mode)
+    python bench/noise_end_layers.py --steps 0     # each group's int8 error, and with only the weights quantized
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from quantizer.diffusion.models import DiffusionModel, load_model  # noqa: E402
 from quantizer.ptq.calibration import CalibrationSet, build_calibration_set  # noqa: E402
 from quantizer.ptq.config import CalibrationConfig  # noqa: E402
 from quantizer.ptq.pipeline import build_config, quantize_model  # noqa: E402
-from quantizer.ptq.quant_modules import QuantLayer, run_residual  # noqa: E402
+from quantizer.ptq.quant_modules import ActQuantizer, QuantLayer, run_residual  # noqa: E402
 from quantizer.ptq.timestep_groups import split_calibration  # noqa: E402
 
 
@@ -56,12 +57,27 @@ def rel_error(unet: nn.Module, pairs: CalibrationSet, ref: torch.Tensor, num_tra
     return one_forward_errors(eps(unet, pairs), ref, pairs.ts, num_train)["rel_error"]
 
 
+def weights_only_error(unet: nn.Module, pairs: CalibrationSet, ref: torch.Tensor, num_train: int) -> float:
+    """The error with every layer input left in float (only the weights on their grids): how much of the group's
+    error the weights carry, against the activation rounding."""
+    quantizers = [m for m in unet.modules() if isinstance(m, ActQuantizer)]
+    modes = [q.mode for q in quantizers]
+    for q in quantizers:
+        q.mode = "fp"
+    try:
+        return rel_error(unet, pairs, ref, num_train)
+    finally:
+        for q, mode in zip(quantizers, modes, strict=True):
+            q.mode = mode
+
+
 def greedy(switch: LayerSwitch, pairs: CalibrationSet, ref: torch.Tensor, num_train: int, steps: int,
            macs: dict[str, float]) -> dict[str, Any]:
     """The all-int8 error, then after each step the layer floated, the error and the float layers' MAC share."""
     floated: set[str] = set()
     switch.set_float(floated)
-    row: dict[str, Any] = {"pairs": len(pairs), "int8": rel_error(switch.unet, pairs, ref, num_train), "steps": []}
+    row: dict[str, Any] = {"pairs": len(pairs), "int8": rel_error(switch.unet, pairs, ref, num_train),
+                           "weights_only": weights_only_error(switch.unet, pairs, ref, num_train), "steps": []}
     for _ in range(min(steps, len(switch.quantized))):
         scores = {}
         for name in switch.quantized:
@@ -114,8 +130,13 @@ def report(result: dict[str, Any], command: str) -> str:
     for span, row in result["groups"].items():
         lines += [f"Group t in [{span.replace('-', ', ')}) ({row['pairs']} held-out pairs): all int8"
                   f"{' + residual' if result.get('residual') else ''} "
-                  f"{row['int8']:.5f}", "", "| + float layer | rel. error | float MAC share |", "|---|---|---|"]
-        lines += [f"| `{s['layer']}` | {s['rel_error']:.5f} | {100 * s['mac_share']:.1f}% |" for s in row["steps"]]
+                  f"{row['int8']:.5f}"
+                  + (f", only the weights on their grid {row['weights_only']:.5f}" if "weights_only" in row else ""),
+                  ""]
+        if row["steps"]:
+            lines += ["| + float layer | rel. error | float MAC share |", "|---|---|---|"]
+            lines += [f"| `{s['layer']}` | {s['rel_error']:.5f} | {100 * s['mac_share']:.1f}% |"
+                      for s in row["steps"]]
         lines.append("")
     return "\n".join(lines)
 
