@@ -9,6 +9,9 @@ adds seeded Gaussian error of relative size REL to the FP noise estimate for t i
 
     python bench/seed_probe.py --column ddpm1000 --row "w8a8 faithful fp32 t>=500 only" --worst 6 \\
         --config 'w8a8 {"preset": "faithful", "float_groups": 3}' --perturb 0.01:250:500
+    python bench/seed_probe.py --column ddim100 --row "w8a8 residual every layer" --worst 2 \
+        --config 'w8a8 {"preset": "residual", "float_group_layers": []}' --config 'w8a8 {"preset": "faithful"}' \
+        --mix 0,0,0,1 --mix 0,0,1,0        # residual passes in one noise-end group, fp32 in the other
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ from quantizer.evaluation.evaluate import cached_images, samples_cache_dir  # no
 from quantizer.evaluation.metrics import capped_psnr  # noqa: E402
 from quantizer.execution.executor import build_executor  # noqa: E402
 from quantizer.ptq.pipeline import quantize_model  # noqa: E402
+from quantizer.ptq.timestep_groups import TimestepGroupedUNet  # noqa: E402
 
 
 def per_seed_psnr(references: dict[int, np.ndarray], images: dict[int, torch.Tensor]) -> dict[int, float]:
@@ -72,6 +76,31 @@ def parse_config(spec: str) -> tuple[str, dict]:
     return precision, parsed
 
 
+def parse_mix(spec: str, n_configs: int) -> list[int]:
+    """'0,0,0,1' -> [0, 0, 0, 1]: a --config index per time-step group; a ValueError naming the option otherwise."""
+    try:
+        mix = [int(i) for i in spec.split(",")]
+    except ValueError:
+        raise ValueError(f"--mix wants a comma list of --config indices, got {spec!r}") from None
+    if bad := [i for i in mix if not 0 <= i < n_configs]:
+        raise ValueError(f"--mix {spec!r}: indices {bad} name no --config (there are {n_configs})")
+    return mix
+
+
+def mixed_groups(units: Sequence[nn.Module], mix: Sequence[int]) -> TimestepGroupedUNet:
+    """A UNet whose group g runs as units[mix[g]]'s group g does (each a time-step-grouped UNet, as a request of
+    the probed step count runs it): which group's error decides a seed, without a config for every mix."""
+    used = {i: units[i] for i in mix}
+    if bad := [i for i, unet in used.items() if not isinstance(unet, TimestepGroupedUNet)]:
+        raise ValueError(f"--mix: configs {bad} are not time-step-grouped (no timestep_groups)")
+    edges = {tuple(unet.edges) for unet in used.values()}  # type: ignore[union-attr]
+    if len(edges) != 1 or len(next(iter(edges))) != len(mix):
+        raise ValueError(f"--mix {list(mix)}: its configs' time-step groups {sorted(edges)} are not {len(mix)} "
+                         "shared groups")
+    return TimestepGroupedUNet([units[i].members[g] for g, i in enumerate(mix)],  # type: ignore[union-attr]
+                               next(iter(edges))).eval()
+
+
 def probe(unet: nn.Module, model: DiffusionModel, sampler: str, steps: int, seeds: Sequence[int],
           references: dict[int, np.ndarray]) -> list[float]:
     """PSNR of each seed sampled with `unet` (one batch) against its reference."""
@@ -90,6 +119,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", default="", help="comma list of seeds probed besides the worst")
     parser.add_argument("--config", action="append", default=[], help="'PRECISION JSON', repeatable")
     parser.add_argument("--perturb", action="append", default=[], help="REL:LO:HI, repeatable")
+    parser.add_argument("--mix", action="append", default=[],
+                        help="comma list of --config indices (from 0), one per time-step group: a UNet running each "
+                             "group as that config does, e.g. 0,0,0,1; repeatable")
     parser.add_argument("--model", default=None, help="model dir (default: the built-in model)")
     parser.add_argument("--samples-dir", default="runs/samples")
     parser.add_argument("--references-dir", default=str(REFERENCES))
@@ -98,6 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         configs = [parse_config(spec) for spec in args.config]
         perturbations = [parse_perturbation(spec) for spec in args.perturb]
+        mixes = [parse_mix(spec, len(configs)) for spec in args.mix]
     except ValueError as error:
         parser.error(str(error))
     try:
@@ -123,10 +156,19 @@ def main(argv: list[str] | None = None) -> int:
         print(f"| {what} | " + " | ".join(f"{v:.1f}" for v in values) + " |", flush=True)
 
     line(f"{args.row}, {args.backend} (stored row)", [row_psnr[s] for s in seeds])
+    units = []
     for precision, overrides in configs:
         quantized = quantize_model(model, precision, overrides, cache_dir=args.cache_dir, progress=False)
         unet = build_executor(quantized.unet, args.backend, max_batch=len(seeds))
+        units.append(unet.for_steps(steps) if isinstance(unet, TimestepGroupedUNet) else unet)
         line(f"{precision} `{json.dumps(overrides)}`, {args.backend}",
+             probe(units[-1], model, sampler, steps, seeds, references))
+    for mix in mixes:
+        try:
+            unet = mixed_groups(units, mix)
+        except ValueError as error:
+            parser.error(str(error))
+        line(f"groups from configs {','.join(map(str, mix))}, {args.backend}",
              probe(unet, model, sampler, steps, seeds, references))
     for rel, window in perturbations:
         line(f"FP + {rel:g} random error at t in [{window[0]}, {window[1]})",
