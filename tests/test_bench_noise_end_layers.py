@@ -50,3 +50,20 @@ def test_the_switch_puts_the_float_layer_in_and_back(tiny_model_dir, tmp_path):
     assert rel_error(member, pairs, fp, 1000) < 1e-6
     switch.set_float(set())
     assert isinstance(member.get_submodule(name), QuantLayer) and rel_error(member, pairs, quantized, 1000) == 0
+
+
+def test_a_residual_preset_is_ranked_on_its_residual_passes_and_the_weights_share_is_reported(tiny_model_dir,
+                                                                                                tmp_path):
+    model = load_model(tiny_model_dir)
+    plain = run(model, "w8a8", {**GROUPED, "float_groups": 1}, n_pairs=32, steps=1,
+                cache_dir=str(tmp_path))["groups"]["500-1000"]
+    residual = run(model, "w8a8", {**GROUPED, "float_groups": 1, "float_group_mode": "residual"}, n_pairs=32,
+                   steps=1, cache_dir=str(tmp_path))
+    row = residual["groups"]["500-1000"]
+    assert residual["residual"] and row["pairs"] == plain["pairs"]
+    # the residual pass takes input rounding away (not the clipping, which this tiny model's ranges do a lot of):
+    # below int8, above what the weights alone leave, which it does not touch
+    assert 0 < plain["weights_only"] < plain["int8"] and abs(row["weights_only"] - plain["weights_only"]) < 1e-9
+    assert row["weights_only"] < row["int8"] < 0.75 * plain["int8"]
+    assert "all int8 + residual" in report(residual, "cmd") and "only the weights on their grid" in report(residual,
+                                                                                                          "cmd")

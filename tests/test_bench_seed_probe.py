@@ -14,7 +14,7 @@ import torch
 
 from bench.perturbation import NoisyUNet
 from bench.quality import save_uint8_batch
-from bench.seed_probe import main, parse_config, parse_perturbation, per_seed_psnr, worst_seeds
+from bench.seed_probe import main, parse_config, parse_mix, parse_perturbation, per_seed_psnr, worst_seeds
 from quantizer.diffusion.images import to_uint8
 from quantizer.diffusion.models import load_model
 from quantizer.diffusion.sampling import sample
@@ -71,3 +71,30 @@ def test_helpers_name_what_is_wrong():
             call(bad)
     with pytest.raises(ValueError, match="share no seed"):
         per_seed_psnr({0: np.zeros((4, 4, 1), np.uint8)}, {1: torch.zeros(1, 4, 4)})
+
+
+def test_mixed_groups_run_each_group_as_the_named_config(tiny_model_dir, tmp_path, capsys):
+    model = load_model(tiny_model_dir)
+    references, samples = tmp_path / "references", tmp_path / "samples"
+    fp = sample(model.unet, model.scheduler_config, SEEDS, "ddim", 25)
+    save_uint8_batch(samples_cache_dir(references, model, "fp32-uint8", "ddim", 25), range(6), to_uint8(fp))
+    generate_in_batches(model.unet, model.scheduler_config, SEEDS, "ddim", 25, batch_size=6,
+                        cache_dir=samples_cache_dir(samples, model, "fp32", "ddim", 25))
+    grouped = {**CHEAP, "timestep_groups": 2}
+    int8, half_float = json.dumps(grouped), json.dumps({**grouped, "float_groups": 1})
+    main(["--column", "ddim25", "--row", "fp32", "--backend", "fake", "--worst", "3", "--model", str(tiny_model_dir),
+          "--samples-dir", str(samples), "--references-dir", str(references), "--cache-dir", str(tmp_path / "cache"),
+          "--config", f"w8a8 {int8}", "--config", f"w8a8 {half_float}", "--mix", "0,0", "--mix", "0,1"])
+    rows = {line.split(" | ")[0].lstrip("| "): [float(v) for v in line.rstrip(" |").split(" | ")[1:]]
+            for line in capsys.readouterr().out.splitlines() if line.startswith("| ") and "seed " not in line}
+    assert rows["groups from configs 0,0, fake"] == rows[f"w8a8 `{int8}`, fake"]
+    assert rows["groups from configs 0,1, fake"] == rows[f"w8a8 `{half_float}`, fake"]
+    assert rows[f"w8a8 `{half_float}`, fake"] != rows[f"w8a8 `{int8}`, fake"]  # the two configs differ
+    with pytest.raises(ValueError, match="--mix"):
+        parse_mix("0,2", 2)
+    with pytest.raises(ValueError, match="--mix"):
+        parse_mix("0,a", 2)
+    with pytest.raises(SystemExit):  # two groups' configs cannot fill three groups
+        main(["--column", "ddim25", "--row", "fp32", "--backend", "fake", "--worst", "1", "--model",
+              str(tiny_model_dir), "--samples-dir", str(samples), "--references-dir", str(references),
+              "--cache-dir", str(tmp_path / "cache"), "--config", f"w8a8 {int8}", "--mix", "0,0,0"])
