@@ -22,6 +22,8 @@ DEFAULT_HOOKS: tuple[str, ...] = ("completed",)
 # Longest a blocking read waits before the caller gets control back (SSE keepalive comment, deadline checks);
 # below the Redis client's socket timeout (10 s) so a blocked XREAD is never mistaken for a dead connection.
 BLOCK_SLICE_MS = 5000
+# While a job waits, its stream looks this often whether the jobs ahead of it moved (a `position` event if so).
+POSITION_SLICE_MS = 1000
 
 
 @dataclass(frozen=True)
@@ -102,6 +104,13 @@ def valid_event_id(value: str | None) -> str | None:
 def sse_message(event: JobEvent) -> bytes:
     """One Server-Sent Events message; the data is a single JSON line, so it never needs splitting."""
     return f"id: {event.id}\nevent: {event.type}\ndata: {json.dumps(event.data)}\n\n".encode()
+
+
+def sse_position(job_id: str, queue_position: int) -> bytes:
+    """The waiting job's live queue position. Not a stored event, so no `id:`: the browser keeps the last stored
+    event's id for Last-Event-ID, and a resumed stream sends the position as it is by then."""
+    data = {"type": "position", "job_id": job_id, "queue_position": queue_position, "at": round(time.time(), 6)}
+    return f"event: position\ndata: {json.dumps(data)}\n\n".encode()
 
 
 SSE_KEEPALIVE = b": keepalive\n\n"

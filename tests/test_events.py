@@ -233,6 +233,31 @@ def test_sse_is_live_across_replicas_until_cancelled(backend, tiny_model_dir, re
         assert 0.3 <= time.monotonic() - cancel_at < 3
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_sse_sends_the_waiting_jobs_position_as_the_jobs_ahead_leave_and_arrive(backend, tiny_model_dir, request):
+    """No worker: a job third in line streams `queued` at position 2, then a `position` event (no id, so
+    Last-Event-ID still names the stored event) each time that changes: 1 when a job ahead is cancelled through
+    another replica, 2 when a higher-priority job arrives; its own cancel ends the stream."""
+    with worker_less_replicas(backend, tiny_model_dir, request) as (a, b, client):
+        ahead = [client.post(f"{a}/v1/jobs", json={}).json()["id"] for _ in range(2)]
+        job_id = client.post(f"{a}/v1/jobs", json={}).json()["id"]
+        with client.stream("GET", f"{a}/v1/jobs/{job_id}/events") as r:
+            lines = r.iter_lines()
+            [queued] = read_sse(lines, stop_after=1)
+            assert queued["event"] == "queued" and queued["data"]["queue_position"] == 2
+            assert client.delete(f"{b}/v1/jobs/{ahead[0]}").status_code == 200
+            [moved] = read_sse(lines, stop_after=1)
+            assert client.post(f"{b}/v1/jobs", json={"priority": 9}).status_code == 202
+            [behind] = read_sse(lines, stop_after=1)
+            assert client.delete(f"{b}/v1/jobs/{job_id}").status_code == 200
+            rest = read_sse(lines)
+        assert (moved["event"], moved["data"]["queue_position"], moved["data"]["job_id"]) == ("position", 1, job_id)
+        assert (behind["event"], behind["data"]["queue_position"]) == ("position", 2)
+        assert "id" not in moved and "id" not in behind and queued["id"]
+        assert [e["event"] for e in rest] == ["cancelled"]
+        assert client.get(f"{a}/v1/jobs/{job_id}").json()["status"] == "cancelled"
+
+
 @pytest.mark.asyncio
 async def test_queued_event_position_counts_higher_priorities_at_submission(queue):
     """Events x priorities: the submit script records the queued event with the priority-aware position (every

@@ -149,7 +149,8 @@ async def read_job(job_id: str, svc: Svc) -> JobStatus:
 
 
 _SSE_DOC = ("`text/event-stream`: events `queued` (`priority`; `queue_position`: jobs served before it at submission, "
-            "every waiting job of a higher priority then the older ones of its own), `running` "
+            "every waiting job of a higher priority then the older ones of its own), `position` while it waits "
+            "(`queue_position` each time it changed; no `id:`), `running` "
             "(`step`/`total`), then one of `succeeded` (`images`: URLs), `failed` (`error`), `cancelled`, after which "
             "the stream ends. Each event's `id:` is resumable: reconnect with `Last-Event-ID` to get only the events "
             "after it. Comments (`: keepalive`) every few seconds while nothing happens.")
@@ -169,29 +170,40 @@ async def job_events(job_id: str, svc: Svc, last_event_id: Annotated[str | None,
     if not first and job.terminal:
         return Response(status_code=204)  # nothing left to tell: EventSource clients stop reconnecting on 204
     headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no", "X-Job-Id": job_id}
-    return StreamingResponse(_event_stream(svc, job_id, first, after), media_type="text/event-stream",
+    return StreamingResponse(_event_stream(svc, job, first, after), media_type="text/event-stream",
                              headers=headers)
 
 
-async def _event_stream(svc: Services, job_id: str, first: list[events.JobEvent],
+async def _event_stream(svc: Services, job: JobRecord, first: list[events.JobEvent],
                         after: str | None) -> AsyncIterator[bytes]:
     """Relay the job's event stream (blocking reads, no polling) until its terminal event; keepalive comments
-    between events let proxies and clients tell a quiet job from a dead connection."""
+    between events let proxies and clients tell a quiet job from a dead connection. While the job waits, a
+    `position` event each time the jobs ahead of it moved (finished, cancelled, or a higher priority arrived)."""
     yield events.SSE_RETRY
-    batch = first
+    batch, waiting, position = first, job.status == "queued", None
     while True:
         for event in batch:
             yield events.sse_message(event)
             after = event.id
             if event.terminal:
                 return
+            waiting = event.type == "queued"
+            position = event.data.get("queue_position", position)
         try:
-            batch = await svc.store.read_events(job_id, after, events.BLOCK_SLICE_MS)
+            batch = await svc.store.read_events(job.id, after,
+                                                events.POSITION_SLICE_MS if waiting else events.BLOCK_SLICE_MS)
+            if batch:
+                continue
+            current = await svc.store.get(job.id)
+            if current is None:
+                return  # expired
+            now = await svc.store.position(current) if waiting and current.status == "queued" else None
         except QueueUnavailable:
             return  # the client reconnects with its Last-Event-ID once Redis is back
-        if not batch:
-            if await svc.store.get(job_id) is None:
-                return  # expired
+        if now is not None and now != position:
+            position = now
+            yield events.sse_position(job.id, now)
+        else:
             yield events.SSE_KEEPALIVE
 
 

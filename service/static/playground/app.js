@@ -205,6 +205,10 @@ function follow(jobId, panel) {
       logEvent(panel, "queued", data);
       $(".state", panel).textContent = `Queued: ${data.queue_position} job(s) ahead.`;
     });
+    source.addEventListener("position", (e) => {
+      const data = JSON.parse(e.data);
+      $(".state", panel).textContent = `Queued: ${data.queue_position} job(s) ahead.`;
+    });
     source.addEventListener("running", (e) => {
       const data = JSON.parse(e.data);
       logEvent(panel, "running", data);
