@@ -72,7 +72,7 @@ def symmetric_activations(unet: nn.Module) -> int:
             widened = []
             for scale, zero_point in module.act_qparams:
                 half = max(zero_point, 255 - zero_point) * scale  # the larger side of [lo, hi] about zero
-                widened.append((half / 127.5, 128))
+                widened.append((half / 127, 128))  # [-128, 127] steps: the positive side still reaches half
             module.act_qparams = widened
             count += 1
     return count

@@ -70,6 +70,8 @@ VARIANTS: tuple[tuple[str, str, str], ...] = (
     ("bf16 openvino", "fp32", "openvino-bf16"),
     ("int8 openvino", "w8a8", "openvino"),  # PTQ4DM's scales, fp32 elsewhere
     ("int8+bf16 openvino", "w8a8", "openvino-int8-bf16"),
+    # 4-bit weights: exact on u8 x s8 kernels without VNNI too (no int16 saturation), unlike 8-bit ones
+    ("w4a8 openvino", "w4a8", "openvino"),
     # The presets the CLI and the service serve: four time-step graphs (two float ones for `faithful`).
     ("recommended openvino", "w8a8 recommended", "openvino"),
     ("faithful openvino", "w8a8 faithful", "openvino"),
