@@ -141,17 +141,24 @@ def report(result: dict[str, Any], command: str) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def noise_end_parser(doc: str | None) -> argparse.ArgumentParser:
+    """The options every noise-end measurement takes: which model, precision and preset, how many held-out pairs,
+    where the calibration cache is, and a JSON copy of the result."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=None, help="built-in name or a diffusers directory (default: built-in)")
     parser.add_argument("--precision", default="w8a8")
     parser.add_argument("--preset", default="faithful")
     parser.add_argument("--pairs", type=int, default=256, help="held-out pairs over all time-steps")
+    parser.add_argument("--cache-dir", default="runs/calibration-cache")
+    parser.add_argument("--json", type=Path, default=None)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = noise_end_parser(__doc__)
     parser.add_argument("--float-groups", type=int, default=None,
                         help="rank this many groups from the noise end instead of the preset's float groups")
     parser.add_argument("--steps", type=int, default=8, help="layers to add, per group (0: the all-int8 errors)")
-    parser.add_argument("--cache-dir", default="runs/calibration-cache")
-    parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
     torch.manual_seed(0)

@@ -19,7 +19,6 @@ pairs as bench/noise_end_layers.py, for each alpha, next to the group's plain in
 
 from __future__ import annotations
 
-import argparse
 import json
 import shlex
 import sys
@@ -30,7 +29,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from noise_end_layers import rel_error  # noqa: E402  (the same one-forward error)
+from noise_end_layers import noise_end_parser, rel_error  # noqa: E402  (the same error and options)
 from sensitivity import HELD_OUT_SEED, eps  # noqa: E402  (its held-out pairs)
 
 from quantizer.diffusion.models import DiffusionModel, load_model  # noqa: E402
@@ -189,14 +188,8 @@ def report(result: dict[str, Any], command: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default=None, help="built-in name or a diffusers directory (default: built-in)")
-    parser.add_argument("--precision", default="w8a8")
-    parser.add_argument("--preset", default="faithful")
+    parser = noise_end_parser(__doc__)
     parser.add_argument("--alphas", default="0.3,0.5,0.7", help="comma-separated migration strengths")
-    parser.add_argument("--pairs", type=int, default=256, help="held-out pairs over all time-steps")
-    parser.add_argument("--cache-dir", default="runs/calibration-cache")
-    parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args(argv)
     alphas = [float(a) for a in args.alphas.split(",")]
     if any(not 0 <= a <= 1 for a in alphas):
