@@ -16,7 +16,7 @@ from torch import nn
 from quantizer.diffusion.models import load_model
 from quantizer.execution.executor import BackendUnavailable, build_executor
 from quantizer.execution.int8_x86 import check_int8_grid
-from quantizer.execution.openvino import OpenVINOUNet, build_openvino, runtime_layers
+from quantizer.execution.openvino import OpenVINOUNet, build_openvino, int8_dot_products_exact, runtime_layers
 from quantizer.ptq.calibration import CalibrationSet, build_calibration_set
 from quantizer.ptq.concat_split import split_inputs
 from quantizer.ptq.config import CalibrationConfig, PTQ4DMConfig, QuantConfig
@@ -164,6 +164,13 @@ def test_time_step_groups_get_a_pair_of_ranges_each_and_the_cache_round_trips_th
     assert not any(split_layers(m) for m in plain.unet.members)
 
 
+def split_kernels() -> dict[str, list[str]]:
+    """What each split layer's two convolutions run as: u8 kernels, or, on a CPU without VNNI/AMX (whose u8 x s8
+    kernels saturate with 8-bit weights), the exact float fallback (quantizer.execution.openvino)."""
+    precision = "u8" if int8_dot_products_exact() else "f32"
+    return {layer: [precision, precision] for layer in EXPECTED_SPLITS}
+
+
 def split_conv_precisions(executor: OpenVINOUNet) -> dict[str, list[str]]:
     """Runtime precisions of the convolutions OpenVINO runs for each split layer."""
     found: dict[str, list[str]] = {}
@@ -177,7 +184,7 @@ def split_conv_precisions(executor: OpenVINOUNet) -> dict[str, list[str]]:
 @needs_openvino
 def test_openvino_runs_each_half_as_a_u8_convolution_and_matches_the_simulation(split_w8a8, tiny_unet, calib):
     executor = build_openvino(split_w8a8, "openvino", max_batch=16, precision="f32")
-    assert split_conv_precisions(executor) == {layer: ["u8", "u8"] for layer in EXPECTED_SPLITS}
+    assert split_conv_precisions(executor) == split_kernels()
     with torch.no_grad():
         real = executor(calib.xs, calib.ts).sample
     fake, fp = per_sample(split_w8a8, calib), per_sample(tiny_unet, calib)
@@ -189,8 +196,7 @@ def test_openvino_runs_each_half_as_a_u8_convolution_and_matches_the_simulation(
 def test_openvino_runs_grouped_split_models(grouped):
     _, q, _ = grouped
     executor = build_executor(q.unet, "openvino", max_batch=8)
-    assert all(split_conv_precisions(m) == {layer: ["u8", "u8"] for layer in EXPECTED_SPLITS}
-               for m in executor.members)
+    assert all(split_conv_precisions(m) == split_kernels() for m in executor.members)
     x = torch.randn(2, 1, 16, 16, generator=torch.Generator().manual_seed(1))
     for t in (30, 800):
         with torch.no_grad():
