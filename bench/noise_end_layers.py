@@ -22,6 +22,7 @@ import argparse
 import json
 import shlex
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -33,8 +34,8 @@ from sensitivity import HELD_OUT_SEED, _flops_share, eps, one_forward_errors  # 
 
 from quantizer.diffusion.models import DiffusionModel, load_model  # noqa: E402
 from quantizer.ptq.calibration import CalibrationSet, build_calibration_set  # noqa: E402
-from quantizer.ptq.config import CalibrationConfig  # noqa: E402
-from quantizer.ptq.pipeline import build_config, quantize_model  # noqa: E402
+from quantizer.ptq.config import CalibrationConfig, QuantConfig  # noqa: E402
+from quantizer.ptq.pipeline import QuantizedModel, build_config, quantize_model  # noqa: E402
 from quantizer.ptq.quant_modules import ActQuantizer, QuantLayer, run_residual  # noqa: E402
 from quantizer.ptq.timestep_groups import split_calibration  # noqa: E402
 
@@ -93,14 +94,31 @@ def greedy(switch: LayerSwitch, pairs: CalibrationSet, ref: torch.Tensor, num_tr
     return row
 
 
-def run(model: DiffusionModel, precision: str, config: dict[str, Any], n_pairs: int, steps: int,
-        cache_dir: str | None) -> dict[str, Any]:
-    """config: the quantization overrides (a preset and/or fields) whose float groups are ranked."""
+@dataclass
+class NoiseEnd:
+    """A preset's noise-end groups to measure on: its statistics with every group quantized (the float groups' int8
+    UNets, on their own ranges), the held-out pairs cut at the group edges, and which groups are the float ones."""
+
+    quant: QuantConfig
+    q: QuantizedModel
+    held_out: list[CalibrationSet]
+    edges: list[int]  # the group edges, then num_train
+    num_train: int
+
+    @property
+    def float_groups(self) -> range:
+        return range(len(self.held_out) - self.quant.float_groups, len(self.held_out))
+
+    def span(self, g: int) -> str:
+        return f"{self.edges[g]}-{self.edges[g + 1]}"
+
+
+def noise_end(model: DiffusionModel, precision: str, config: dict[str, Any], n_pairs: int,
+              cache_dir: str | None) -> NoiseEnd:
+    """config: the quantization overrides (a preset and/or fields) whose float groups are measured."""
     quant = build_config(precision, config).quant
-    float_groups, residual = quant.float_groups, quant.float_group_mode == "residual"
-    if not float_groups:
-        raise ValueError(f"{config} has no float groups to rank layers for")
-    # the same statistics with every group quantized: the float groups' int8 UNets, on their own ranges
+    if not quant.float_groups:
+        raise ValueError(f"{config} has no float groups to measure")
     q = quantize_model(model, precision, {**config, "float_groups": 0, "float_group_layers": [],
                                           "float_group_mode": "fp32", "float_groups_by_steps": []},
                        cache_dir=cache_dir, progress=False)
@@ -108,19 +126,25 @@ def run(model: DiffusionModel, precision: str, config: dict[str, Any], n_pairs: 
                                   CalibrationConfig(method="uniform", n_samples=n_pairs, seed=HELD_OUT_SEED,
                                                     batch_size=64), progress=False)
     num_train = int(model.scheduler_config["num_train_timesteps"])
-    edges = [*q.unet.edges, num_train]
+    return NoiseEnd(quant, q, split_calibration(pairs, q.unet.edges), [*q.unet.edges, num_train], num_train)
+
+
+def run(model: DiffusionModel, precision: str, config: dict[str, Any], n_pairs: int, steps: int,
+        cache_dir: str | None) -> dict[str, Any]:
+    """config: the quantization overrides (a preset and/or fields) whose float groups are ranked."""
+    end = noise_end(model, precision, config, n_pairs, cache_dir)
+    residual = end.quant.float_group_mode == "residual"
     macs = _flops_share(model)
     groups = {}
-    parts = split_calibration(pairs, q.unet.edges)
-    for g in range(len(parts) - float_groups, len(parts)):
-        ref = eps(model.unet, parts[g])
-        print(f"group [{edges[g]}, {edges[g + 1]}): {len(parts[g])} pairs", file=sys.stderr, flush=True)
+    for g in end.float_groups:
+        part = end.held_out[g]
+        ref = eps(model.unet, part)
+        print(f"group [{end.span(g).replace('-', ', ')}): {len(part)} pairs", file=sys.stderr, flush=True)
         # a residual preset's groups run every int8 layer with its residual pass: rank on those members
-        member = run_residual(q.unet.members[g]) if residual else q.unet.members[g]
-        groups[f"{edges[g]}-{edges[g + 1]}"] = greedy(LayerSwitch(member, model.unet), parts[g], ref, num_train,
-                                                      steps, macs)
-    return {"precision": precision, "config": config, "calibration_hash": q.calibration_hash,
-            "stats_source": q.stats_source, "residual": residual, "groups": groups}
+        member = run_residual(end.q.unet.members[g]) if residual else end.q.unet.members[g]
+        groups[end.span(g)] = greedy(LayerSwitch(member, model.unet), part, ref, end.num_train, steps, macs)
+    return {"precision": precision, "config": config, "calibration_hash": end.q.calibration_hash,
+            "stats_source": end.q.stats_source, "residual": residual, "groups": groups}
 
 
 def report(result: dict[str, Any], command: str) -> str:

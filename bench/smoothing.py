@@ -29,14 +29,14 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from noise_end_layers import noise_end_parser, rel_error  # noqa: E402  (the same error and options)
-from sensitivity import HELD_OUT_SEED, eps  # noqa: E402  (its held-out pairs)
+from noise_end_layers import noise_end, noise_end_parser, rel_error  # noqa: E402  (same setup, error, options)
+from sensitivity import eps  # noqa: E402
 
 from quantizer.diffusion.models import DiffusionModel, load_model  # noqa: E402
 from quantizer.ptq.calibration import CalibrationSet, build_calibration_set  # noqa: E402
-from quantizer.ptq.config import CalibrationConfig, QuantConfig  # noqa: E402
+from quantizer.ptq.config import QuantConfig  # noqa: E402
 from quantizer.ptq.fake_quant import act_range, channel_view, fake_quantize, weight_range  # noqa: E402
-from quantizer.ptq.pipeline import build_config, quantize_model  # noqa: E402
+from quantizer.ptq.pipeline import build_config  # noqa: E402
 from quantizer.ptq.quant_modules import QuantLayer, SplitActQuantizer  # noqa: E402
 from quantizer.ptq.scale_search import search_act_qparams, search_weight_scale  # noqa: E402
 from quantizer.ptq.timestep_groups import split_calibration  # noqa: E402
@@ -139,38 +139,29 @@ def input_stats(float_unet: nn.Module, names: list[str], part: CalibrationSet) -
 @torch.no_grad()
 def run(model: DiffusionModel, precision: str, config: dict[str, Any], alphas: list[float], n_pairs: int,
         cache_dir: str | None) -> dict[str, Any]:
-    ptq = build_config(precision, config)
-    if not ptq.quant.float_groups:
-        raise ValueError(f"{config} has no float groups to measure smoothing on")
-    q = quantize_model(model, precision, {**config, "float_groups": 0, "float_group_layers": [],
-                                          "float_group_mode": "fp32", "float_groups_by_steps": []},
-                       cache_dir=cache_dir, progress=False)
-    calibration = build_calibration_set(model.unet, model.scheduler_config, ptq.calibration, progress=False)
-    pairs = build_calibration_set(model.unet, model.scheduler_config,
-                                  CalibrationConfig(method="uniform", n_samples=n_pairs, seed=HELD_OUT_SEED,
-                                                    batch_size=64), progress=False)
-    num_train = int(model.scheduler_config["num_train_timesteps"])
-    edges = [*q.unet.edges, num_train]
-    parts, held_out = split_calibration(calibration, q.unet.edges), split_calibration(pairs, q.unet.edges)
+    end = noise_end(model, precision, config, n_pairs, cache_dir)
+    calibration = build_calibration_set(model.unet, model.scheduler_config, build_config(precision, config).calibration,
+                                        progress=False)
+    parts = split_calibration(calibration, end.q.unet.edges)
     groups = {}
-    for g in range(len(parts) - ptq.quant.float_groups, len(parts)):
-        member = q.unet.members[g]
+    for g in end.float_groups:
+        member, held_out = end.q.unet.members[g], end.held_out[g]
         layers = {n: m for n, m in member.named_modules() if isinstance(m, QuantLayer)}
         stats = input_stats(model.unet, list(layers), parts[g])
-        ref = eps(model.unet, held_out[g])
-        row: dict[str, Any] = {"calibration_samples": len(parts[g]), "pairs": len(held_out[g]),
-                               "int8": rel_error(member, held_out[g], ref, num_train), "alphas": {}}
+        ref = eps(model.unet, held_out)
+        row: dict[str, Any] = {"calibration_samples": len(parts[g]), "pairs": len(held_out),
+                               "int8": rel_error(member, held_out, ref, end.num_train), "alphas": {}}
         for alpha in alphas:
             for name, layer in layers.items():
                 member.set_submodule(name, smoothed_layer(layer, model.unet.get_submodule(name), stats[name],
-                                                          alpha, ptq.quant))
-            row["alphas"][str(alpha)] = rel_error(member, held_out[g], ref, num_train)
+                                                          alpha, end.quant))
+            row["alphas"][str(alpha)] = rel_error(member, held_out, ref, end.num_train)
             for name, layer in layers.items():
                 member.set_submodule(name, layer)
-        groups[f"{edges[g]}-{edges[g + 1]}"] = row
-        print(f"group [{edges[g]}, {edges[g + 1]}): {row}", file=sys.stderr, flush=True)
-    return {"precision": precision, "config": config, "calibration_hash": q.calibration_hash,
-            "stats_source": q.stats_source, "groups": groups}
+        groups[end.span(g)] = row
+        print(f"group [{end.span(g).replace('-', ', ')}): {row}", file=sys.stderr, flush=True)
+    return {"precision": precision, "config": config, "calibration_hash": end.q.calibration_hash,
+            "stats_source": end.q.stats_source, "groups": groups}
 
 
 def report(result: dict[str, Any], command: str) -> str:
