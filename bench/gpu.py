@@ -39,12 +39,12 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from speed import TIMESTEPS, cifar_model, fmt, quantized, time_interleaved  # bench/ is the script's directory
+from speed import TIMESTEPS, cifar_model, fmt, quantized, time_interleaved, unet_call  # bench/: script dir
 from torch import nn
 
 from quantizer.diffusion.images import to_uint8
 from quantizer.diffusion.models import DiffusionModel, load_model
-from quantizer.diffusion.sampling import device_and_dtype, sample, sample_shape
+from quantizer.diffusion.sampling import sample
 from quantizer.evaluation.metrics import capped_psnr
 from quantizer.execution.executor import ExecutableUNet, bucket, build_executor
 
@@ -134,21 +134,6 @@ def compiled_unit(model: DiffusionModel, device: torch.device, args: argparse.Na
     return executor
 
 
-def forward_call(unet: nn.Module, batch: int, device: torch.device) -> Callable[[], None]:
-    """One forward at each of speed.py's TIMESTEPS on device-resident inputs, then a device synchronize."""
-    unet_device, dtype = device_and_dtype(unet)
-    c, h, w = sample_shape(unet)
-    x = torch.randn(batch, c, h, w, generator=torch.Generator().manual_seed(0)).to(unet_device, dtype)
-    steps = [torch.tensor(t, device=unet_device) for t in TIMESTEPS]
-
-    def run() -> None:
-        with torch.no_grad():
-            for t in steps:
-                unet(x, t)
-        synchronize(device)
-    return run
-
-
 def time_forwards(units: dict[str, nn.Module], errors: dict[str, str], batch: int, device: torch.device,
                   repeats: int, res: ModelResult) -> None:
     calls, failed = {}, {}
@@ -157,7 +142,7 @@ def time_forwards(units: dict[str, nn.Module], errors: dict[str, str], batch: in
             failed[label] = "no graph for this batch (compile budget spent)"
             continue
         try:  # one untimed call each: a variant that fails here is a row with its error
-            call = forward_call(unet, batch, device)
+            call = unet_call(unet, batch)
             call()
             calls[label] = call
         except Exception as exc:  # noqa: BLE001

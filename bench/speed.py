@@ -45,7 +45,7 @@ import torch
 from diffusers import UNet2DModel
 
 from quantizer.diffusion.models import DiffusionModel, load_model
-from quantizer.diffusion.sampling import sample
+from quantizer.diffusion.sampling import device_and_dtype, sample, sample_shape
 from quantizer.execution.executor import BackendUnavailable, build_executor, weight_bytes
 from quantizer.ptq.pipeline import quantize_model
 
@@ -165,15 +165,19 @@ def time_interleaved(fns: dict[str, Callable[[], object]], repeats: int, seed: i
 
 
 def unet_call(unet: torch.nn.Module, batch: int) -> Callable[[], object]:
-    """One forward at each of TIMESTEPS, at the model's own input shape; time_interleaved's caller divides by
-    len(TIMESTEPS) to report a forward."""
-    size = unet.config.sample_size
-    h, w = (size, size) if isinstance(size, int) else size
-    x = torch.randn(batch, int(unet.config.in_channels), h, w, generator=torch.Generator().manual_seed(0))
+    """One forward at each of TIMESTEPS, at the model's own input shape, on its device and dtype, then a device
+    synchronize (a GPU's forwards are asynchronous); time_interleaved's caller divides by len(TIMESTEPS) to report
+    a forward."""
+    device, dtype = device_and_dtype(unet)
+    x = torch.randn(batch, *sample_shape(unet), generator=torch.Generator().manual_seed(0)).to(device, dtype)
+    steps = [torch.tensor(t, device=device) for t in TIMESTEPS]
 
     def run() -> object:
         with torch.no_grad():
-            return [unet(x, torch.tensor(t)).sample for t in TIMESTEPS]
+            out = [unet(x, t).sample for t in steps]
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return out
     return run
 
 
