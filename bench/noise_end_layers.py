@@ -22,6 +22,7 @@ import argparse
 import json
 import shlex
 import sys
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -41,16 +42,21 @@ from quantizer.ptq.timestep_groups import split_calibration  # noqa: E402
 
 
 class LayerSwitch:
-    """Puts the model's own float layer in place of chosen quantized layers of a UNet (and back)."""
+    """Puts other layers (the model's own float ones, or variants of the quantized ones) in place of chosen
+    quantized layers of a UNet, and back."""
 
     def __init__(self, unet: nn.Module, float_unet: nn.Module) -> None:
         self.unet = unet
         self.quantized = {n: m for n, m in unet.named_modules() if isinstance(m, QuantLayer)}
         self.floats = {n: float_unet.get_submodule(n) for n in self.quantized}
 
-    def set_float(self, names: set[str]) -> None:
+    def use(self, replacements: Mapping[str, nn.Module]) -> None:
+        """These layers in place of the quantized ones they name; every other quantized layer back as it was."""
         for name, module in self.quantized.items():
-            self.unet.set_submodule(name, self.floats[name] if name in names else module)
+            self.unet.set_submodule(name, replacements.get(name, module))
+
+    def set_float(self, names: set[str]) -> None:
+        self.use({name: self.floats[name] for name in names})
 
 
 def rel_error(unet: nn.Module, pairs: CalibrationSet, ref: torch.Tensor, num_train: int) -> float:

@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from noise_end_layers import noise_end, noise_end_parser, rel_error  # noqa: E402  (same setup, error, options)
+from noise_end_layers import LayerSwitch, noise_end, noise_end_parser, rel_error  # noqa: E402  (same setup)
 from sensitivity import eps  # noqa: E402
 
 from quantizer.diffusion.models import DiffusionModel, load_model  # noqa: E402
@@ -146,18 +146,16 @@ def run(model: DiffusionModel, precision: str, config: dict[str, Any], alphas: l
     groups = {}
     for g in end.float_groups:
         member, held_out = end.q.unet.members[g], end.held_out[g]
-        layers = {n: m for n, m in member.named_modules() if isinstance(m, QuantLayer)}
-        stats = input_stats(model.unet, list(layers), parts[g])
+        switch = LayerSwitch(member, model.unet)
+        stats = input_stats(model.unet, list(switch.quantized), parts[g])
         ref = eps(model.unet, held_out)
         row: dict[str, Any] = {"calibration_samples": len(parts[g]), "pairs": len(held_out),
                                "int8": rel_error(member, held_out, ref, end.num_train), "alphas": {}}
         for alpha in alphas:
-            for name, layer in layers.items():
-                member.set_submodule(name, smoothed_layer(layer, model.unet.get_submodule(name), stats[name],
-                                                          alpha, end.quant))
+            switch.use({name: smoothed_layer(layer, switch.floats[name], stats[name], alpha, end.quant)
+                        for name, layer in switch.quantized.items()})
             row["alphas"][str(alpha)] = rel_error(member, held_out, ref, end.num_train)
-            for name, layer in layers.items():
-                member.set_submodule(name, layer)
+        switch.use({})
         groups[end.span(g)] = row
         print(f"group [{end.span(g).replace('-', ', ')}): {row}", file=sys.stderr, flush=True)
     return {"precision": precision, "config": config, "calibration_hash": end.q.calibration_hash,
