@@ -72,6 +72,9 @@ VARIANTS: tuple[tuple[str, str, str], ...] = (
     ("int8+bf16 openvino", "w8a8", "openvino-int8-bf16"),
     # 4-bit weights: exact on u8 x s8 kernels without VNNI too (no int16 saturation), unlike 8-bit ones
     ("w4a8 openvino", "w4a8", "openvino"),
+    # ... and so are 7-bit ones (2 * 255 * 64 fits int16): W7A8, the served preset too
+    ("w7a8 openvino", "w7a8", "openvino"),
+    ("faithful w7a8 openvino", "w7a8 faithful", "openvino"),
     # The presets the CLI and the service serve: four time-step graphs (two float ones for `faithful`).
     ("recommended openvino", "w8a8 recommended", "openvino"),
     ("faithful openvino", "w8a8 faithful", "openvino"),

@@ -10,4 +10,4 @@ BUILTIN_MODEL_NAME = "fashion-mnist-ddpm"
 DEFAULT_CALIBRATION_CACHE_DIR = "runs/calibration-cache"
 # The preset the CLI and the service quantize with unless told otherwise (quantizer.ptq.config.PRESETS).
 SERVING_PRESET = "faithful"
-PRECISION_PRESETS: tuple[str, ...] = ("fp32", "w8a8", "w4a8", "w8a6", "w8a16")
+PRECISION_PRESETS: tuple[str, ...] = ("fp32", "w8a8", "w7a8", "w4a8", "w8a6", "w8a16")

@@ -123,10 +123,10 @@ def traceable_quantized(quant_unet: nn.Module, exact_int8: bool | None = None,
             unet.set_submodule(name, FakeQuantizedLayer(module, int8))
     if channel_group_norm:
         channelwise_group_norms(unet)
-    if in_float:  # info, not a warning: the results stay exact and nobody can act on it but with other hardware
+    if in_float:  # info, not a warning: the results stay exact; the remedy is another precision or other hardware
         logger.info("openvino: this CPU has no VNNI/AMX, so u8 x s8 kernels saturate with 8-bit weights; "
-                       "%d of %d quantized layers run as float simulation instead (e.g. %s)",
-                       len(in_float), len(layers), in_float[0])
+                    "%d of %d quantized layers run as float simulation instead (e.g. %s); weights of at most 7 "
+                    "bits (precision w7a8) run the int8 kernels", len(in_float), len(layers), in_float[0])
     return unet
 
 
