@@ -39,7 +39,15 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from speed import TIMESTEPS, cifar_model, fmt, quantized, time_interleaved, unet_call  # bench/: script dir
+from speed import (  # bench/ is the script's directory
+    TIMESTEPS,
+    cifar_model,
+    fmt,
+    quantized,
+    synchronize,
+    time_interleaved,
+    unet_call,
+)
 from torch import nn
 
 from quantizer.diffusion.images import to_uint8
@@ -62,11 +70,6 @@ def short_error(exc: BaseException) -> str:
     print("".join(traceback.format_exception(exc, limit=-4))[-3000:], file=sys.stderr, flush=True)
     first = (str(exc).strip().splitlines() or [""])[0]
     return f"{type(exc).__name__}: {first}"[:200].replace("|", "/")
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 @dataclass
@@ -134,8 +137,8 @@ def compiled_unit(model: DiffusionModel, device: torch.device, args: argparse.Na
     return executor
 
 
-def time_forwards(units: dict[str, nn.Module], errors: dict[str, str], batch: int, device: torch.device,
-                  repeats: int, res: ModelResult) -> None:
+def time_forwards(units: dict[str, nn.Module], errors: dict[str, str], batch: int, repeats: int,
+                  res: ModelResult) -> None:
     calls, failed = {}, {}
     for label, unet in units.items():
         if not runs_at(unet, batch):
@@ -264,7 +267,7 @@ def bench_model(key: str, device: torch.device, args: argparse.Namespace, res: M
         res.notes.append(f"fp32 eager failed ({errors.get('fp32 eager')}): nothing else is measured")
         return
     for batch in args.batch_list:
-        time_forwards(units, errors, batch, device, args.repeats, res)
+        time_forwards(units, errors, batch, args.repeats, res)
         flush()
     if args.gen_repeats:
         time_generation(units, model, device, args, res)

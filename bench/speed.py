@@ -167,6 +167,12 @@ def time_interleaved(fns: dict[str, Callable[[], object]], repeats: int, seed: i
     return {k: statistics.median(v) for k, v in times.items()}
 
 
+def synchronize(device: torch.device) -> None:
+    """Waits for a GPU's queued work (its calls return before it is done); nothing to wait for on the CPU."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def unet_call(unet: torch.nn.Module, batch: int) -> Callable[[], object]:
     """One forward at each of TIMESTEPS, at the model's own input shape, on its device and dtype, then a device
     synchronize (a GPU's forwards are asynchronous); time_interleaved's caller divides by len(TIMESTEPS) to report
@@ -178,8 +184,7 @@ def unet_call(unet: torch.nn.Module, batch: int) -> Callable[[], object]:
     def run() -> object:
         with torch.no_grad():
             out = [unet(x, t).sample for t in steps]
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+        synchronize(device)
         return out
     return run
 
