@@ -150,9 +150,21 @@ def build_variants(model: DiffusionModel, max_batch: int,
 
 
 def time_interleaved(fns: dict[str, Callable[[], object]], repeats: int, seed: int = 0) -> dict[str, float]:
-    """Median seconds per call; every repeat runs every function once, in a fresh random order: in a fixed order
-    each function would always follow the same one, whose weights it finds in the caches or that evicted its own
-    (measured: a fixed order made the first of the batch-1 graphs 8% slower than the same graph placed third)."""
+    """Median seconds per call of interleaved_times."""
+    return {k: statistics.median(v) for k, v in interleaved_times(fns, repeats, seed).items()}
+
+
+def paired_ratio(times: dict[str, list[float]], slower: str, faster: str) -> float:
+    """Median over repeats of one repeat's time of `slower` over the same repeat's time of `faster`: a neighbour
+    that slows the machine for a while slows both calls of a repeat, so the pairs cancel what the medians of two
+    whole series only partly do (the same graph's median moved by 1.8x between runs on the shared AMD EPYC)."""
+    return statistics.median(a / b for a, b in zip(times[slower], times[faster], strict=True))
+
+
+def interleaved_times(fns: dict[str, Callable[[], object]], repeats: int, seed: int = 0) -> dict[str, list[float]]:
+    """Seconds of each call, per repeat; every repeat runs every function once, in a fresh random order: in a fixed
+    order each function would always follow the same one, whose weights it finds in the caches or that evicted its
+    own (measured: a fixed order made the first of the batch-1 graphs 8% slower than the same graph placed third)."""
     for fn in fns.values():
         fn()
     times: dict[str, list[float]] = {k: [] for k in fns}
@@ -164,7 +176,7 @@ def time_interleaved(fns: dict[str, Callable[[], object]], repeats: int, seed: i
             start = time.perf_counter()
             fn()
             times[label].append(time.perf_counter() - start)
-    return {k: statistics.median(v) for k, v in times.items()}
+    return times
 
 
 def synchronize(device: torch.device) -> None:
