@@ -4,10 +4,11 @@ torch's GroupNorm reaches OpenVINO as reshape(N, G, -1) -> MVN -> reshape -> sca
 full activation needs a planar layout, so the CPU plugin reorders every int8 convolution's channels-last output
 back to planar before each GroupNorm (the f32 `Reorder`s of bench/openvino_profile.py, a fifth of the int8 graph's
 time). Here the full activation is only reduced (its spatial mean and mean square per channel, two independent
-reductions) and then normalised as x * scale + shift with per-channel scale and shift worked out on the small
-N x C statistics: reductions and a multiply-add run in any layout, so there is no reorder, and the multiply-add
-fuses with the SiLU and FakeQuantize after it. Measured (runs of bench/nncf_compare.py, docs/BENCHMARKS.md):
-0.76x the int8 forward time at batch 16 and 0.86x at batch 1 on the built-in UNet.
+reductions, the second a ReduceL2 that never writes x * x) and then normalised as x * scale + shift with
+per-channel scale and shift worked out on the small N x C statistics: reductions and a multiply-add run in any
+layout, so there is no reorder, and the multiply-add fuses with the SiLU and FakeQuantize after it. Measured
+(runs of bench/nncf_compare.py, docs/BENCHMARKS.md): 0.76x the int8 forward time at batch 16 and 0.86x at batch 1
+on the built-in UNet, and the ReduceL2 another 0.94x at batch 16.
 
 The variance is E[x^2] - E[x]^2 (one pass): in fp32 its rounding grows with (mean / std)^2 of a group, which is at
 most 1.8 on the built-in UNet's GroupNorm inputs (fp32 difference from nn.GroupNorm 3e-7), far below the int8
@@ -16,6 +17,8 @@ reads directly, and they are where the float groups must compute what fp32 compu
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 from torch import nn
@@ -34,7 +37,7 @@ class ChannelGroupNorm(nn.Module):
         dims, tail = tuple(range(2, x.dim())), (1,) * (x.dim() - 2)
         per_group = (-1, self.groups, self.channels // self.groups)
         mean = x.mean(dim=dims).reshape(per_group).mean(-1, keepdim=True)  # N x G x 1
-        mean_sq = (x * x).mean(dim=dims).reshape(per_group).mean(-1, keepdim=True)
+        mean_sq = self.mean_square(x, dims).reshape(per_group).mean(-1, keepdim=True)
         rstd = torch.rsqrt((mean_sq - mean * mean).clamp_min(0) + self.eps)
         scale = rstd.expand(per_group)
         if self.weight is not None:
@@ -44,10 +47,16 @@ class ChannelGroupNorm(nn.Module):
             shift = shift + self.bias.reshape(per_group)
         return x * scale.reshape(-1, self.channels, *tail) + shift.reshape(-1, self.channels, *tail)
 
+    @staticmethod
+    def mean_square(x: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:
+        """Per-channel spatial mean of x^2 as a squared L2 norm: OpenVINO's ReduceL2 reads x once, where
+        (x * x).mean() first writes x * x as a full tensor and reads it back (bench/nncf_compare.py times both)."""
+        return torch.linalg.vector_norm(x, dim=dims).square() / math.prod(x.shape[2:])
 
-def channelwise_group_norms(unet: nn.Module) -> int:
-    """Replace every nn.GroupNorm of `unet` (in place) by ChannelGroupNorm; returns how many."""
+
+def channelwise_group_norms(unet: nn.Module, norm_class: type[ChannelGroupNorm] = ChannelGroupNorm) -> int:
+    """Replace every nn.GroupNorm of `unet` (in place) by `norm_class`; returns how many."""
     names = [name for name, m in unet.named_modules() if isinstance(m, nn.GroupNorm)]
     for name in names:
-        unet.set_submodule(name, ChannelGroupNorm(unet.get_submodule(name)))
+        unet.set_submodule(name, norm_class(unet.get_submodule(name)))
     return len(names)
