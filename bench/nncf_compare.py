@@ -4,8 +4,8 @@ quantization of the same fp32 UNet: speed per forward on the same runtime, and f
 Why: issue #20's target is that our scales cost no speed against the runtime's own PTQ (>= 1.0x NNCF int8 at
 batch 1 and 16) while being more faithful. Both models are converted once, reshaped to a static batch and compiled
 with the same hints; timing is interleaved per batch size, both float-op precisions together (each repeat runs
-every variant once, in a fresh random order), so a noisy neighbour slows all alike and no variant always follows
-the same one; the ratios are medians of per-repeat ratios (speed.py's paired_ratio). NNCF (bench-only
+every variant once, in a fresh random order), so a noisy neighbour slows all in the same minutes and no variant
+always follows the same one; the ratios are medians of per-repeat ratios (speed.py's paired_ratio). NNCF (bench-only
 dependency: pip install 'nncf==3.4.0') calibrates on the same kind of inputs PTQ4DM uses (x_t from the FP model's
 own DDIM trajectories, uniform over the steps); it chooses its own ranges and layer set.
 
@@ -113,7 +113,8 @@ def main(argv: list[str] | None = None) -> int:
                 rows.append((precision, batch, label, rel_error(outs[label], reference) if label in outs else 0.0))
     times: dict[tuple, list[float]] = {}
     # Each batch size on its own, both float-op precisions in one shuffled group: a neighbour that slows the machine
-    # for minutes slows every variant alike, so "ours in f32 against NNCF in bf16" is a ratio of one run too.
+    # for minutes then slows every variant in the same minutes (not by the same factor: ours, moving fp32 data
+    # between its layers, slows more), and "ours in f32 against NNCF in bf16" is a ratio of one run too.
     for batch in dict.fromkeys(key[1] for key in calls):
         members = {key: call for key, (call, _) in calls.items() if key[1] == batch}
         times.update(interleaved_times(members, args.repeats))
