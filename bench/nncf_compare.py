@@ -74,14 +74,14 @@ def main(argv: list[str] | None = None) -> int:
 
     start = time.perf_counter()
     fp32 = convert(model.unet)
-    ours = convert(traceable_quantized(quantized(model).unet))
+    quant_unet = quantized(model).unet  # traceable_quantized copies it: one quantization serves every form below
+    ours = convert(traceable_quantized(quant_unet))
     ours_s = time.perf_counter() - start
-    product = traceable_quantized(quantized(model).unet, channel_group_norm=False)
+    product = traceable_quantized(quant_unet, channel_group_norm=False)
     channelwise_group_norms(product, ProductMeanSquare)
     graphs = {"ptq4dm scales": ours,  # GroupNorm as per-channel reductions (quantizer.execution.group_norm)
               "ptq4dm scales, mean of x * x": convert(product),
-              "ptq4dm scales, nn.GroupNorm": convert(traceable_quantized(quantized(model).unet,
-                                                                         channel_group_norm=False))}
+              "ptq4dm scales, nn.GroupNorm": convert(traceable_quantized(quant_unet, channel_group_norm=False))}
     if args.symmetric:
         graphs["ptq4dm scales, symmetric"] = convert(traceable_quantized(
             quantized(model, extra={"act_symmetric": True}).unet))
@@ -93,8 +93,9 @@ def main(argv: list[str] | None = None) -> int:
     core = ov.Core()
     graphs.update({"nncf default": theirs, "fp32 (no quantization)": fp32})
     rows, calls = [], {}
-    for precision in args.precisions.split(","):
-        for batch in (int(b) for b in args.batches.split(",")):
+    precisions, batches = args.precisions.split(","), [int(b) for b in args.batches.split(",")]
+    for precision in precisions:
+        for batch in batches:
             x = np.ascontiguousarray(held_x[:batch].numpy())
             t = np.ascontiguousarray(held_t[:batch].numpy())
             outs = {}
@@ -115,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     # Each batch size on its own, both float-op precisions in one shuffled group: a neighbour that slows the machine
     # for minutes then slows every variant in the same minutes (not by the same factor: ours, moving fp32 data
     # between its layers, slows more), and "ours in f32 against NNCF in bf16" is a ratio of one run too.
-    for batch in dict.fromkeys(key[1] for key in calls):
+    for batch in batches:
         members = {key: call for key, (call, _) in calls.items() if key[1] == batch}
         times.update(interleaved_times(members, args.repeats))
     medians = {key: statistics.median(series) for key, series in times.items()}
@@ -130,10 +131,9 @@ def main(argv: list[str] | None = None) -> int:
         ratio = paired_ratio(times, (precision, batch, label), (precision, batch, "ptq4dm scales"))
         print(f"| {precision} | {batch} | {label} | {calls[(precision, batch, label)][1]} | {ms:.1f} | "
               f"{ratio:.2f}x | {err:.4f} |")
-    precisions = args.precisions.split(",")
     if len(precisions) > 1:  # the baseline is NNCF with the bf16 hint; the service runs ours in f32
         print("\nNNCF's time over ours across float ops (same shuffled repeats; above 1 when ours is faster):\n")
-        for batch in dict.fromkeys(key[1] for key in calls):
+        for batch in batches:
             pairs = [f"ours {mine} / NNCF {theirs} "
                      f"{paired_ratio(times, (theirs, batch, 'nncf default'), (mine, batch, 'ptq4dm scales')):.2f}x"
                      for mine in precisions for theirs in precisions if mine != theirs]
