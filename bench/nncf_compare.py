@@ -14,7 +14,8 @@ own DDIM trajectories, uniform over the steps); it chooses its own ranges and la
     python bench/nncf_compare.py --symmetric             # + our scales on symmetric grids (act_symmetric)
 
 Our graph is also shown as it was converted before its GroupNorms became per-channel reductions
-(`ptq4dm scales, nn.GroupNorm`) and before their mean square became a ReduceL2 (`ptq4dm scales, mean of x * x`),
+(`ptq4dm scales, nn.GroupNorm`), before their mean square became a ReduceL2 (`ptq4dm scales, mean of x * x`) and
+before both statistics took their group means in one small ReduceMean (`ptq4dm scales, group means one by one`),
 so the steps are measured side by side.
 """
 
@@ -39,8 +40,27 @@ from quantizer.ptq.calibration import build_calibration_set  # noqa: E402
 from quantizer.ptq.config import CalibrationConfig  # noqa: E402
 
 
-class ProductMeanSquare(ChannelGroupNorm):
-    """The reductions GroupNorm as it was until 2026-12-06: the mean square as (x * x).mean(), which writes x * x."""
+class SeparateGroupMeans(ChannelGroupNorm):
+    """The reductions GroupNorm as it was until 2026-12-06 (second change): each statistic's group mean its own
+    reshape and ReduceMean, and the scale broadcast before the weight (a dozen small nodes per GroupNorm)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dims, tail = tuple(range(2, x.dim())), (1,) * (x.dim() - 2)
+        per_group = (-1, self.groups, self.channels // self.groups)
+        mean = x.mean(dim=dims).reshape(per_group).mean(-1, keepdim=True)
+        mean_sq = self.mean_square(x, dims).reshape(per_group).mean(-1, keepdim=True)
+        scale = torch.rsqrt((mean_sq - mean * mean).clamp_min(0) + self.eps).expand(per_group)
+        if self.weight is not None:
+            scale = scale * self.weight.reshape(per_group)
+        shift = -mean * scale
+        if self.bias is not None:
+            shift = shift + self.bias.reshape(per_group)
+        return x * scale.reshape(-1, self.channels, *tail) + shift.reshape(-1, self.channels, *tail)
+
+
+class ProductMeanSquare(SeparateGroupMeans):
+    """The reductions GroupNorm as it was until the first change of 2026-12-06: also the mean square as
+    (x * x).mean(), which writes x * x."""
 
     @staticmethod
     def mean_square(x: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:
@@ -79,7 +99,10 @@ def main(argv: list[str] | None = None) -> int:
     ours_s = time.perf_counter() - start
     product = traceable_quantized(quant_unet, channel_group_norm=False)
     channelwise_group_norms(product, ProductMeanSquare)
+    separate = traceable_quantized(quant_unet, channel_group_norm=False)
+    channelwise_group_norms(separate, SeparateGroupMeans)
     graphs = {"ptq4dm scales": ours,  # GroupNorm as per-channel reductions (quantizer.execution.group_norm)
+              "ptq4dm scales, group means one by one": convert(separate),
               "ptq4dm scales, mean of x * x": convert(product),
               "ptq4dm scales, nn.GroupNorm": convert(traceable_quantized(quant_unet, channel_group_norm=False))}
     if args.symmetric:

@@ -227,15 +227,17 @@ def test_channel_group_norm_is_group_norm(shape, affine):
 
 def test_int8_graphs_normalise_without_mvn_and_fp32_graphs_keep_it(fake_w8a8, tiny_unet, calib):
     """The int8 graph's GroupNorms are per-channel reductions (no MVN, so no planar reorders before them; the mean
-    square a ReduceL2), with the same output; the fp32 graph keeps nn.GroupNorm (MVN), where it measures faster."""
+    square a ReduceL2; both statistics' group means one small ReduceMean), with the same output; the fp32 graph
+    keeps nn.GroupNorm (MVN), where it measures faster."""
     executor = build_openvino(fake_w8a8, "openvino", max_batch=16, precision="f32")
     assert "MVN" not in executor.layer_precisions()
-    converted = {op.get_type_name() for op in convert(traceable_quantized(fake_w8a8)).get_ops()}
+    converted = [op.get_type_name() for op in convert(traceable_quantized(fake_w8a8)).get_ops()]
     assert "ReduceL2" in converted  # the mean square without writing x * x first
+    norms = sum(isinstance(m, torch.nn.GroupNorm) for m in tiny_unet.modules())
+    assert converted.count("ReduceMean") == 2 * norms  # x's channel means, then one for both statistics' groups
     assert "MVN" in build_openvino(tiny_unet, "openvino-fp32", max_batch=16, precision="f32").layer_precisions()
     plain = OpenVINOUNet(traceable_quantized(fake_w8a8, channel_group_norm=False), "openvino", "f32", 16, None)
     assert "MVN" in plain.layer_precisions()
     with torch.no_grad():
         assert rel_error(executor(calib.xs, calib.ts).sample, plain(calib.xs, calib.ts).sample) < 0.01
-    assert channelwise_group_norms(copy.deepcopy(tiny_unet)) == sum(
-        isinstance(m, torch.nn.GroupNorm) for m in tiny_unet.modules())
+    assert channelwise_group_norms(copy.deepcopy(tiny_unet)) == norms

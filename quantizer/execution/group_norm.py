@@ -6,9 +6,11 @@ back to planar before each GroupNorm (the f32 `Reorder`s of bench/openvino_profi
 time). Here the full activation is only reduced (its spatial mean and mean square per channel, two independent
 reductions, the second a ReduceL2 that never writes x * x) and then normalised as x * scale + shift with
 per-channel scale and shift worked out on the small N x C statistics: reductions and a multiply-add run in any
-layout, so there is no reorder, and the multiply-add fuses with the SiLU and FakeQuantize after it. Measured
-(runs of bench/nncf_compare.py, docs/BENCHMARKS.md): 0.76x the int8 forward time at batch 16 and 0.86x at batch 1
-on the built-in UNet, and the ReduceL2 another 0.94x at batch 16.
+layout, so there is no reorder, and the multiply-add fuses with the SiLU and FakeQuantize after it. The two
+statistics are stacked so that one small ReduceMean takes both group means: at batch 1 each small node's fixed cost
+shows, and this halves the reorders between them. Measured (runs of bench/nncf_compare.py, docs/BENCHMARKS.md):
+0.76x the int8 forward time at batch 16 and 0.86x at batch 1 on the built-in UNet, the ReduceL2 another 0.94x at
+batch 16, the stacked group means 0.94x at batch 1 with bf16 float ops.
 
 The variance is E[x^2] - E[x]^2 (one pass): in fp32 its rounding grows with (mean / std)^2 of a group, which is at
 most 1.8 on the built-in UNet's GroupNorm inputs (fp32 difference from nn.GroupNorm 3e-7), far below the int8
@@ -35,13 +37,13 @@ class ChannelGroupNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dims, tail = tuple(range(2, x.dim())), (1,) * (x.dim() - 2)
-        per_group = (-1, self.groups, self.channels // self.groups)
-        mean = x.mean(dim=dims).reshape(per_group).mean(-1, keepdim=True)  # N x G x 1
-        mean_sq = self.mean_square(x, dims).reshape(per_group).mean(-1, keepdim=True)
+        per_group = (self.groups, self.channels // self.groups)
+        # Both per-channel statistics stacked, so one small ReduceMean takes their group means: fewer small nodes,
+        # which is what a batch-1 forward pays for (bench/nncf_compare.py).
+        stats = torch.stack([x.mean(dim=dims), self.mean_square(x, dims)], 1)  # N x 2 x C
+        mean, mean_sq = stats.reshape(-1, 2, *per_group).mean(-1, keepdim=True).unbind(1)  # N x G x 1 each
         rstd = torch.rsqrt((mean_sq - mean * mean).clamp_min(0) + self.eps)
-        scale = rstd.expand(per_group)
-        if self.weight is not None:
-            scale = scale * self.weight.reshape(per_group)
+        scale = rstd.expand(-1, *per_group) if self.weight is None else rstd * self.weight.reshape(per_group)
         shift = -mean * scale
         if self.bias is not None:
             shift = shift + self.bias.reshape(per_group)
