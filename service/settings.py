@@ -80,7 +80,8 @@ class ServiceSettings(BaseSettings):
                                       "ready (per-bucket backends int8-x86*); default: batch 1, the rest on first use")
     calibration_lock_ms: int = Field(600_000, ge=1000, description="how long one worker may hold the calibration lock")
     device: str = "cpu"
-    torch_threads: int | None = Field(None, ge=1, description="torch intra-op threads in the worker")
+    torch_threads: int | None = Field(None, ge=1, description="threads of the worker's UNet passes: torch's "
+                                         "intra-op pool and the OpenVINO runtime's")
 
     # Request limits.
     default_sampler: str = "ddim"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import os
 import sys
 import threading
 
@@ -186,6 +187,21 @@ def test_fp32_backend_matches_eager_and_uses_the_compile_cache(tiny_unet, calib,
         assert executor.backend == "openvino-fp32" and executor.int8_layer_count() == 0
         assert rel_error(per_sample(executor, calib), fp) < 1e-4
     assert next(tiny_unet.parameters()).dtype == torch.float32
+
+
+def test_runtime_threads_follow_torchs(tiny_unet):
+    """The worker's thread budget (torch_threads) binds the runtime too, unpinned when it is below the cores: two
+    1-thread workers then run on two cores, not both on the first."""
+    before = torch.get_num_threads()
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            executor = build_executor(tiny_unet, "openvino-fp32", max_batch=2)
+            assert executor.compiled.get_property("INFERENCE_NUM_THREADS") == threads
+            if threads < len(os.sched_getaffinity(0)):  # sharing the machine: not pinned to its first cores
+                assert executor.compiled.get_property("ENABLE_CPU_PINNING") is False
+    finally:
+        torch.set_num_threads(before)
 
 
 def test_backend_errors_are_clear(tiny_unet, fake_w8a8, calib, monkeypatch):

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import os
 import queue
 import threading
 import time
@@ -271,7 +272,15 @@ class OpenVINOUNet(nn.Module):
     def _compile(self, model: Any) -> tuple[Any, float]:
         import openvino as ov
 
-        config: dict[str, Any] = {"INFERENCE_PRECISION_HINT": self.precision, "PERFORMANCE_HINT": "LATENCY"}
+        # The process's thread budget is torch's (the worker's torch_threads, the CLI's default): without it the
+        # runtime takes every core, and two workers on one machine would each run on both cores. A process with
+        # fewer threads than cores shares the machine, so its threads are not pinned: the runtime pins to the
+        # first cores, and two 1-thread workers would both run on core 0 (bench/load.py: 1.06 cores busy).
+        threads = torch.get_num_threads()
+        config: dict[str, Any] = {"INFERENCE_PRECISION_HINT": self.precision, "PERFORMANCE_HINT": "LATENCY",
+                                  "INFERENCE_NUM_THREADS": threads}
+        if threads < len(os.sched_getaffinity(0)):
+            config["ENABLE_CPU_PINNING"] = False
         if self.cache_dir is not None:
             self.cache_dir.mkdir(parents=True, exist_ok=True)
             config["CACHE_DIR"] = str(self.cache_dir)
