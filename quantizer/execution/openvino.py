@@ -197,6 +197,11 @@ def convert(unet: nn.Module) -> Any:
     return model
 
 
+def usable_cores() -> int:
+    """Cores this process may run on (its affinity where the OS reports one, as in a container's cpuset)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def runtime_layers(compiled: Any) -> list[tuple[str, str, str]]:
     """(name, layer type, runtime precision) of every node the CPU plugin actually executes."""
     layers = []
@@ -279,7 +284,7 @@ class OpenVINOUNet(nn.Module):
         threads = torch.get_num_threads()
         config: dict[str, Any] = {"INFERENCE_PRECISION_HINT": self.precision, "PERFORMANCE_HINT": "LATENCY",
                                   "INFERENCE_NUM_THREADS": threads}
-        if threads < len(os.sched_getaffinity(0)):
+        if threads < usable_cores():
             config["ENABLE_CPU_PINNING"] = False
         if self.cache_dir is not None:
             self.cache_dir.mkdir(parents=True, exist_ok=True)
