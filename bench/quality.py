@@ -293,7 +293,9 @@ def load_uint8_batches(store: Path) -> dict[int, np.ndarray]:
 def render(results: dict[str, dict]) -> str:
     rows = list(results.values())
     samplers = list(SAMPLERS)  # every planned column, "not run" where empty
-    backends = sorted({r["backend"] for r in rows if r["precision"] != "fp32"}, key=lambda b: b != "fake") or ["fake"]
+    # fake (the simulation) first, then by name: a set's order changes with the interpreter's string hashing
+    backends = sorted({r["backend"] for r in rows if r["precision"] != "fp32"},
+                      key=lambda b: (b != "fake", b)) or ["fake"]
     n_values = sorted({r["n"] for r in rows})
     lines = [
         "# PTQ4DM on the built-in Fashion-MNIST model",
