@@ -55,6 +55,7 @@ import httpx
 import numpy as np
 
 from quantizer.diffusion.models import BUILTIN_MODEL_NAME
+from quantizer.execution.openvino import usable_cores
 from service.testing import RedisServer, free_port
 
 if TYPE_CHECKING:
@@ -514,7 +515,7 @@ def environment() -> dict[str, str]:
             if line.startswith("model name"):
                 cpu = line.split(":", 1)[1].strip()
                 break
-    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    usable = usable_cores()
     load = f"{os.getloadavg()[0]:.2f}" if hasattr(os, "getloadavg") else "n/a"
     return {"torch": importlib.metadata.version("torch"), "python": platform.python_version(), "cpu": cpu,
             "cores": str(usable), "load": load, "date": date.today().isoformat()}
