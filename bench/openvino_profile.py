@@ -130,11 +130,11 @@ def main(argv: list[str] | None = None) -> int:
             for info in request.profiling_info:
                 per_op[label][f"{info.node_type} ({info.exec_type})"] += info.real_time.total_seconds() / args.repeats
     # Nodes that ran in one forward: at batch 1 a node's fixed cost is a visible share of the time.
-    executed = {label: sum(1 for info in request.profiling_info if info.status.name == "EXECUTED")
-                for label, request in requests.items()}
-    reorders = {label: sum(1 for info in request.profiling_info
-                           if info.status.name == "EXECUTED" and info.node_type == "Reorder")
-                for label, request in requests.items()}
+    executed: dict[str, int] = {}
+    reorders: dict[str, int] = {}
+    for label, request in requests.items():
+        ran = [info.node_type for info in request.profiling_info if info.status.name == "EXECUTED"]
+        executed[label], reorders[label] = len(ran), ran.count("Reorder")
     ours_ms = statistics.median(times["ptq4dm scales"]) * 1e3
     print(f"Command: `python bench/openvino_profile.py {' '.join(argv if argv is not None else sys.argv[1:])}`; "
           f"OpenVINO {ov.get_version()}, NNCF {nncf.__version__}, {args.model} UNet, batch {args.batch}, "

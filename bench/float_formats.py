@@ -1,0 +1,138 @@
+"""Would a 16-bit float path at the noise end keep the images? The FP UNet with every Conv2d/Linear computed from
+fp16 or bf16 inputs and weights (products summed in fp32) for t in a window, fp32 elsewhere, against the committed
+FP references of the same seeds.
+
+Why: the quantization issue's speed target fails because `faithful` runs the noise-end half of the time-steps in
+fp32 (docs/RESULTS.md); int8 with a residual pass there (0.02-0.04% error) still turned one of 2000 DDIM-100 seeds
+into another image. This CPU has no fp16 kernels (OpenVINO lists BF16, FP32, INT8), so the formats are simulated:
+each layer's input and weight are rounded to the format, as AMX/AVX512-FP16/BF16 kernels and GPU tensor cores
+read them, and the sum stays fp32. GroupNorm, SiLU, softmax and the adds stay fp32, so this is the most a 16-bit
+path could keep, not a bound on what a real one loses. bf16 is here to compare with what the real bf16 kernels
+did (docs/RESULTS.md: `openvino-int8-bf16`).
+
+    python bench/float_formats.py --steps 25 --n 2000                   # fp16 and bf16 at t >= 500, DDIM-25
+    python bench/float_formats.py --steps 100 --n 500 --formats fp16 --windows 500:1000,250:1000
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import shlex
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from diffusers.models.unets.unet_2d import UNet2DOutput
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from quality import REFERENCES, load_uint8_batches  # noqa: E402
+
+from quantizer.diffusion.images import to_uint8  # noqa: E402
+from quantizer.diffusion.models import load_model  # noqa: E402
+from quantizer.diffusion.sampling import sample  # noqa: E402
+from quantizer.evaluation.evaluate import samples_cache_dir  # noqa: E402
+from quantizer.evaluation.metrics import capped_psnr  # noqa: E402
+
+FORMATS = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+def round_to(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """x rounded to the nearest value of `dtype` (round to nearest even), kept in fp32."""
+    return x.to(dtype).to(torch.float32)
+
+
+def rounded_copy(unet: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """A copy of `unet` whose Conv2d/Linear weights are rounded to `dtype` and whose inputs are rounded on entry."""
+    low = copy.deepcopy(unet)
+    for module in low.modules():
+        if isinstance(module, (nn.Conv2d, nn.Linear)):
+            module.weight.data = round_to(module.weight.data, dtype)
+            module.register_forward_pre_hook(lambda _, args: (round_to(args[0], dtype), *args[1:]))
+    return low
+
+
+class WindowedFormatUNet(nn.Module):
+    """The FP UNet, computed by its `dtype`-rounded copy for t in [lo, hi)."""
+
+    def __init__(self, unet: nn.Module, dtype: torch.dtype, window: tuple[int, int]) -> None:
+        super().__init__()
+        self.unet, self.low, self.window = unet, rounded_copy(unet, dtype), window
+        self.config, self.device, self.dtype = unet.config, torch.device("cpu"), torch.float32
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, **kwargs: object) -> UNet2DOutput:
+        inside = self.window[0] <= int(t) < self.window[1]
+        return UNet2DOutput(sample=(self.low if inside else self.unet)(x, t, **kwargs).sample)
+
+
+def parse_window(spec: str) -> tuple[int, int]:
+    """'LO:HI' -> (LO, HI); a ValueError naming the option otherwise."""
+    try:
+        lo, hi = (int(v) for v in spec.split(":"))
+    except ValueError:
+        raise ValueError(f"--windows wants LO:HI pairs (e.g. 500:1000), got {spec!r}") from None
+    if not 0 <= lo < hi:
+        raise ValueError(f"--windows: {spec!r} is not 0 <= LO < HI")
+    return lo, hi
+
+
+def psnrs(unet: nn.Module, scheduler_config: dict, steps: int, seeds: Sequence[int], references: dict,
+          batch: int) -> np.ndarray:
+    """Per-seed PSNR (dB, capped at 100 as quality.py's rows are) against the references, sampled in batches."""
+    out = []
+    for start in range(0, len(seeds), batch):
+        chunk = list(seeds[start:start + batch])
+        x = sample(unet, scheduler_config, chunk, "ddim", steps, batch_size=len(chunk))
+        out.append(capped_psnr(np.stack([references[s] for s in chunk]), to_uint8(x)))
+    return np.concatenate(out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=25, help="DDIM steps (the references hold 25 and 100)")
+    parser.add_argument("--n", type=int, default=2000, help="seeds 0..n-1")
+    parser.add_argument("--formats", default="fp16,bf16")
+    parser.add_argument("--windows", default="500:1000", help="comma list of LO:HI time-step windows")
+    parser.add_argument("--control", type=int, default=64,
+                        help="seeds of an all-fp32 run first: the harness reproduces the references")
+    parser.add_argument("--batch", type=int, default=125)
+    parser.add_argument("--model", default=None, help="model dir (default: the built-in model)")
+    parser.add_argument("--references-dir", default=str(REFERENCES))
+    args = parser.parse_args(argv)
+    try:
+        windows = [parse_window(spec) for spec in args.windows.split(",")]
+    except ValueError as error:
+        parser.error(str(error))
+    formats = args.formats.split(",")
+    if bad := [f for f in formats if f not in FORMATS]:
+        parser.error(f"--formats: {bad} not among {sorted(FORMATS)}")
+    model = load_model(args.model)
+    references = load_uint8_batches(samples_cache_dir(args.references_dir, model, "fp32-uint8", "ddim", args.steps))
+    seeds = list(range(args.n))
+    if missing := [s for s in seeds if s not in references]:
+        parser.error(f"no committed DDIM-{args.steps} reference for {len(missing)} seeds (first {missing[0]})")
+    print(f"Command: `python bench/float_formats.py {shlex.join(sys.argv[1:] if argv is None else argv)}`\n")
+    print(f"DDIM-{args.steps}, PSNR dB against the committed FP images.\n")
+    print("| Conv/Linear inputs and weights | time-steps | seeds | mean | 1st percentile | worst (seed) | "
+          "below 25 dB | below 20 dB | s |")
+    print("|---|---|---|---|---|---|---|---|---|", flush=True)
+    runs = [("fp32", (0, 1), seeds[:args.control])] if args.control else []
+    runs += [(f, w, seeds) for f in formats for w in windows]
+    for name, window, run_seeds in runs:
+        start = time.perf_counter()
+        values = psnrs(WindowedFormatUNet(model.unet.eval(), FORMATS[name], window), model.scheduler_config,
+                       args.steps, run_seeds, references, args.batch)
+        where = "none (control)" if name == "fp32" else f"{window[0]} <= t < {window[1]}"
+        worst = int(np.argmin(values))
+        print(f"| {name} | {where} | {len(run_seeds)} | {values.mean():.1f} | {np.percentile(values, 1):.1f} | "
+              f"{values[worst]:.1f} ({run_seeds[worst]}) | {int((values < 25).sum())} | {int((values < 20).sum())} | "
+              f"{time.perf_counter() - start:.0f} |", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,64 @@
+"""bench/float_formats.py computes the FP UNet from rounded layer inputs and weights only inside its window, and its
+report compares the seeds it names with their own references.
+
+Why: its lines are read as "a 16-bit path at the noise end keeps (or loses) these images"; rounding that leaked
+outside the window, or a report against other seeds, would say so of the wrong thing.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from bench.float_formats import WindowedFormatUNet, main, parse_window
+from bench.quality import save_uint8_batch
+from quantizer.diffusion.images import to_uint8
+from quantizer.diffusion.models import load_model
+from quantizer.diffusion.sampling import sample
+from quantizer.evaluation.evaluate import samples_cache_dir
+from quantizer.evaluation.metrics import psnr
+
+pytest_plugins = ["service.testing"]
+
+
+def test_layers_read_rounded_inputs_and_weights_only_inside_the_window(tiny_unet):
+    unet = WindowedFormatUNet(tiny_unet, torch.float16, (500, 1000))
+    seen: list[torch.Tensor] = []
+    first = next(m for m in unet.low.modules() if isinstance(m, nn.Conv2d))
+    first.register_forward_hook(lambda _, args, __: seen.append(args[0]))
+    x = torch.randn(2, 1, 16, 16, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        inside, outside = unet(x, torch.tensor(800)).sample, unet(x, torch.tensor(100)).sample
+        fp_800, fp_100 = tiny_unet(x, 800).sample, tiny_unet(x, 100).sample
+    assert torch.equal(outside, fp_100)
+    assert torch.equal(seen[0], x.half().float()) and not torch.equal(seen[0], x)
+    assert all(torch.equal(m.weight, m.weight.half().float()) for m in unet.low.modules() if isinstance(m, nn.Conv2d))
+    rel = ((inside - fp_800).norm() / fp_800.norm()).item()
+    assert 0 < rel < 5e-3  # fp16 rounds at 2^-11: a small error, not none and not another image
+
+
+def test_bad_window_names_the_option():
+    assert parse_window("250:1000") == (250, 1000)
+    for bad in ("500", "a:b", "900:100"):
+        with pytest.raises(ValueError, match="--windows"):
+            parse_window(bad)
+
+
+def test_report_compares_each_seed_with_its_reference(tiny_model_dir, tmp_path, capsys):
+    model = load_model(tiny_model_dir)
+    fp = to_uint8(sample(model.unet, model.scheduler_config, list(range(4)), "ddim", 25))
+    references = tmp_path / "references"
+    save_uint8_batch(samples_cache_dir(references, model, "fp32-uint8", "ddim", 25), range(4), fp)
+    low = to_uint8(sample(WindowedFormatUNet(model.unet, torch.bfloat16, (0, 1000)), model.scheduler_config,
+                          list(range(4)), "ddim", 25))
+    expected = np.minimum(psnr(fp, low), 100.0)
+
+    main(["--steps", "25", "--n", "4", "--control", "4", "--formats", "bf16", "--windows", "0:1000", "--batch", "4",
+          "--model", str(tiny_model_dir), "--references-dir", str(references)])
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith(("| fp32", "| bf16"))]
+    control, bf16 = ([cell.strip() for cell in line.strip("|").split("|")] for line in lines)
+    assert control[3] == "100.0"  # the harness reproduces the references
+    assert float(bf16[3]) == pytest.approx(expected.mean(), abs=0.051)
+    assert bf16[5] == f"{expected.min():.1f} ({int(np.argmin(expected))})"
