@@ -6,12 +6,14 @@ Why: the quantization issue's speed target fails because `faithful` runs the noi
 fp32 (docs/RESULTS.md); int8 with a residual pass there (0.02-0.04% error) still turned one of 2000 DDIM-100 seeds
 into another image. This CPU has no fp16 kernels (OpenVINO lists BF16, FP32, INT8), so the formats are simulated:
 each layer's input and weight are rounded to the format, as AMX/AVX512-FP16/BF16 kernels and GPU tensor cores
-read them, and the sum stays fp32. GroupNorm, SiLU, softmax and the adds stay fp32, so this is the most a 16-bit
-path could keep, not a bound on what a real one loses. bf16 is here to compare with what the real bf16 kernels
-did (docs/RESULTS.md: `openvino-int8-bf16`).
+read them, and the sum stays fp32. GroupNorm, SiLU, softmax and the adds stay fp32 there, the most a 16-bit path
+could keep; `--every-output` also stores every parameter and leaf module's output in the format (a graph run
+wholly in it, but for the adds and attention's inner products). bf16 is here to compare with what the real bf16
+kernels did (docs/RESULTS.md: `openvino-int8-bf16`).
 
     python bench/float_formats.py --steps 25 --n 2000                   # fp16 and bf16 at t >= 500, DDIM-25
     python bench/float_formats.py --steps 100 --n 500 --formats fp16 --windows 500:1000,250:1000
+    python bench/float_formats.py --steps 25 --n 500 --formats fp16 --every-output
 """
 
 from __future__ import annotations
@@ -46,22 +48,29 @@ def round_to(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return x.to(dtype).to(torch.float32)
 
 
-def rounded_copy(unet: nn.Module, dtype: torch.dtype) -> nn.Module:
-    """A copy of `unet` whose Conv2d/Linear weights are rounded to `dtype` and whose inputs are rounded on entry."""
+def rounded_copy(unet: nn.Module, dtype: torch.dtype, every_output: bool = False) -> nn.Module:
+    """A copy of `unet` whose Conv2d/Linear weights are rounded to `dtype` and whose inputs are rounded on entry.
+    every_output: also every parameter and every leaf module's output (GroupNorm, SiLU, ...), as a graph that
+    stores each activation in `dtype` would; the adds and attention's inner products still stay fp32."""
     low = copy.deepcopy(unet)
     for module in low.modules():
         if isinstance(module, (nn.Conv2d, nn.Linear)):
-            module.weight.data = round_to(module.weight.data, dtype)
             module.register_forward_pre_hook(lambda _, args: (round_to(args[0], dtype), *args[1:]))
+        if isinstance(module, (nn.Conv2d, nn.Linear)) or every_output:
+            for param in module.parameters(recurse=False):
+                param.data = round_to(param.data, dtype)
+        if every_output and not any(module.children()):
+            module.register_forward_hook(lambda _, __, out: round_to(out, dtype))
     return low
 
 
 class WindowedFormatUNet(nn.Module):
     """The FP UNet, computed by its `dtype`-rounded copy for t in [lo, hi)."""
 
-    def __init__(self, unet: nn.Module, dtype: torch.dtype, window: tuple[int, int]) -> None:
+    def __init__(self, unet: nn.Module, dtype: torch.dtype, window: tuple[int, int],
+                 every_output: bool = False) -> None:
         super().__init__()
-        self.unet, self.low, self.window = unet, rounded_copy(unet, dtype), window
+        self.unet, self.low, self.window = unet, rounded_copy(unet, dtype, every_output), window
         self.config, self.device, self.dtype = unet.config, torch.device("cpu"), torch.float32
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, **kwargs: object) -> UNet2DOutput:
@@ -100,6 +109,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--control", type=int, default=64,
                         help="seeds of an all-fp32 run first: the harness reproduces the references")
     parser.add_argument("--batch", type=int, default=125)
+    parser.add_argument("--every-output", action="store_true",
+                        help="also round every parameter and leaf module output (activations stored in the format)")
     parser.add_argument("--model", default=None, help="model dir (default: the built-in model)")
     parser.add_argument("--references-dir", default=str(REFERENCES))
     args = parser.parse_args(argv)
@@ -117,15 +128,16 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"no committed DDIM-{args.steps} reference for {len(missing)} seeds (first {missing[0]})")
     print(f"Command: `python bench/float_formats.py {shlex.join(sys.argv[1:] if argv is None else argv)}`\n")
     print(f"DDIM-{args.steps}, PSNR dB against the committed FP images.\n")
-    print("| Conv/Linear inputs and weights | time-steps | seeds | mean | 1st percentile | worst (seed) | "
+    rounded = "every parameter and layer output" if args.every_output else "Conv/Linear inputs and weights"
+    print(f"| {rounded} | time-steps | seeds | mean | 1st percentile | worst (seed) | "
           "below 25 dB | below 20 dB | s |")
     print("|---|---|---|---|---|---|---|---|---|", flush=True)
     runs = [("fp32", (0, 1), seeds[:args.control])] if args.control else []
     runs += [(f, w, seeds) for f in formats for w in windows]
     for name, window, run_seeds in runs:
         start = time.perf_counter()
-        values = psnrs(WindowedFormatUNet(model.unet.eval(), FORMATS[name], window), model.scheduler_config,
-                       args.steps, run_seeds, references, args.batch)
+        unet = WindowedFormatUNet(model.unet.eval(), FORMATS[name], window, args.every_output)
+        values = psnrs(unet, model.scheduler_config, args.steps, run_seeds, references, args.batch)
         where = "none (control)" if name == "fp32" else f"{window[0]} <= t < {window[1]}"
         worst = int(np.argmin(values))
         print(f"| {name} | {where} | {len(run_seeds)} | {values.mean():.1f} | {np.percentile(values, 1):.1f} | "

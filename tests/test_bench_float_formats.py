@@ -62,3 +62,15 @@ def test_report_compares_each_seed_with_its_reference(tiny_model_dir, tmp_path, 
     assert control[3] == "100.0"  # the harness reproduces the references
     assert float(bf16[3]) == pytest.approx(expected.mean(), abs=0.051)
     assert bf16[5] == f"{expected.min():.1f} ({int(np.argmin(expected))})"
+
+
+def test_every_output_stores_each_layers_output_in_the_format(tiny_unet):
+    unet = WindowedFormatUNet(tiny_unet, torch.bfloat16, (0, 1000), every_output=True)
+    outputs: list[torch.Tensor] = []
+    norm = next(m for m in unet.low.modules() if isinstance(m, nn.GroupNorm))
+    norm.register_forward_hook(lambda _, __, out: outputs.append(out))  # runs after the rounding hook
+    x = torch.randn(2, 1, 16, 16, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        unet(x, torch.tensor(300))
+    assert torch.equal(outputs[0], outputs[0].bfloat16().float())
+    assert torch.equal(norm.weight, norm.weight.bfloat16().float())
