@@ -14,6 +14,7 @@ kernels did (docs/RESULTS.md: `openvino-int8-bf16`).
     python bench/float_formats.py --steps 25 --n 2000                   # fp16 and bf16 at t >= 500, DDIM-25
     python bench/float_formats.py --steps 100 --n 500 --formats fp16 --windows 500:1000,250:1000
     python bench/float_formats.py --steps 25 --n 500 --formats fp16 --every-output
+    python bench/float_formats.py --steps 100 --seeds 502,209,1677 --control 0   # seeds int8 rows flipped
 """
 
 from __future__ import annotations
@@ -104,6 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=25, help="DDIM steps (the references hold 25 and 100)")
     parser.add_argument("--n", type=int, default=2000, help="seeds 0..n-1")
+    parser.add_argument("--seeds", default="", help="comma list of seeds instead (e.g. the ones a row flipped)")
     parser.add_argument("--formats", default="fp16,bf16")
     parser.add_argument("--windows", default="500:1000", help="comma list of LO:HI time-step windows")
     parser.add_argument("--control", type=int, default=64,
@@ -123,7 +125,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--formats: {bad} not among {sorted(FORMATS)}")
     model = load_model(args.model)
     references = load_uint8_batches(samples_cache_dir(args.references_dir, model, "fp32-uint8", "ddim", args.steps))
-    seeds = list(range(args.n))
+    try:
+        seeds = [int(s) for s in args.seeds.split(",") if s] or list(range(args.n))
+    except ValueError:
+        parser.error(f"--seeds wants a comma list of integers, got {args.seeds!r}")
     if missing := [s for s in seeds if s not in references]:
         parser.error(f"no committed DDIM-{args.steps} reference for {len(missing)} seeds (first {missing[0]})")
     print(f"Command: `python bench/float_formats.py {shlex.join(sys.argv[1:] if argv is None else argv)}`\n")
@@ -134,6 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     print("|---|---|---|---|---|---|---|---|---|", flush=True)
     runs = [("fp32", (0, 1), seeds[:args.control])] if args.control else []
     runs += [(f, w, seeds) for f in formats for w in windows]
+    per_seed: list[tuple[str, dict[int, float]]] = []
     for name, window, run_seeds in runs:
         start = time.perf_counter()
         unet = WindowedFormatUNet(model.unet.eval(), FORMATS[name], window, args.every_output)
@@ -143,6 +149,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"| {name} | {where} | {len(run_seeds)} | {values.mean():.1f} | {np.percentile(values, 1):.1f} | "
               f"{values[worst]:.1f} ({run_seeds[worst]}) | {int((values < 25).sum())} | {int((values < 20).sum())} | "
               f"{time.perf_counter() - start:.0f} |", flush=True)
+        per_seed.append((f"{name}, {where}", dict(zip(run_seeds, values.tolist(), strict=True))))
+    if args.seeds:  # seeds chosen by name: each one's PSNR
+        print("\n| run | " + " | ".join(f"seed {s}" for s in seeds) + " |\n|---|" + "---|" * len(seeds))
+        for what, values in per_seed:
+            print(f"| {what} | " + " | ".join(f"{values[s]:.1f}" if s in values else "" for s in seeds) + " |")
     return 0
 
 

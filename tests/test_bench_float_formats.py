@@ -74,3 +74,23 @@ def test_every_output_stores_each_layers_output_in_the_format(tiny_unet):
         unet(x, torch.tensor(300))
     assert torch.equal(outputs[0], outputs[0].bfloat16().float())
     assert torch.equal(norm.weight, norm.weight.bfloat16().float())
+
+
+def test_named_seeds_get_their_own_psnrs(tiny_model_dir, tmp_path, capsys):
+    model = load_model(tiny_model_dir)
+    seeds = [3, 1]
+    fp = to_uint8(sample(model.unet, model.scheduler_config, seeds, "ddim", 25))
+    references = tmp_path / "references"
+    for seed, image in zip(seeds, fp, strict=True):
+        save_uint8_batch(samples_cache_dir(references, model, "fp32-uint8", "ddim", 25), range(seed, seed + 1),
+                         image[None])
+    low = to_uint8(sample(WindowedFormatUNet(model.unet, torch.bfloat16, (0, 1000)), model.scheduler_config, seeds,
+                          "ddim", 25))
+    expected = np.minimum(psnr(fp, low), 100.0)
+
+    main(["--steps", "25", "--seeds", "3,1", "--control", "0", "--formats", "bf16", "--windows", "0:1000",
+          "--model", str(tiny_model_dir), "--references-dir", str(references)])
+    out = capsys.readouterr().out
+    assert "| run | seed 3 | seed 1 |" in out
+    line = next(line for line in out.splitlines() if line.startswith("| bf16, 0 <= t < 1000 |"))
+    assert [float(v) for v in line.strip("|").split("|")[1:]] == pytest.approx(expected.tolist(), abs=0.051)
