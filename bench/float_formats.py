@@ -42,6 +42,7 @@ from quantizer.evaluation.evaluate import samples_cache_dir  # noqa: E402
 from quantizer.evaluation.metrics import capped_psnr  # noqa: E402
 
 FORMATS = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+SPLIT_FORMATS = {"bf16x3": torch.bfloat16}  # hi + lo parts, three products: what split-bf16 GEMMs compute
 
 
 def round_to(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -49,12 +50,42 @@ def round_to(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return x.to(dtype).to(torch.float32)
 
 
-def rounded_copy(unet: nn.Module, dtype: torch.dtype, every_output: bool = False) -> nn.Module:
-    """A copy of `unet` whose Conv2d/Linear weights are rounded to `dtype` and whose inputs are rounded on entry.
+def split(x: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """x as hi + lo, each a `dtype` value: hi its rounding, lo the rounding of what hi missed."""
+    hi = round_to(x, dtype)
+    return hi, round_to(x - hi, dtype)
+
+
+def split_product(module: nn.Conv2d | nn.Linear, dtype: torch.dtype) -> None:
+    """Make `module` compute x_hi*W_hi + x_hi*W_lo + x_lo*W_hi (the lo*lo product dropped), summed in fp32: a
+    16-bit-mantissa product from three `dtype` ones, as bf16x3 GEMMs on bf16 matrix units do."""
+    w_hi, w_lo = split(module.weight.data, dtype)
+
+    def product(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        if isinstance(module, nn.Conv2d):
+            return module._conv_forward(x, w, bias)
+        return nn.functional.linear(x, w, bias)
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        x_hi, x_lo = split(x, dtype)
+        return product(x_hi, w_hi, module.bias) + product(x_hi, w_lo, None) + product(x_lo, w_hi, None)
+
+    module.forward = forward  # type: ignore[method-assign]
+
+
+def rounded_copy(unet: nn.Module, fmt: str, every_output: bool = False) -> nn.Module:
+    """A copy of `unet` whose Conv2d/Linear weights are rounded to format `fmt` and whose inputs are rounded on
+    entry (a split format: each layer computes its three-product sum instead).
     every_output: also every parameter and every leaf module's output (GroupNorm, SiLU, ...), as a graph that
-    stores each activation in `dtype` would; the adds and attention's inner products still stay fp32."""
+    stores each activation in the format would; the adds and attention's inner products still stay fp32."""
+    if fmt in SPLIT_FORMATS and every_output:
+        raise ValueError(f"--every-output: {fmt} is a product of split operands, not a storage format")
+    dtype = SPLIT_FORMATS.get(fmt) or FORMATS[fmt]
     low = copy.deepcopy(unet)
     for module in low.modules():
+        if isinstance(module, (nn.Conv2d, nn.Linear)) and fmt in SPLIT_FORMATS:
+            split_product(module, dtype)
+            continue
         if isinstance(module, (nn.Conv2d, nn.Linear)):
             module.register_forward_pre_hook(lambda _, args: (round_to(args[0], dtype), *args[1:]))
         if isinstance(module, (nn.Conv2d, nn.Linear)) or every_output:
@@ -66,12 +97,11 @@ def rounded_copy(unet: nn.Module, dtype: torch.dtype, every_output: bool = False
 
 
 class WindowedFormatUNet(nn.Module):
-    """The FP UNet, computed by its `dtype`-rounded copy for t in [lo, hi)."""
+    """The FP UNet, computed by its copy in format `fmt` (rounded_copy) for t in [lo, hi)."""
 
-    def __init__(self, unet: nn.Module, dtype: torch.dtype, window: tuple[int, int],
-                 every_output: bool = False) -> None:
+    def __init__(self, unet: nn.Module, fmt: str, window: tuple[int, int], every_output: bool = False) -> None:
         super().__init__()
-        self.unet, self.low, self.window = unet, rounded_copy(unet, dtype, every_output), window
+        self.unet, self.low, self.window = unet, rounded_copy(unet, fmt, every_output), window
         self.config, self.device, self.dtype = unet.config, torch.device("cpu"), torch.float32
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, **kwargs: object) -> UNet2DOutput:
@@ -121,8 +151,10 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as error:
         parser.error(str(error))
     formats = args.formats.split(",")
-    if bad := [f for f in formats if f not in FORMATS]:
-        parser.error(f"--formats: {bad} not among {sorted(FORMATS)}")
+    if bad := [f for f in formats if f not in FORMATS and f not in SPLIT_FORMATS]:
+        parser.error(f"--formats: {bad} not among {sorted(FORMATS | SPLIT_FORMATS)}")
+    if args.every_output and (split_asked := [f for f in formats if f in SPLIT_FORMATS]):
+        parser.error(f"--every-output: {split_asked} are products of split operands, not storage formats")
     model = load_model(args.model)
     references = load_uint8_batches(samples_cache_dir(args.references_dir, model, "fp32-uint8", "ddim", args.steps))
     try:
@@ -142,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
     per_seed: list[tuple[str, dict[int, float]]] = []
     for name, window, run_seeds in runs:
         start = time.perf_counter()
-        unet = WindowedFormatUNet(model.unet.eval(), FORMATS[name], window, args.every_output)
+        unet = WindowedFormatUNet(model.unet.eval(), name, window, args.every_output)
         values = psnrs(unet, model.scheduler_config, args.steps, run_seeds, references, args.batch)
         where = "none (control)" if name == "fp32" else f"{window[0]} <= t < {window[1]}"
         worst = int(np.argmin(values))

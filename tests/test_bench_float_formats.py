@@ -24,7 +24,7 @@ pytest_plugins = ["service.testing"]
 
 
 def test_layers_read_rounded_inputs_and_weights_only_inside_the_window(tiny_unet):
-    unet = WindowedFormatUNet(tiny_unet, torch.float16, (500, 1000))
+    unet = WindowedFormatUNet(tiny_unet, "fp16", (500, 1000))
     seen: list[torch.Tensor] = []
     first = next(m for m in unet.low.modules() if isinstance(m, nn.Conv2d))
     first.register_forward_hook(lambda _, args, __: seen.append(args[0]))
@@ -51,7 +51,7 @@ def test_report_compares_each_seed_with_its_reference(tiny_model_dir, tmp_path, 
     fp = to_uint8(sample(model.unet, model.scheduler_config, list(range(4)), "ddim", 25))
     references = tmp_path / "references"
     save_uint8_batch(samples_cache_dir(references, model, "fp32-uint8", "ddim", 25), range(4), fp)
-    low = to_uint8(sample(WindowedFormatUNet(model.unet, torch.bfloat16, (0, 1000)), model.scheduler_config,
+    low = to_uint8(sample(WindowedFormatUNet(model.unet, "bf16", (0, 1000)), model.scheduler_config,
                           list(range(4)), "ddim", 25))
     expected = np.minimum(psnr(fp, low), 100.0)
 
@@ -65,7 +65,7 @@ def test_report_compares_each_seed_with_its_reference(tiny_model_dir, tmp_path, 
 
 
 def test_every_output_stores_each_layers_output_in_the_format(tiny_unet):
-    unet = WindowedFormatUNet(tiny_unet, torch.bfloat16, (0, 1000), every_output=True)
+    unet = WindowedFormatUNet(tiny_unet, "bf16", (0, 1000), every_output=True)
     outputs: list[torch.Tensor] = []
     norm = next(m for m in unet.low.modules() if isinstance(m, nn.GroupNorm))
     norm.register_forward_hook(lambda _, __, out: outputs.append(out))  # runs after the rounding hook
@@ -84,7 +84,7 @@ def test_named_seeds_get_their_own_psnrs(tiny_model_dir, tmp_path, capsys):
     for seed, image in zip(seeds, fp, strict=True):
         save_uint8_batch(samples_cache_dir(references, model, "fp32-uint8", "ddim", 25), range(seed, seed + 1),
                          image[None])
-    low = to_uint8(sample(WindowedFormatUNet(model.unet, torch.bfloat16, (0, 1000)), model.scheduler_config, seeds,
+    low = to_uint8(sample(WindowedFormatUNet(model.unet, "bf16", (0, 1000)), model.scheduler_config, seeds,
                           "ddim", 25))
     expected = np.minimum(psnr(fp, low), 100.0)
 
@@ -94,3 +94,14 @@ def test_named_seeds_get_their_own_psnrs(tiny_model_dir, tmp_path, capsys):
     assert "| run | seed 3 | seed 1 |" in out
     line = next(line for line in out.splitlines() if line.startswith("| bf16, 0 <= t < 1000 |"))
     assert [float(v) for v in line.strip("|").split("|")[1:]] == pytest.approx(expected.tolist(), abs=0.051)
+
+
+def test_split_bf16_is_far_closer_than_bf16_and_not_exact(tiny_unet):
+    x = torch.randn(2, 1, 16, 16, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        fp = tiny_unet(x, 700).sample
+        errors = {fmt: ((WindowedFormatUNet(tiny_unet, fmt, (0, 1000))(x, torch.tensor(700)).sample - fp).norm()
+                        / fp.norm()).item() for fmt in ("bf16", "fp16", "bf16x3")}
+    assert 0 < errors["bf16x3"] < errors["fp16"] / 4 < errors["bf16"] / 4
+    with pytest.raises(ValueError, match="every-output"):
+        WindowedFormatUNet(tiny_unet, "bf16x3", (0, 1000), every_output=True)
