@@ -131,6 +131,25 @@ def psnrs(unet: nn.Module, scheduler_config: dict, steps: int, seeds: Sequence[i
     return np.concatenate(out)
 
 
+def forward_errors(unet: nn.Module, scheduler_config: dict, formats: Sequence[str], seeds: Sequence[int],
+                   every_output: bool) -> None:
+    """One forward's error in each format, ||eps_fmt - eps_fp|| / ||eps_fp||, on the x_t of the seeds' FP DDIM-20
+    trajectories at t = 200, 400, 600, 800: the size of the error a format puts into the sampler."""
+    xs: dict[int, torch.Tensor] = {}
+    sample(unet, scheduler_config, list(seeds), "ddim", 20,
+           callback=lambda i, n, t, x: xs.setdefault(int(t), x.clone()))
+    lows = {fmt: WindowedFormatUNet(unet, fmt, (0, 1000), every_output) for fmt in formats}
+    print(f"One-forward error on the FP DDIM-20 trajectories of seeds {', '.join(map(str, seeds))}:\n")
+    print("| t | " + " | ".join(formats) + " |\n|---|" + "---|" * len(formats))
+    with torch.no_grad():
+        for t in (200, 400, 600, 800):
+            x, step = xs[t], torch.tensor(t)
+            fp = unet(x, step).sample
+            errors = [(lows[fmt](x, step).sample - fp).norm() / fp.norm() for fmt in formats]
+            print(f"| {t} | " + " | ".join(f"{100 * float(e):.4f}%" for e in errors) + " |")
+    print()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=25, help="DDIM steps (the references hold 25 and 100)")
@@ -143,6 +162,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, default=125)
     parser.add_argument("--every-output", action="store_true",
                         help="also round every parameter and leaf module output (activations stored in the format)")
+    parser.add_argument("--forward-errors", action="store_true",
+                        help="first each format's one-forward error on four seeds' FP trajectories")
     parser.add_argument("--model", default=None, help="model dir (default: the built-in model)")
     parser.add_argument("--references-dir", default=str(REFERENCES))
     args = parser.parse_args(argv)
@@ -164,6 +185,8 @@ def main(argv: list[str] | None = None) -> int:
     if missing := [s for s in seeds if s not in references]:
         parser.error(f"no committed DDIM-{args.steps} reference for {len(missing)} seeds (first {missing[0]})")
     print(f"Command: `python bench/float_formats.py {shlex.join(sys.argv[1:] if argv is None else argv)}`\n")
+    if args.forward_errors:
+        forward_errors(model.unet.eval(), model.scheduler_config, formats, seeds[:4], args.every_output)
     print(f"DDIM-{args.steps}, PSNR dB against the committed FP images.\n")
     rounded = "every parameter and layer output" if args.every_output else "Conv/Linear inputs and weights"
     print(f"| {rounded} | time-steps | seeds | mean | 1st percentile | worst (seed) | "

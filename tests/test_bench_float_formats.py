@@ -105,3 +105,21 @@ def test_split_bf16_is_far_closer_than_bf16_and_not_exact(tiny_unet):
     assert 0 < errors["bf16x3"] < errors["fp16"] / 4 < errors["bf16"] / 4
     with pytest.raises(ValueError, match="every-output"):
         WindowedFormatUNet(tiny_unet, "bf16x3", (0, 1000), every_output=True)
+
+
+def test_forward_errors_are_each_formats_distance_from_fp(tiny_model_dir, capsys):
+    from bench.float_formats import forward_errors
+
+    model = load_model(tiny_model_dir)
+    forward_errors(model.unet, model.scheduler_config, ["bf16", "bf16x3"], [0, 1], every_output=False)
+    rows = {int(line.split("|")[1]): [float(v.strip().rstrip("%")) for v in line.split("|")[2:4]]
+            for line in capsys.readouterr().out.splitlines() if line.startswith("| ") and line[2].isdigit()}
+    assert sorted(rows) == [200, 400, 600, 800]
+    xs: dict[int, torch.Tensor] = {}
+    sample(model.unet, model.scheduler_config, [0, 1], "ddim", 20,
+           callback=lambda i, n, t, x: xs.setdefault(int(t), x.clone()))
+    with torch.no_grad():
+        fp = model.unet(xs[600], torch.tensor(600)).sample
+        low = WindowedFormatUNet(model.unet, "bf16", (0, 1000))(xs[600], torch.tensor(600)).sample
+    assert rows[600][0] == pytest.approx(100 * float((low - fp).norm() / fp.norm()), abs=5e-5)
+    assert 0 < rows[600][1] < rows[600][0] / 10
