@@ -176,12 +176,12 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--formats: {bad} not among {sorted(FORMATS | SPLIT_FORMATS)}")
     if args.every_output and (split_asked := [f for f in formats if f in SPLIT_FORMATS]):
         parser.error(f"--every-output: {split_asked} are products of split operands, not storage formats")
-    model = load_model(args.model)
-    references = load_uint8_batches(samples_cache_dir(args.references_dir, model, "fp32-uint8", "ddim", args.steps))
     try:
         seeds = [int(s) for s in args.seeds.split(",") if s] or list(range(args.n))
     except ValueError:
         parser.error(f"--seeds wants a comma list of integers, got {args.seeds!r}")
+    model = load_model(args.model)
+    references = load_uint8_batches(samples_cache_dir(args.references_dir, model, "fp32-uint8", "ddim", args.steps))
     if missing := [s for s in seeds if s not in references]:
         parser.error(f"no committed DDIM-{args.steps} reference for {len(missing)} seeds (first {missing[0]})")
     print(f"Command: `python bench/float_formats.py {shlex.join(sys.argv[1:] if argv is None else argv)}`\n")
