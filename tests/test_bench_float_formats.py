@@ -76,6 +76,26 @@ def test_every_output_stores_each_layers_output_in_the_format(tiny_unet):
     assert torch.equal(norm.weight, norm.weight.bfloat16().float())
 
 
+def test_named_seeds_get_their_own_psnrs(tiny_model_dir, tmp_path, capsys):
+    model = load_model(tiny_model_dir)
+    seeds = [3, 1]
+    fp = to_uint8(sample(model.unet, model.scheduler_config, seeds, "ddim", 25))
+    references = tmp_path / "references"
+    for seed, image in zip(seeds, fp, strict=True):
+        save_uint8_batch(samples_cache_dir(references, model, "fp32-uint8", "ddim", 25), range(seed, seed + 1),
+                         image[None])
+    low = to_uint8(sample(WindowedFormatUNet(model.unet, "bf16", (0, 1000)), model.scheduler_config, seeds,
+                          "ddim", 25))
+    expected = np.minimum(psnr(fp, low), 100.0)
+
+    main(["--steps", "25", "--seeds", "3,1", "--control", "0", "--formats", "bf16", "--windows", "0:1000",
+          "--model", str(tiny_model_dir), "--references-dir", str(references)])
+    out = capsys.readouterr().out
+    assert "| run | seed 3 | seed 1 |" in out
+    line = next(line for line in out.splitlines() if line.startswith("| bf16, 0 <= t < 1000 |"))
+    assert [float(v) for v in line.strip("|").split("|")[1:]] == pytest.approx(expected.tolist(), abs=0.051)
+
+
 def test_bad_seed_list_names_the_option(capsys):
     with pytest.raises(SystemExit):
         main(["--seeds", "3,x"])

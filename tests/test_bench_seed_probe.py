@@ -52,11 +52,10 @@ def test_worst_seeds_of_a_stored_row_sampled_again(tiny_model_dir, tmp_path, cap
     assert f"| seed {expected_worst[0]} | seed {expected_worst[1]} | seed 5 |" in table
     assert np.allclose(rows["fp32, fake (stored row)"], stored[expected_worst + [5]], atol=0.051)
     assert np.allclose(rows[f"w8a8 `{json.dumps(CHEAP)}`, fake"], q_psnr, atol=0.051)
-    # The same seeds as the references: FP sampled again in the probe's batch (where fp32 kernels round by batch size,
-    # as on AVX512 without AMX, the images move by a level here and there: ~50 dB, where another seed gives ~10)
-    again = to_uint8(sample(model.unet, model.scheduler_config, expected_worst + [5], "ddim", 25))
-    same_batch = np.minimum(psnr(to_uint8(fp)[expected_worst + [5]], again), 100.0)
-    assert np.allclose(rows["FP + 0 random error at t in [0, 1000)"], same_batch, atol=0.051)
+    # The same seeds as the references: FP sampled again in the probe's batch is the references' image up to a level
+    # here and there (~50 dB; another seed gives ~10). Not bit for bit: fp32 kernels round by batch size on AVX512
+    # without AMX, and two same-batch runs in one process were seen to differ by a level after other tests had run
+    # (52.4 against 100 dB on one seed), so the test asserts what names the seed, not bit identity.
     assert min(rows["FP + 0 random error at t in [0, 1000)"]) > 40.0
     assert max(rows["FP + 0.05 random error at t in [0, 1000)"]) < 100.0
 
